@@ -1,0 +1,37 @@
+// swift-tools-version:6.0
+import PackageDescription
+
+let crypto: Target.Dependency = .product(name: "Crypto", package: "swift-crypto")
+
+let package = Package(
+    name: "Lifeboat",
+    platforms: [.macOS(.v15)],
+    products: [
+        .executable(name: "lifeboat", targets: ["lifeboat"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-crypto", from: "3.12.3"),
+    ],
+    targets: [
+        // System-library shims: the C world stays here.
+        .systemLibrary(name: "CZstd", pkgConfig: "libzstd", providers: [.apt(["libzstd-dev"])]),
+
+        // Typed wrappers over the system calls every layer uses.
+        .target(name: "SystemIO"),
+        .target(name: "ObjectStore", dependencies: ["SystemIO"]),
+        .target(name: "ChunkStore", dependencies: ["SystemIO", "ObjectStore", "CZstd", crypto]),
+        .target(name: "Vault", dependencies: ["SystemIO", "ObjectStore", "ChunkStore", crypto]),
+        .target(name: "VirtualDisk", dependencies: ["SystemIO", "ChunkStore", "Vault"]),
+        .executableTarget(
+            name: "lifeboat",
+            dependencies: ["SystemIO", "Vault", "VirtualDisk", .product(name: "ArgumentParser", package: "swift-argument-parser")]
+        ),
+
+        .testTarget(name: "ObjectStoreTests", dependencies: ["ObjectStore"]),
+        .testTarget(name: "ChunkStoreTests", dependencies: ["ChunkStore", "ObjectStore"]),
+        .testTarget(name: "VaultTests", dependencies: ["Vault", "ChunkStore", "ObjectStore"]),
+        .testTarget(name: "VirtualDiskTests", dependencies: ["VirtualDisk", "Vault"]),
+        .testTarget(name: "lifeboatTests", dependencies: ["SystemIO"]),
+    ]
+)
