@@ -1,0 +1,62 @@
+import CZstd
+
+/// How chunks are compressed, a vault parameter: `none` or `zstd:LEVEL`.
+public enum CompressionSetting: Sendable, Equatable, CustomStringConvertible {
+    case none
+    case zstd(level: Int32)
+
+    public init?(_ text: String) {
+        if text == "none" { self = .none; return }
+        let parts = text.split(separator: ":")
+        guard parts.first == "zstd" else { return nil }
+        if parts.count == 1 { self = .zstd(level: 3); return }
+        guard parts.count == 2, let level = Int32(parts[1]), level >= -7, level <= 19 else { return nil }
+        self = .zstd(level: level)
+    }
+
+    public var description: String {
+        switch self {
+        case .none: return "none"
+        case .zstd(let level): return "zstd:\(level)"
+        }
+    }
+}
+
+/// A reusable zstd compression context; one per thread (not Sendable).
+public final class ChunkCompressor {
+    private let context: OpaquePointer
+    private let level: Int32
+    private var output: [UInt8] = []
+
+    public init(level: Int32) {
+        context = ZSTD_createCCtx()
+        self.level = level
+    }
+
+    deinit { ZSTD_freeCCtx(context) }
+
+    /// Compresses `data`; returns nil when compression would not save at least 1/32 of the size
+    /// (the chunk is then stored as it is).
+    public func compress(_ data: UnsafeRawBufferPointer) -> [UInt8]? {
+        let bound = ZSTD_compressBound(data.count)
+        if output.count < bound { output = [UInt8](repeating: 0, count: bound) }
+        let written = output.withUnsafeMutableBytes { out in
+            ZSTD_compressCCtx(context, out.baseAddress, bound, data.baseAddress, data.count, level)
+        }
+        guard ZSTD_isError(written) == 0, written < data.count - data.count / 32 else { return nil }
+        return Array(output[0..<written])
+    }
+}
+
+public enum ZstdError: Error {
+    case failed(String)
+}
+
+/// Decompresses one zstd frame into `output`, which must be exactly the expected size.
+public func zstdDecompress(_ input: UnsafeRawBufferPointer, into output: UnsafeMutableRawBufferPointer) -> Result<Int, ZstdError> {
+    let n = ZSTD_decompress(output.baseAddress, output.count, input.baseAddress, input.count)
+    if ZSTD_isError(n) != 0 {
+        return .failure(.failed(String(cString: ZSTD_getErrorName(n))))
+    }
+    return .success(n)
+}

@@ -1,0 +1,160 @@
+import SystemIO
+
+/// What a stored chunk holds and how its bytes are encoded; one byte in pack directories.
+public struct ChunkFlags: Sendable, Hashable {
+    public var raw: UInt8
+    public init(raw: UInt8) { self.raw = raw }
+
+    /// Bits 0-3: encoding of the stored bytes.
+    public static let stored: UInt8 = 0      // plaintext as is
+    public static let zstd: UInt8 = 1        // one zstd frame
+    /// Bits 4-7: what the plaintext is.
+    public static let dataChunk: UInt8 = 0x00   // a slot of a disk
+    public static let indexChunk: UInt8 = 0x10  // a node of a disk index tree (ids)
+
+    public var encoding: UInt8 { raw & 0x0f }
+    public var content: UInt8 { raw & 0xf0 }
+}
+
+/// One chunk inside a pack, as the pack directory and index objects record it.
+/// Encoded in 48 bytes: id (32) | offset u32 | stored length u32 | raw length u32 | flags u8 | 3 zero bytes.
+public struct PackEntry: Sendable, Hashable {
+    public var id: ChunkID
+    public var offset: UInt32
+    public var storedLength: UInt32
+    public var rawLength: UInt32
+    public var flags: ChunkFlags
+
+    public static let encodedSize = 48
+
+    public init(id: ChunkID, offset: UInt32, storedLength: UInt32, rawLength: UInt32, flags: ChunkFlags) {
+        self.id = id
+        self.offset = offset
+        self.storedLength = storedLength
+        self.rawLength = rawLength
+        self.flags = flags
+    }
+
+    func encode(into out: inout [UInt8]) {
+        id.append(to: &out)
+        out.appendLE(offset)
+        out.appendLE(storedLength)
+        out.appendLE(rawLength)
+        out.append(flags.raw)
+        out.append(contentsOf: [0, 0, 0])
+    }
+
+    static func decode(_ raw: UnsafeRawBufferPointer, at o: Int) -> PackEntry {
+        PackEntry(
+            id: ChunkID(raw, at: o),
+            offset: raw.loadLE(UInt32.self, at: o + 32),
+            storedLength: raw.loadLE(UInt32.self, at: o + 36),
+            rawLength: raw.loadLE(UInt32.self, at: o + 40),
+            flags: ChunkFlags(raw: raw[o + 44])
+        )
+    }
+}
+
+/// The pack format (docs/FORMAT.md, "Packs"):
+///
+///     header   8 bytes  "LBPACK01"
+///     blobs    stored chunks back to back
+///     directory  count x 48-byte PackEntry
+///     trailer 56 bytes: directory offset u64 | count u32 | reserved u32 (0) |
+///                       SHA-256 of the directory (32) | "LBPKEND1"
+///
+/// A pack's object name is the SHA-256 of all its bytes.
+public enum PackFormat {
+    public static let headerMagic: [UInt8] = Array("LBPACK01".utf8)
+    public static let trailerMagic: [UInt8] = Array("LBPKEND1".utf8)
+    public static let trailerSize = 56
+    public static let headerSize = 8
+    /// Packs are flushed when they reach this size.
+    public static let targetSize = 16 << 20
+
+    public static func objectName(_ id: ChunkID) -> String {
+        let hex = id.hex
+        return "packs/" + hex.prefix(2) + "/" + hex
+    }
+
+    public static func id(fromObjectName name: String) -> ChunkID? {
+        guard name.hasPrefix("packs/"), let last = name.split(separator: "/").last else { return nil }
+        return ChunkID(hex: String(last))
+    }
+
+    public struct Trailer: Sendable {
+        public let directoryOffset: UInt64
+        public let count: UInt32
+        public let directoryDigest: ChunkID
+    }
+
+    public static func parseTrailer(_ bytes: [UInt8], packSize: UInt64, pack: String) throws(ChunkStoreError) -> Trailer {
+        guard bytes.count == trailerSize else { throw .badPack(pack, "too short for a trailer") }
+        return try bytes.withBytes { (raw) throws(ChunkStoreError) -> Trailer in
+            guard Array(raw[48..<56]) == trailerMagic else { throw .badPack(pack, "no pack trailer (wrong magic)") }
+            let offset = raw.loadLE(UInt64.self, at: 0)
+            let count = raw.loadLE(UInt32.self, at: 8)
+            let expected = UInt64(count) * UInt64(PackEntry.encodedSize)
+            guard offset >= UInt64(headerSize), offset + expected + UInt64(trailerSize) == packSize else {
+                throw .badPack(pack, "directory size \(expected) at \(offset) does not fit the pack size \(packSize)")
+            }
+            return Trailer(directoryOffset: offset, count: count, directoryDigest: ChunkID(raw, at: 16))
+        }
+    }
+
+    /// Parses and checks a directory against its trailer: digest, and every entry inside the blob area.
+    public static func parseDirectory(_ bytes: [UInt8], trailer: Trailer, pack: String) throws(ChunkStoreError) -> [PackEntry] {
+        guard ChunkID.sha256(bytes) == trailer.directoryDigest else {
+            throw .badPack(pack, "pack directory does not match its checksum")
+        }
+        var entries: [PackEntry] = []
+        entries.reserveCapacity(Int(trailer.count))
+        try bytes.withBytes { (raw) throws(ChunkStoreError) in
+            for i in 0..<Int(trailer.count) {
+                let entry = PackEntry.decode(raw, at: i * PackEntry.encodedSize)
+                let end = UInt64(entry.offset) + UInt64(entry.storedLength)
+                guard entry.offset >= UInt32(headerSize), end <= trailer.directoryOffset else {
+                    throw .badPack(pack, "entry \(i) lies outside the blob area")
+                }
+                entries.append(entry)
+            }
+        }
+        return entries
+    }
+}
+
+/// Accumulates stored chunks into one pack in memory.
+public struct PackBuilder {
+    public private(set) var bytes: [UInt8]
+    public private(set) var entries: [PackEntry] = []
+
+    public init() {
+        bytes = []
+        bytes.reserveCapacity(PackFormat.targetSize + (1 << 20))
+        bytes.append(contentsOf: PackFormat.headerMagic)
+    }
+
+    public var isEmpty: Bool { entries.isEmpty }
+    public var size: Int { bytes.count }
+
+    public mutating func add(id: ChunkID, stored: [UInt8], rawLength: Int, flags: ChunkFlags) {
+        entries.append(PackEntry(id: id, offset: UInt32(bytes.count), storedLength: UInt32(stored.count),
+                                 rawLength: UInt32(rawLength), flags: flags))
+        bytes.append(contentsOf: stored)
+    }
+
+    /// Appends directory and trailer; returns the pack's bytes, its id and its entries.
+    public consuming func finish() -> (id: ChunkID, bytes: [UInt8], entries: [PackEntry]) {
+        let directoryOffset = UInt64(bytes.count)
+        var directory: [UInt8] = []
+        directory.reserveCapacity(entries.count * PackEntry.encodedSize)
+        for entry in entries { entry.encode(into: &directory) }
+        bytes.append(contentsOf: directory)
+        bytes.appendLE(directoryOffset)
+        bytes.appendLE(UInt32(entries.count))
+        bytes.appendLE(UInt32(0))
+        ChunkID.sha256(directory).append(to: &bytes)
+        bytes.append(contentsOf: PackFormat.trailerMagic)
+        return (ChunkID.sha256(bytes), bytes, entries)
+    }
+}

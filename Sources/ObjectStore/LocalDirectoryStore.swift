@@ -1,0 +1,163 @@
+import Glibc
+import SystemIO
+
+/// An object store in a local directory: one file per object.
+///
+/// A put writes a temporary file beside the final name, flushes it, renames it into place and
+/// flushes the directory, so an object is either absent or complete. Temporary files start with
+/// ".tmp-" and are never listed; garbage collection removes old ones.
+public struct LocalDirectoryStore: ObjectStore {
+    public let root: String
+
+    public init(root: String) {
+        self.root = root
+    }
+
+    public var location: String { root }
+
+    private func path(_ name: String) throws(ObjectStoreError) -> String {
+        try validateObjectName(name)
+        return root + "/" + name
+    }
+
+    private func writeTemporary(for path: String, _ bytes: UnsafeRawBufferPointer) throws(ObjectStoreError) -> String {
+        let directory = FileSystem.parentDirectory(of: path)
+        do {
+            try FileSystem.createDirectories(directory)
+        } catch { throw .failed(error) }
+        let temporary = directory + "/.tmp-" + randomSuffix()
+        do throws(SystemError) {
+            let file = try SystemFile.open(temporary, .createExclusive(permissions: 0o644))
+            defer { file.close() }
+            do throws(SystemError) {
+                try file.write(bytes, at: 0)
+                try file.sync()
+            } catch {
+                try? FileSystem.remove(temporary)
+                throw error
+            }
+        } catch { throw .failed(error) }
+        return temporary
+    }
+
+    public func put(_ name: String, _ bytes: UnsafeRawBufferPointer) throws(ObjectStoreError) {
+        let target = try path(name)
+        let temporary = try writeTemporary(for: target, bytes)
+        do {
+            try FileSystem.rename(temporary, to: target)
+            try FileSystem.syncDirectory(FileSystem.parentDirectory(of: target))
+        } catch {
+            try? FileSystem.remove(temporary)
+            throw .failed(error)
+        }
+    }
+
+    public func putIfAbsent(_ name: String, _ bytes: UnsafeRawBufferPointer) throws(ObjectStoreError) -> Bool {
+        let target = try path(name)
+        let temporary = try writeTemporary(for: target, bytes)
+        defer { try? FileSystem.remove(temporary) }
+        // link(2) fails with EEXIST instead of replacing: an atomic create-if-absent.
+        if link(temporary, target) != 0 {
+            if errno == EEXIST { return false }
+            throw .failed(SystemError("create", path: target))
+        }
+        do {
+            try FileSystem.syncDirectory(FileSystem.parentDirectory(of: target))
+        } catch { throw .failed(error) }
+        return true
+    }
+
+    public func get(_ name: String) throws(ObjectStoreError) -> [UInt8] {
+        let target = try path(name)
+        do {
+            let file = try SystemFile.open(target, .readOnly)
+            defer { file.close() }
+            let size = try file.size()
+            let bytes = try file.readAll(count: Int(size))
+            guard bytes.count == Int(size) else {
+                throw ObjectStoreError.shortRead(name: name, offset: 0, wanted: Int(size), got: bytes.count)
+            }
+            return bytes
+        } catch let error as SystemError {
+            if error.errno == ENOENT { throw .notFound(name: name, store: root) }
+            throw .failed(error)
+        } catch let error as ObjectStoreError {
+            throw error
+        } catch {
+            throw .invalidName(name)
+        }
+    }
+
+    public func read(_ name: String, at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws(ObjectStoreError) {
+        let target = try path(name)
+        let file: SystemFile
+        do {
+            file = try SystemFile.open(target, .readOnly)
+        } catch {
+            if error.errno == ENOENT { throw .notFound(name: name, store: root) }
+            throw .failed(error)
+        }
+        defer { file.close() }
+        let n: Int
+        do {
+            n = try file.read(into: buffer, at: offset)
+        } catch { throw .failed(error) }
+        guard n == buffer.count else {
+            throw .shortRead(name: name, offset: offset, wanted: buffer.count, got: n)
+        }
+    }
+
+    public func size(_ name: String) throws(ObjectStoreError) -> UInt64? {
+        let target = try path(name)
+        var st = stat()
+        if stat(target, &st) != 0 {
+            if errno == ENOENT || errno == ENOTDIR { return nil }
+            throw .failed(SystemError("stat", path: target))
+        }
+        return UInt64(st.st_size)
+    }
+
+    public func list(prefix: String) throws(ObjectStoreError) -> [ObjectInfo] {
+        // Walk only the directory the prefix lies in, then filter by the full prefix.
+        let slash = prefix.lastIndex(of: "/")
+        let directoryPart = slash.map { String(prefix[..<$0]) } ?? ""
+        var results: [ObjectInfo] = []
+        try walk(directoryPart, prefix: prefix, into: &results)
+        return results
+    }
+
+    private func walk(_ relative: String, prefix: String, into results: inout [ObjectInfo]) throws(ObjectStoreError) {
+        let directory = relative.isEmpty ? root : root + "/" + relative
+        let names: [String]
+        do {
+            names = try FileSystem.list(directory)
+        } catch {
+            if error.errno == ENOENT || error.errno == ENOTDIR { return }
+            throw .failed(error)
+        }
+        for name in names where !name.hasPrefix(".") {
+            let child = relative.isEmpty ? name : relative + "/" + name
+            // Prune subtrees that cannot match the prefix.
+            if !child.hasPrefix(prefix) && !prefix.hasPrefix(child + "/") { continue }
+            var st = stat()
+            guard stat(root + "/" + child, &st) == 0 else { continue }
+            if (st.st_mode & S_IFMT) == S_IFDIR {
+                try walk(child, prefix: prefix, into: &results)
+            } else if (st.st_mode & S_IFMT) == S_IFREG && child.hasPrefix(prefix) {
+                results.append(ObjectInfo(name: child, size: UInt64(st.st_size)))
+            }
+        }
+    }
+
+    public func delete(_ name: String) throws(ObjectStoreError) {
+        let target = try path(name)
+        do {
+            try FileSystem.remove(target)
+        } catch { throw .failed(error) }
+    }
+}
+
+func randomSuffix() -> String {
+    var generator = SystemRandomNumberGenerator()
+    return (0..<8).map { _ in UInt8.random(in: 0...255, using: &generator) }.hex
+}

@@ -1,0 +1,211 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// An open file descriptor with the path it came from, so every error names the file.
+/// Not a class: the owner closes it explicitly, exactly once.
+public struct SystemFile: Sendable {
+    public let fd: Int32
+    public let path: String
+
+    public enum Mode: Sendable {
+        case readOnly
+        case readWrite
+        /// Create a new file; fails if it exists.
+        case createExclusive(permissions: mode_t)
+        /// Create or open for writing, never truncating.
+        case createOrOpen(permissions: mode_t)
+    }
+
+    public static func open(_ path: String, _ mode: Mode) throws(SystemError) -> SystemFile {
+        let fd: Int32
+        switch mode {
+        case .readOnly: fd = Glibc.open(path, O_RDONLY | O_CLOEXEC)
+        case .readWrite: fd = Glibc.open(path, O_RDWR | O_CLOEXEC)
+        case .createExclusive(let permissions):
+            fd = Glibc.open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, permissions)
+        case .createOrOpen(let permissions):
+            fd = Glibc.open(path, O_RDWR | O_CREAT | O_CLOEXEC, permissions)
+        }
+        guard fd >= 0 else { throw SystemError("open", path: path) }
+        return SystemFile(fd: fd, path: path)
+    }
+
+    public init(fd: Int32, path: String) {
+        self.fd = fd
+        self.path = path
+    }
+
+    public func close() {
+        _ = Glibc.close(fd)
+    }
+
+    public func status() throws(SystemError) -> stat {
+        var st = stat()
+        guard fstat(fd, &st) == 0 else { throw SystemError("stat", path: path) }
+        return st
+    }
+
+    public var isBlockDevice: Bool {
+        guard let st = try? status() else { return false }
+        return (st.st_mode & S_IFMT) == S_IFBLK
+    }
+
+    /// Size in bytes of a regular file or a block device.
+    public func size() throws(SystemError) -> UInt64 {
+        let st = try status()
+        if (st.st_mode & S_IFMT) == S_IFBLK {
+            var bytes: UInt64 = 0
+            // BLKGETSIZE64 = _IOR(0x12, 114, size_t)
+            let BLKGETSIZE64: UInt = 0x8008_1272
+            guard ioctl(fd, BLKGETSIZE64, &bytes) == 0 else { throw SystemError("get the size of", path: path) }
+            return bytes
+        }
+        return UInt64(st.st_size)
+    }
+
+    /// Reads up to `count` bytes at `offset`, retrying short reads; returns fewer only at end of file.
+    public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(SystemError) -> Int {
+        var done = 0
+        while done < buffer.count {
+            let n = pread(fd, buffer.baseAddress! + done, buffer.count - done, off_t(offset) + off_t(done))
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw SystemError("read at byte \(offset + UInt64(done)) of", path: path)
+            }
+            if n == 0 { break }
+            done += n
+        }
+        return done
+    }
+
+    /// Reads sequentially from the current position (pipes, standard input).
+    public func readSequential(into buffer: UnsafeMutableRawBufferPointer, position: UInt64) throws(SystemError) -> Int {
+        var done = 0
+        while done < buffer.count {
+            let n = Glibc.read(fd, buffer.baseAddress! + done, buffer.count - done)
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw SystemError("read at byte \(position + UInt64(done)) of", path: path)
+            }
+            if n == 0 { break }
+            done += n
+        }
+        return done
+    }
+
+    public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws(SystemError) {
+        var done = 0
+        while done < buffer.count {
+            let n = pwrite(fd, buffer.baseAddress! + done, buffer.count - done, off_t(offset) + off_t(done))
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw SystemError("write at byte \(offset + UInt64(done)) of", path: path)
+            }
+            done += n
+        }
+    }
+
+    public func write(_ bytes: [UInt8], at offset: UInt64) throws(SystemError) {
+        let result = bytes.withUnsafeBytes { raw in Result { () throws(SystemError) in try write(raw, at: offset) } }
+        try result.get()
+    }
+
+    public func readAll(from offset: UInt64 = 0, count: Int) throws(SystemError) -> [UInt8] {
+        var bytes = [UInt8](repeating: 0, count: count)
+        let result = bytes.withUnsafeMutableBytes { raw in Result { () throws(SystemError) in try read(into: raw, at: offset) } }
+        let n = try result.get()
+        if n < count { bytes.removeLast(count - n) }
+        return bytes
+    }
+
+    public func sync() throws(SystemError) {
+        guard fsync(fd) == 0 else { throw SystemError("flush", path: path) }
+    }
+
+    public func truncate(to size: UInt64) throws(SystemError) {
+        guard ftruncate(fd, off_t(size)) == 0 else { throw SystemError("resize", path: path) }
+    }
+
+    /// The next data region at or after `offset` in a sparse file, or nil when only a hole remains.
+    /// Filesystems without SEEK_DATA report the whole file as data.
+    public func nextData(from offset: UInt64, fileSize: UInt64) -> (start: UInt64, end: UInt64)? {
+        let start = lseek(fd, off_t(offset), 3 /* SEEK_DATA */)
+        if start < 0 {
+            if errno == ENXIO { return nil }
+            return offset < fileSize ? (offset, fileSize) : nil
+        }
+        var end = lseek(fd, start, 4 /* SEEK_HOLE */)
+        if end < 0 { end = off_t(fileSize) }
+        return (UInt64(start), min(UInt64(end), fileSize))
+    }
+
+    public func adviseSequential() {
+        _ = posix_fadvise(fd, 0, 0, Int32(POSIX_FADV_SEQUENTIAL))
+    }
+}
+
+/// File-system operations on paths.
+public enum FileSystem {
+    public static func exists(_ path: String) -> Bool {
+        access(path, F_OK) == 0
+    }
+
+    public static func isDirectory(_ path: String) -> Bool {
+        var st = stat()
+        return stat(path, &st) == 0 && (st.st_mode & S_IFMT) == S_IFDIR
+    }
+
+    /// mkdir -p
+    public static func createDirectories(_ path: String, permissions: mode_t = 0o755) throws(SystemError) {
+        if isDirectory(path) { return }
+        let parent = parentDirectory(of: path)
+        if parent != path && !parent.isEmpty { try createDirectories(parent, permissions: permissions) }
+        if mkdir(path, permissions) != 0 && errno != EEXIST {
+            throw SystemError("create the directory", path: path)
+        }
+    }
+
+    public static func parentDirectory(of path: String) -> String {
+        guard let slash = path.lastIndex(of: "/") else { return "." }
+        if slash == path.startIndex { return "/" }
+        return String(path[..<slash])
+    }
+
+    public static func syncDirectory(_ path: String) throws(SystemError) {
+        let fd = Glibc.open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        guard fd >= 0 else { throw SystemError("open the directory", path: path) }
+        defer { Glibc.close(fd) }
+        guard fsync(fd) == 0 else { throw SystemError("flush the directory", path: path) }
+    }
+
+    public static func remove(_ path: String) throws(SystemError) {
+        if unlink(path) != 0 && errno != ENOENT { throw SystemError("remove", path: path) }
+    }
+
+    public static func rename(_ from: String, to: String) throws(SystemError) {
+        guard Glibc.rename(from, to) == 0 else { throw SystemError("rename \(from) to", path: to) }
+    }
+
+    /// Names in a directory, without "." and "..".
+    public static func list(_ path: String) throws(SystemError) -> [String] {
+        guard let dir = opendir(path) else { throw SystemError("list", path: path) }
+        defer { closedir(dir) }
+        var names: [String] = []
+        while let entry = readdir(dir) {
+            let name = withUnsafePointer(to: entry.pointee.d_name) {
+                $0.withMemoryRebound(to: CChar.self, capacity: 256) { String(cString: $0) }
+            }
+            if name != "." && name != ".." { names.append(name) }
+        }
+        return names
+    }
+
+    public static func absolute(_ path: String) -> String {
+        if path.hasPrefix("/") { return path }
+        var buffer = [CChar](repeating: 0, count: Int(PATH_MAX))
+        guard getcwd(&buffer, buffer.count) != nil else { return path }
+        let cwd = String(cString: buffer)
+        return cwd == "/" ? "/" + path : cwd + "/" + path
+    }
+}

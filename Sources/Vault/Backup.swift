@@ -1,0 +1,399 @@
+import ChunkStore
+import Foundation
+import Glibc
+import ObjectStore
+import Synchronization
+import SystemIO
+
+public struct BackupRequest: Sendable {
+    public var machine: String
+    public var disks: [(name: String, source: SourceSpec)]
+    public var time: Date?
+    public var preSnapshot: String?
+    public var postSnapshot: String?
+    public var tags: [String]
+
+    public init(machine: String, disks: [(name: String, source: SourceSpec)], time: Date? = nil,
+                preSnapshot: String? = nil, postSnapshot: String? = nil, tags: [String] = []) {
+        self.machine = machine
+        self.disks = disks
+        self.time = time
+        self.preSnapshot = preSnapshot
+        self.postSnapshot = postSnapshot
+        self.tags = tags
+    }
+}
+
+public struct BackupProgress: Sendable {
+    public var disk: String
+    public var bytesDone: UInt64
+    public var bytesTotal: UInt64?
+}
+
+/// What a backup did, for the `--json` summary.
+public struct BackupReport: Codable, Sendable {
+    public var point: String
+    public var machine: String
+    public var time: String
+    public var consistency: Consistency
+    public var disks: [PointDisk]
+    /// Bytes read from the sources (holes of sparse files are not read).
+    public var bytesRead: UInt64
+    /// Plaintext bytes of chunks this backup added to the vault.
+    public var newBytes: UInt64
+    /// What those chunks take in packs, after compression.
+    public var storedBytes: UInt64
+    public var chunksNew: Int
+    public var chunksReused: Int
+    public var packs: Int
+    public var seconds: Double
+    public var warnings: [String]
+}
+
+/// Counters shared by one disk's workers.
+final class DiskCounters: Sendable {
+    let newChunks = Atomic<Int>(0)
+    let reusedChunks = Atomic<Int>(0)
+    let holeChunks = Atomic<Int>(0)
+    let newBytes = Atomic<UInt64>(0)
+    let storedBytes = Atomic<UInt64>(0)
+    let dataBytes = Atomic<UInt64>(0)
+    let bytesRead = Atomic<UInt64>(0)
+}
+
+/// A reusable batch buffer handed from the reader to a worker and back.
+// @unchecked: the buffer is owned by exactly one thread at a time; queues hand it over.
+final class Batch: @unchecked Sendable {
+    let memory: UnsafeMutableRawBufferPointer
+    var number = 0
+    var firstSlot = 0
+    var count = 0
+    var holes: [Bool]
+
+    init(bytes: Int, slots: Int) {
+        memory = UnsafeMutableRawBufferPointer.allocate(byteCount: bytes, alignment: 64)
+        holes = [Bool](repeating: false, count: slots)
+    }
+
+    deinit { memory.deallocate() }
+}
+
+struct BatchResult: Sendable {
+    var number: Int
+    var firstSlot: Int
+    var ids: [ChunkID]
+}
+
+extension Vault {
+    /// Makes one recovery point of all the request's disks.
+    public func backup(_ request: BackupRequest, progress: @escaping @Sendable (BackupProgress) -> Void = { _ in }) throws(VaultError) -> BackupReport {
+        let started = Date()
+        try validateName(request.machine, what: "machine")
+        guard !request.disks.isEmpty else { throw .invalidArgument("a backup needs at least one --disk NAME=SOURCE") }
+        var seen = Set<String>()
+        for disk in request.disks {
+            try validateName(disk.name, what: "disk")
+            guard seen.insert(disk.name).inserted else { throw .invalidArgument("disk \(disk.name) is named twice") }
+        }
+        for tag in request.tags { try validateName(tag, what: "tag") }
+        if request.disks.filter({ if case .standardInput = $0.source { return true } else { return false } }).count > 1 {
+            throw .invalidArgument("only one disk can be read from standard input")
+        }
+
+        let lock = try MachineLock.acquire(machine: request.machine, operation: "backup", store: store)
+        defer { lock.release() }
+
+        var warnings: [String] = []
+        var consistency = Consistency.crash
+        if let command = request.preSnapshot {
+            let status = runHook(command)
+            if status == 0 {
+                consistency = .application
+            } else {
+                warnings.append("pre-snapshot command exited with status \(status): the point is crash-consistent")
+            }
+        }
+        defer {
+            if let command = request.postSnapshot {
+                let status = runHook(command)
+                if status != 0 { FileHandle.standardError.write(Data("lifeboat: post-snapshot command exited with status \(status)\n".utf8)) }
+            }
+        }
+        let time = request.time ?? started
+
+        let parent = try points(machine: request.machine).last
+        let writer = chunks.writer()
+        var disks: [PointDisk] = []
+        var bytesRead: UInt64 = 0
+        do {
+            for (name, spec) in request.disks {
+                let previous = parent.flatMap { p in p.disks.first { $0.name == name && $0.chunkSize == config.chunkSize } }
+                let (disk, read) = try backupDisk(name: name, spec: spec, previous: previous, writer: writer, progress: progress)
+                disks.append(disk)
+                bytesRead += read
+            }
+            let (packs, _) = try writer.finish()
+            let point = RecoveryPoint(
+                format: RecoveryPoint.currentFormat, machine: request.machine, time: Timestamp.format(time),
+                created: Timestamp.format(Date()), host: hostName(), consistency: consistency,
+                tags: request.tags, parent: parent?.id, disks: disks)
+            let bytes = point.encoded()
+            let id = ChunkID.sha256(bytes).hex
+            // The commit: everything the manifest names is durable by now.
+            try store.put(RecoveryPoint.objectName(machine: request.machine, id: id), bytes)
+            return BackupReport(
+                point: id, machine: request.machine, time: point.time, consistency: consistency, disks: disks,
+                bytesRead: bytesRead, newBytes: point.newBytes, storedBytes: point.storedBytes,
+                chunksNew: disks.reduce(0) { $0 + $1.newChunks }, chunksReused: disks.reduce(0) { $0 + $1.reusedChunks },
+                packs: packs, seconds: Date().timeIntervalSince(started), warnings: warnings)
+        } catch let error as VaultError {
+            writer.abandon()
+            throw error
+        } catch let error as ChunkStoreError {
+            writer.abandon()
+            throw .chunks(error)
+        } catch let error as ObjectStoreError {
+            writer.abandon()
+            throw .store(error)
+        } catch {
+            writer.abandon()
+            throw .invalidArgument("\(error)")
+        }
+    }
+
+    /// Reads one disk through the pipeline: reader thread -> hashing/compressing workers -> this
+    /// thread, which puts the ids back in slot order and builds the disk index.
+    private func backupDisk(name: String, spec: SourceSpec, previous: PointDisk?, writer: ChunkWriter,
+                            progress: @escaping @Sendable (BackupProgress) -> Void) throws(VaultError) -> (PointDisk, UInt64) {
+        let source = try DiskSource(spec)
+        defer { source.close() }
+        let chunkSize = config.chunkSize
+        let slotsPerBatch = max(1, (4 << 20) / chunkSize)
+        let workerCount = max(1, ProcessInfo.processInfo.activeProcessorCount)
+        let free = BoundedQueue<Batch>(capacity: workerCount * 2 + 2)
+        for _ in 0..<(workerCount * 2 + 2) { free.push(Batch(bytes: slotsPerBatch * chunkSize, slots: slotsPerBatch)) }
+        let filled = BoundedQueue<Batch>(capacity: workerCount * 2 + 2)
+        let results = BoundedQueue<BatchResult>(capacity: workerCount * 4 + 4)
+        let failure = Mutex<VaultError?>(nil)
+        let counters = DiskCounters()
+        let previousIndex = previous.map { reader($0) }
+        let previousSlots = previous?.slotCount ?? 0
+
+        @Sendable func fail(_ error: VaultError) {
+            failure.withLock { if $0 == nil { $0 = error } }
+            free.close()
+            filled.close()
+        }
+
+        // @unchecked-free handoff: the source is used by the reader thread only.
+        let sourceBox = SourceBox(source)
+        let readerThread = Worker(name: "backup-read") {
+            var number = 0
+            var slot = 0
+            while let batch = free.pop() {
+                if Cancellation.requested { fail(.interrupted); break }
+                do throws(VaultError) {
+                    let n = try sourceBox.source.read(into: batch.memory, chunkSize: chunkSize, holes: &batch.holes)
+                    if n == 0 { free.push(batch); break }
+                    batch.number = number
+                    batch.firstSlot = slot
+                    batch.count = n
+                    counters.bytesRead.add(UInt64(n), ordering: .relaxed)
+                    number += 1
+                    slot += (n + chunkSize - 1) / chunkSize
+                    filled.push(batch)
+                    if sourceBox.source.ended { break }
+                } catch {
+                    fail(error)
+                    break
+                }
+            }
+            filled.close()
+        }
+
+        let active = Atomic<Int>(workerCount)
+        let compression = config.parameters.compression
+        let workers = (0..<workerCount).map { n in
+            Worker(name: "backup-hash-\(n)") {
+                let compressor: ChunkCompressor? = {
+                    if case .zstd(let level) = compression { return ChunkCompressor(level: level) }
+                    return nil
+                }()
+                while let batch = filled.pop() {
+                    do {
+                        let ids = try Vault.processBatch(batch, chunkSize: chunkSize, previous: previousIndex,
+                                                         previousSlots: previousSlots, writer: writer,
+                                                         compressor: compressor, counters: counters)
+                        let result = BatchResult(number: batch.number, firstSlot: batch.firstSlot, ids: ids)
+                        free.push(batch)
+                        results.push(result)
+                    } catch let error as VaultError {
+                        fail(error)
+                    } catch let error as ChunkStoreError {
+                        fail(.chunks(error))
+                    } catch {
+                        fail(.invalidArgument("\(error)"))
+                    }
+                }
+                if active.subtract(1, ordering: .acquiringAndReleasing).newValue == 0 { results.close() }
+            }
+        }
+
+        // In-order assembly of the disk index on this thread.
+        let sink = IndexSink(writer: writer, compression: compression, counters: counters)
+        var index = DiskIndexWriter(sink: sink)
+        var waiting: [Int: BatchResult] = [:]
+        var next = 0
+        var slots = 0
+        var assemblyError: VaultError? = nil
+        while let result = results.pop() {
+            if assemblyError != nil { continue }
+            waiting[result.number] = result
+            while let ready = waiting.removeValue(forKey: next) {
+                do {
+                    for id in ready.ids { try index.append(id) }
+                } catch let error as ChunkStoreError {
+                    assemblyError = .chunks(error)
+                    fail(.chunks(error))
+                } catch {
+                    assemblyError = .invalidArgument("\(error)")
+                    fail(.invalidArgument("\(error)"))
+                }
+                slots += ready.ids.count
+                next += 1
+                let done = min(UInt64(slots) * UInt64(chunkSize), source.size ?? UInt64.max)
+                progress(BackupProgress(disk: name, bytesDone: done, bytesTotal: source.size))
+            }
+        }
+        readerThread.join()
+        for worker in workers { worker.join() }
+        if let error = failure.withLock({ $0 }) { throw error }
+        if let error = assemblyError { throw error }
+
+        let size = counters.bytesRead.load(ordering: .relaxed)
+        if let expected = source.size, size != expected {
+            throw .sourceShort(path: spec.description, expected: expected, got: size)
+        }
+        let (root, depth): (ChunkID, Int)
+        do {
+            (root, depth) = try index.finish()
+        } catch let error as ChunkStoreError {
+            throw .chunks(error)
+        } catch {
+            throw .invalidArgument("\(error)")
+        }
+        let disk = PointDisk(
+            name: name, size: size, chunkSize: chunkSize, indexRoot: root.hex, indexDepth: depth,
+            dataBytes: counters.dataBytes.load(ordering: .relaxed),
+            newBytes: counters.newBytes.load(ordering: .relaxed),
+            storedBytes: counters.storedBytes.load(ordering: .relaxed),
+            newChunks: counters.newChunks.load(ordering: .relaxed),
+            reusedChunks: counters.reusedChunks.load(ordering: .relaxed),
+            holeChunks: counters.holeChunks.load(ordering: .relaxed))
+        var bytesRead = size
+        if source.sparse { bytesRead = counters.dataBytes.load(ordering: .relaxed) }
+        return (disk, bytesRead)
+    }
+
+    /// Hashes every slot of a batch; stores the chunks that are new to the vault.
+    static func processBatch(_ batch: Batch, chunkSize: Int, previous: DiskIndexReader?, previousSlots: Int,
+                             writer: ChunkWriter, compressor: ChunkCompressor?, counters: DiskCounters) throws -> [ChunkID] {
+        let slots = (batch.count + chunkSize - 1) / chunkSize
+        var ids = [ChunkID](repeating: .zero, count: slots)
+        var previousLeaf: (first: Int, ids: [ChunkID])? = nil
+        if let previous, batch.firstSlot < previousSlots {
+            previousLeaf = try previous.leaf(containing: batch.firstSlot)
+        }
+        var holes = 0, reused = 0, fresh = 0
+        var data: UInt64 = 0, newBytes: UInt64 = 0, stored: UInt64 = 0
+        for s in 0..<slots {
+            let from = s * chunkSize
+            let to = min(from + chunkSize, batch.count)
+            let bytes = UnsafeRawBufferPointer(rebasing: batch.memory[from..<to])
+            if batch.holes[s] || isAllZero(bytes) {
+                holes += 1
+                continue
+            }
+            data += UInt64(bytes.count)
+            let id = ChunkID.sha256(bytes)
+            ids[s] = id
+            let slot = batch.firstSlot + s
+            if let leaf = previousLeaf, slot - leaf.first < leaf.ids.count, leaf.ids[slot - leaf.first] == id {
+                reused += 1
+                continue
+            }
+            guard try writer.claim(id) else {
+                reused += 1
+                continue
+            }
+            var flags = ChunkFlags(raw: ChunkFlags.dataChunk | ChunkFlags.stored)
+            var storedBytes: [UInt8]
+            if let compressed = compressor?.compress(bytes) {
+                storedBytes = compressed
+                flags.raw = ChunkFlags.dataChunk | ChunkFlags.zstd
+            } else {
+                storedBytes = Array(bytes)
+            }
+            try writer.add(id: id, stored: storedBytes, rawLength: bytes.count, flags: flags)
+            fresh += 1
+            newBytes += UInt64(bytes.count)
+            stored += UInt64(storedBytes.count)
+        }
+        counters.holeChunks.add(holes, ordering: .relaxed)
+        counters.reusedChunks.add(reused, ordering: .relaxed)
+        counters.newChunks.add(fresh, ordering: .relaxed)
+        counters.dataBytes.add(data, ordering: .relaxed)
+        counters.newBytes.add(newBytes, ordering: .relaxed)
+        counters.storedBytes.add(stored, ordering: .relaxed)
+        return ids
+    }
+}
+
+// @unchecked: handed to the reader thread, which is its only user.
+final class SourceBox: @unchecked Sendable {
+    let source: DiskSource
+    init(_ source: DiskSource) { self.source = source }
+}
+
+/// Stores disk index nodes as index chunks in the same session.
+struct IndexSink: IndexNodeSink {
+    let writer: ChunkWriter
+    let compressor: ChunkCompressor?
+    let counters: DiskCounters
+
+    init(writer: ChunkWriter, compression: CompressionSetting, counters: DiskCounters) {
+        self.writer = writer
+        self.counters = counters
+        if case .zstd(let level) = compression { compressor = ChunkCompressor(level: level) } else { compressor = nil }
+    }
+
+    func store(node: [UInt8]) throws -> ChunkID {
+        let id = ChunkID.sha256(node)
+        guard try writer.claim(id) else { return id }
+        var flags = ChunkFlags(raw: ChunkFlags.indexChunk | ChunkFlags.stored)
+        var stored = node
+        if let compressed = node.withUnsafeBytes({ compressor?.compress($0) }) {
+            stored = compressed
+            flags.raw = ChunkFlags.indexChunk | ChunkFlags.zstd
+        }
+        try writer.add(id: id, stored: stored, rawLength: node.count, flags: flags)
+        counters.newBytes.add(UInt64(node.count), ordering: .relaxed)
+        counters.storedBytes.add(UInt64(stored.count), ordering: .relaxed)
+        return id
+    }
+}
+
+/// Runs a hook through the shell, its output on our standard error; returns the exit status.
+func runHook(_ command: String) -> Int32 {
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: "/bin/sh")
+    process.arguments = ["-c", command]
+    process.standardOutput = FileHandle.standardError
+    do {
+        try process.run()
+    } catch {
+        return 127
+    }
+    process.waitUntilExit()
+    return process.terminationStatus
+}

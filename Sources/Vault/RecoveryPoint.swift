@@ -1,0 +1,108 @@
+import ChunkStore
+import Foundation
+import SystemIO
+
+/// One disk of a recovery point.
+public struct PointDisk: Codable, Sendable, Hashable {
+    public var name: String
+    /// Logical size in bytes.
+    public var size: UInt64
+    public var chunkSize: Int
+    /// Root of the disk index tree (hex chunk id; all zeros for an all-zero disk).
+    public var indexRoot: String
+    /// Levels of the tree: 1 means the root lists the data chunk ids directly.
+    public var indexDepth: Int
+    /// Bytes in slots that are not all-zero.
+    public var dataBytes: UInt64
+    /// Plaintext bytes of the chunks this point added to the vault.
+    public var newBytes: UInt64
+    /// Bytes those new chunks take in packs (after compression).
+    public var storedBytes: UInt64
+    public var newChunks: Int
+    public var reusedChunks: Int
+    public var holeChunks: Int
+
+    public var slotCount: Int { Int((size + UInt64(chunkSize) - 1) / UInt64(chunkSize)) }
+    public var root: ChunkID { ChunkID(hex: indexRoot) ?? .zero }
+}
+
+public enum Consistency: String, Codable, Sendable {
+    case application
+    case crash
+}
+
+/// A recovery point's manifest: all of a machine's disks at one moment (docs/FORMAT.md,
+/// "Recovery points"). Immutable; its object name is `points/<machine>/<SHA-256 of its bytes>`,
+/// and it is written last, after everything it names is durable: it is the commit.
+public struct RecoveryPoint: Codable, Sendable {
+    public var format: Int
+    public var machine: String
+    /// The point's time: when the disks were captured (or --time).
+    public var time: String
+    /// When the backup finished writing it.
+    public var created: String
+    public var host: String
+    public var consistency: Consistency
+    public var tags: [String]
+    /// The point whose disk indexes served as the dedup reference, if any.
+    public var parent: String?
+    public var disks: [PointDisk]
+
+    /// Set when read: the hex SHA-256 of the manifest's bytes.
+    public var id: String = ""
+
+    enum CodingKeys: String, CodingKey {
+        case format, machine, time, created, host, consistency, tags, parent, disks
+    }
+
+    public static let currentFormat = 1
+    public static let prefix = "points/"
+
+    public var shortID: String { String(id.prefix(12)) }
+    public var date: Date { Timestamp.parse(time) ?? Date(timeIntervalSince1970: 0) }
+    public var logicalSize: UInt64 { disks.reduce(0) { $0 + $1.size } }
+    public var newBytes: UInt64 { disks.reduce(0) { $0 + $1.newBytes } }
+    public var storedBytes: UInt64 { disks.reduce(0) { $0 + $1.storedBytes } }
+    public var label: String { "\(machine)@\(time) (\(shortID))" }
+
+    public func disk(_ name: String) throws(VaultError) -> PointDisk {
+        guard let disk = disks.first(where: { $0.name == name }) else {
+            throw .unknownDisk(point: label, disk: name, known: disks.map(\.name))
+        }
+        return disk
+    }
+
+    public func encoded() -> [UInt8] {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys, .prettyPrinted]
+        return Array((try? encoder.encode(self)) ?? Data())
+    }
+
+    public static func objectName(machine: String, id: String) -> String {
+        prefix + machine + "/" + id
+    }
+
+    /// Parses and verifies a manifest read from `name`.
+    public static func decode(_ bytes: [UInt8], name: String) throws(VaultError) -> RecoveryPoint {
+        let parts = name.split(separator: "/")
+        guard parts.count == 3, let id = parts.last, ChunkID.sha256(bytes).hex == id else {
+            throw .badManifest(name, "its content does not match its name (checksum mismatch)")
+        }
+        var point: RecoveryPoint
+        do {
+            point = try JSONDecoder().decode(RecoveryPoint.self, from: Data(bytes))
+        } catch {
+            throw .badManifest(name, "not valid JSON: \(error)")
+        }
+        guard point.format == currentFormat else { throw .badManifest(name, "unknown format \(point.format)") }
+        guard point.machine == String(parts[1]) else { throw .badManifest(name, "names machine \(point.machine)") }
+        guard Timestamp.parse(point.time) != nil else { throw .badManifest(name, "bad time \(point.time)") }
+        for disk in point.disks {
+            guard disk.chunkSize > 0, ChunkID(hex: disk.indexRoot) != nil, disk.indexDepth >= 1, disk.indexDepth <= 8 else {
+                throw .badManifest(name, "disk \(disk.name) has a bad index")
+            }
+        }
+        point.id = String(id)
+        return point
+    }
+}

@@ -1,0 +1,163 @@
+import ChunkStore
+import Foundation
+import Glibc
+import Synchronization
+import SystemIO
+
+public struct RestoreProgress: Sendable {
+    public var bytesDone: UInt64
+    public var bytesTotal: UInt64
+}
+
+public struct RestoreReport: Codable, Sendable {
+    public var point: String
+    public var disk: String
+    public var target: String
+    public var size: UInt64
+    /// Bytes written to the target (holes in a new file are not written).
+    public var bytesWritten: UInt64
+    public var seconds: Double
+}
+
+extension Vault {
+    /// Writes a point's disk to a file or block device. A new file gets holes for all-zero chunks
+    /// and appears under its name only when complete; every chunk is verified before it is written.
+    public func restore(point: RecoveryPoint, disk name: String, to path: String, overwrite: Bool = false,
+                        progress: @escaping @Sendable (RestoreProgress) -> Void = { _ in }) throws(VaultError) -> RestoreReport {
+        let started = Date()
+        let disk = try point.disk(name)
+        var st = stat()
+        let exists = stat(path, &st) == 0
+        let isDevice = exists && (st.st_mode & S_IFMT) == S_IFBLK
+        if exists && !isDevice {
+            guard (st.st_mode & S_IFMT) == S_IFREG else { throw .invalidArgument("target \(path) is neither a regular file nor a block device") }
+            guard overwrite else { throw .targetExists(path) }
+        }
+
+        let file: SystemFile
+        let partial = path + ".lifeboat-partial"
+        do {
+            if isDevice {
+                file = try SystemFile.open(path, .readWrite)
+                let size = try file.size()
+                guard size >= disk.size else {
+                    file.close()
+                    throw VaultError.targetTooSmall(path: path, size: size, needed: disk.size)
+                }
+            } else {
+                try? FileSystem.remove(partial)
+                file = try SystemFile.open(partial, .createExclusive(permissions: 0o644))
+                try file.truncate(to: disk.size)
+            }
+        } catch let error as SystemError {
+            throw .target(error)
+        } catch let error as VaultError {
+            throw error
+        } catch {
+            throw .invalidArgument("\(error)")
+        }
+
+        do throws(VaultError) {
+            let written = try writeDisk(point: point, disk: disk, to: file, writeHoles: isDevice, progress: progress)
+            do throws(SystemError) {
+                try file.sync()
+                file.close()
+                if !isDevice {
+                    try FileSystem.rename(partial, to: path)
+                    try FileSystem.syncDirectory(FileSystem.parentDirectory(of: FileSystem.absolute(path)))
+                }
+            } catch { throw .target(error) }
+            return RestoreReport(point: point.id, disk: name, target: path, size: disk.size, bytesWritten: written,
+                                 seconds: Date().timeIntervalSince(started))
+        } catch {
+            file.close()
+            if !isDevice { try? FileSystem.remove(partial) }
+            throw error
+        }
+    }
+
+    /// Writes every slot of `disk` into `file` with parallel readers; zero slots only if `writeHoles`.
+    func writeDisk(point: RecoveryPoint, disk: PointDisk, to file: SystemFile, writeHoles: Bool,
+                   progress: @escaping @Sendable (RestoreProgress) -> Void) throws(VaultError) -> UInt64 {
+        let chunkSize = disk.chunkSize
+        let index = reader(disk)
+        let work = BoundedQueue<(first: Int, ids: [ChunkID])>(capacity: 8)
+        let failure = Mutex<VaultError?>(nil)
+        let written = Atomic<UInt64>(0)
+        let done = Atomic<UInt64>(0)
+        let chunks = self.chunks
+        let label = point.label
+        let zeros = [UInt8](repeating: 0, count: chunkSize)
+
+        @Sendable func fail(_ error: VaultError) {
+            failure.withLock { if $0 == nil { $0 = error } }
+            work.close()
+        }
+        @Sendable func range(_ slot: Int) -> ClosedRange<UInt64> {
+            let start = UInt64(slot) * UInt64(chunkSize)
+            return start...(min(start + UInt64(chunkSize), disk.size) - 1)
+        }
+
+        let workerCount = max(2, ProcessInfo.processInfo.activeProcessorCount)
+        let workers = (0..<workerCount).map { n in
+            Worker(name: "restore-\(n)") {
+                while let (first, ids) = work.pop() {
+                    do {
+                        let present = ids.indices.filter { !ids[$0].isZero }
+                        try chunks.readMany(present.map { ids[$0] }) { k, bytes in
+                            let slot = first + present[k]
+                            try file.write(bytes, at: UInt64(slot) * UInt64(chunkSize))
+                            written.add(UInt64(bytes.count), ordering: .relaxed)
+                        }
+                        if writeHoles {
+                            for (i, id) in ids.enumerated() where id.isZero {
+                                let start = UInt64(first + i) * UInt64(chunkSize)
+                                let length = Int(min(UInt64(chunkSize), disk.size - start))
+                                try zeros.withUnsafeBytes { try file.write(UnsafeRawBufferPointer(rebasing: $0[0..<length]), at: start) }
+                                written.add(UInt64(length), ordering: .relaxed)
+                            }
+                        }
+                        let end = min(UInt64(first + ids.count) * UInt64(chunkSize), disk.size)
+                        let total = done.add(end - UInt64(first) * UInt64(chunkSize), ordering: .relaxed).newValue
+                        progress(RestoreProgress(bytesDone: total, bytesTotal: disk.size))
+                    } catch let error as ChunkStoreError {
+                        switch error {
+                        case .damagedChunk(let id, _, _, _), .missingChunk(let id):
+                            let slot = first + (ids.firstIndex(of: id) ?? 0)
+                            fail(.damagedPoint(point: label, disk: disk.name, range: range(slot), cause: error.description))
+                        default:
+                            fail(.chunks(error))
+                        }
+                    } catch let error as SystemError {
+                        fail(.target(error))
+                    } catch {
+                        fail(.invalidArgument("\(error)"))
+                    }
+                }
+            }
+        }
+
+        let step = max(1, (4 << 20) / chunkSize)
+        do {
+            try index.forEachLeaf { first, ids in
+                if Cancellation.requested { throw VaultError.interrupted }
+                var i = 0
+                while i < ids.count {
+                    let end = min(i + step, ids.count)
+                    if !work.push((first + i, Array(ids[i..<end]))) { return }
+                    i = end
+                }
+            }
+        } catch let error as VaultError {
+            fail(error)
+        } catch let error as ChunkStoreError {
+            fail(.chunks(error))
+        } catch {
+            fail(.invalidArgument("\(error)"))
+        }
+        work.close()
+        for worker in workers { worker.join() }
+        if let error = failure.withLock({ $0 }) { throw error }
+        return written.load(ordering: .relaxed)
+    }
+}
