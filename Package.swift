@@ -28,10 +28,13 @@ let package = Package(
             dependencies: ["SystemIO", "Vault", "VirtualDisk", .product(name: "ArgumentParser", package: "swift-argument-parser")]
         ),
 
-        .testTarget(name: "ObjectStoreTests", dependencies: ["ObjectStore"]),
-        .testTarget(name: "ChunkStoreTests", dependencies: ["ChunkStore", "ObjectStore"]),
-        .testTarget(name: "VaultTests", dependencies: ["Vault", "ChunkStore", "ObjectStore"]),
-        .testTarget(name: "VirtualDiskTests", dependencies: ["VirtualDisk", "Vault"]),
-        .testTarget(name: "lifeboatTests", dependencies: ["SystemIO"]),
+        // Helpers shared by the test targets: temporary directories, generated data, processes.
+        .target(name: "TestSupport", dependencies: ["SystemIO", crypto], path: "Tests/TestSupport"),
+        .testTarget(name: "ObjectStoreTests", dependencies: ["ObjectStore", "TestSupport"]),
+        .testTarget(name: "ChunkStoreTests", dependencies: ["ChunkStore", "ObjectStore", "TestSupport"]),
+        .testTarget(name: "VaultTests", dependencies: ["Vault", "ChunkStore", "ObjectStore", "TestSupport"]),
+        .testTarget(name: "VirtualDiskTests", dependencies: ["VirtualDisk", "Vault", "TestSupport"]),
+        // Runs the built `lifeboat` binary against real images, as an operator would.
+        .testTarget(name: "lifeboatTests", dependencies: ["lifeboat", "TestSupport"]),
     ]
 )

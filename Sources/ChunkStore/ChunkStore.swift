@@ -18,13 +18,24 @@ public struct ChunkParameters: Sendable, Equatable {
 public final class ChunkStore: Sendable {
     public let store: any ObjectStore
     public let parameters: ChunkParameters
-    public let locations: LocationTable
+    public let cacheDirectory: String
+    private let table: Mutex<LocationTable>
 
     public init(store: any ObjectStore, parameters: ChunkParameters, cacheDirectory: String,
                 acceptIndex: (String) -> Bool = { _ in true }) throws(ChunkStoreError) {
         self.store = store
         self.parameters = parameters
-        self.locations = try LocationTable.open(store: store, directory: cacheDirectory, accept: acceptIndex)
+        self.cacheDirectory = cacheDirectory
+        self.table = Mutex(try LocationTable.open(store: store, directory: cacheDirectory, accept: acceptIndex))
+    }
+
+    /// The chunk locations known when the store was opened or last refreshed.
+    public var locations: LocationTable { table.withLock { $0 } }
+
+    /// Merges index objects written since (by this process or others).
+    public func refresh() throws(ChunkStoreError) {
+        let fresh = try LocationTable.open(store: store, directory: cacheDirectory)
+        table.withLock { $0 = fresh }
     }
 
     public func location(_ id: ChunkID) throws(ChunkStoreError) -> ChunkLocation? {

@@ -1,0 +1,160 @@
+import ChunkStore
+import Foundation
+import ObjectStore
+import SystemIO
+import Testing
+import TestSupport
+
+@Suite struct PackFormatTests {
+    @Test func packRoundTripAndDamagedDirectory() throws {
+        var builder = PackBuilder()
+        var random = SeededBytes(seed: 1)
+        var chunks: [(ChunkID, [UInt8])] = []
+        for _ in 0..<10 {
+            let data = random.bytes(1000)
+            let id = ChunkID.sha256(data)
+            chunks.append((id, data))
+            builder.add(id: id, stored: data, rawLength: data.count, flags: ChunkFlags(raw: ChunkFlags.stored))
+        }
+        let (packID, bytes, entries) = builder.finish()
+        #expect(packID == ChunkID.sha256(bytes))
+        let trailer = try PackFormat.parseTrailer(Array(bytes.suffix(PackFormat.trailerSize)), packSize: UInt64(bytes.count), pack: "p")
+        let start = Int(trailer.directoryOffset)
+        let directory = Array(bytes[start..<(start + Int(trailer.count) * PackEntry.encodedSize)])
+        #expect(try PackFormat.parseDirectory(directory, trailer: trailer, pack: "p") == entries)
+        for (entry, (id, data)) in zip(entries, chunks) {
+            #expect(entry.id == id)
+            #expect(Array(bytes[Int(entry.offset)..<Int(entry.offset + entry.storedLength)]) == data)
+        }
+        var damaged = directory
+        damaged[5] ^= 0x40
+        #expect(throws: ChunkStoreError.self) { try PackFormat.parseDirectory(damaged, trailer: trailer, pack: "p") }
+        #expect(throws: ChunkStoreError.self) {
+            try PackFormat.parseTrailer(Array(bytes.suffix(PackFormat.trailerSize)), packSize: UInt64(bytes.count + 1), pack: "p")
+        }
+    }
+
+    @Test func indexObjectRoundTripAndChecksum() throws {
+        let entry = PackEntry(id: ChunkID.sha256([1]), offset: 8, storedLength: 100, rawLength: 200, flags: ChunkFlags(raw: 1))
+        let object = IndexObject(packs: [(ChunkID.sha256([2]), [entry, entry])])
+        let bytes = object.encode()
+        let decoded = try IndexObject.decode(bytes, name: "i")
+        #expect(decoded.packs.count == 1)
+        #expect(decoded.packs[0].entries == [entry, entry])
+        for position in [0, 12, 20, bytes.count - 1] {
+            var damaged = bytes
+            damaged[position] ^= 1
+            #expect(throws: ChunkStoreError.self) { try IndexObject.decode(damaged, name: "i") }
+        }
+        #expect(throws: ChunkStoreError.self) { try IndexObject.decode(Array(bytes.prefix(30)), name: "i") }
+    }
+
+    @Test func zeroDetection() {
+        var data = [UInt8](repeating: 0, count: 65536)
+        #expect(data.withUnsafeBytes { isAllZero($0) })
+        for position in [0, 63, 64, 65535] {
+            data[position] = 1
+            #expect(!data.withUnsafeBytes { isAllZero($0) })
+            data[position] = 0
+        }
+        #expect([UInt8]().withUnsafeBytes { isAllZero($0) })
+    }
+}
+
+@Suite struct ChunkStoreTests {
+    func writeChunks(_ store: ChunkStore, _ chunks: [[UInt8]]) throws {
+        let writer = store.writer()
+        let compressor = ChunkCompressor(level: 3)
+        for data in chunks {
+            let id = ChunkID.sha256(data)
+            guard try writer.claim(id) else { continue }
+            let compressed = data.withUnsafeBytes { compressor.compress($0) }
+            try writer.add(id: id, stored: compressed ?? data, rawLength: data.count,
+                           flags: ChunkFlags(raw: compressed == nil ? ChunkFlags.stored : ChunkFlags.zstd))
+        }
+        _ = try writer.finish()
+    }
+
+    @Test func writtenChunksAreFoundAfterReopenAndVerified() throws {
+        let dir = TemporaryDirectory("chunks")
+        defer { dir.remove() }
+        let objects = LocalDirectoryStore(root: dir.file("vault"))
+        let parameters = ChunkParameters(chunkSize: 65536, compression: .zstd(level: 3))
+        var random = SeededBytes(seed: 7)
+        // Two thirds random, one third compressible and distinct.
+        let chunks = (0..<420).map { i in
+            i % 3 != 0 ? random.bytes(65536) : (0..<65536).map { UInt8(truncatingIfNeeded: $0 % 2 == 0 ? i : i >> 8) }
+        }
+        let first = try ChunkStore(store: objects, parameters: parameters, cacheDirectory: dir.file("cache"))
+        try writeChunks(first, chunks)
+        // 280 incompressible chunks of 64 KiB: more than one 16 MiB pack.
+        #expect(try objects.list(prefix: "packs/").count >= 2)
+
+        let reopened = try ChunkStore(store: objects, parameters: parameters, cacheDirectory: dir.file("cache"))
+        #expect(reopened.locations.count == 420)
+        for data in chunks.prefix(20) {
+            #expect(try reopened.read(ChunkID.sha256(data)) == data)
+        }
+        var seen = 0
+        try reopened.readMany(chunks.map { ChunkID.sha256($0) }) { index, bytes in
+            #expect(Array(bytes) == chunks[index])
+            seen += 1
+        }
+        #expect(seen == 420)
+        #expect(try reopened.location(ChunkID.sha256([9, 9, 9])) == nil)
+
+        // A second session with the same chunks stores nothing new.
+        let packsBefore = try objects.list(prefix: "packs/").count
+        try writeChunks(reopened, chunks)
+        #expect(try objects.list(prefix: "packs/").count == packsBefore)
+    }
+
+    @Test func damagedBytesInAPackAreAnErrorNeverData() throws {
+        let dir = TemporaryDirectory("chunks")
+        defer { dir.remove() }
+        let objects = LocalDirectoryStore(root: dir.file("vault"))
+        let parameters = ChunkParameters(chunkSize: 65536, compression: .zstd(level: 3))
+        var random = SeededBytes(seed: 8)
+        let chunks = (0..<4).map { _ in random.bytes(65536) }
+        let store = try ChunkStore(store: objects, parameters: parameters, cacheDirectory: dir.file("cache"))
+        try writeChunks(store, chunks)
+        let reopened = try ChunkStore(store: objects, parameters: parameters, cacheDirectory: dir.file("cache"))
+        let id = ChunkID.sha256(chunks[2])
+        let location = try #require(try reopened.location(id))
+        let packPath = dir.file("vault/" + PackFormat.objectName(location.pack))
+        let byte = try SystemFile.open(packPath, .readOnly).readAll(from: UInt64(location.offset) + 100, count: 1)
+        try writeAt(packPath, UInt64(location.offset) + 100, [byte[0] ^ 0x01])
+        do {
+            _ = try reopened.read(id)
+            Issue.record("a damaged chunk must not be returned")
+        } catch {
+            guard case .damagedChunk(let bad, _, _, _) = error else { Issue.record("wrong error: \(error)"); return }
+            #expect(bad == id)
+        }
+        #expect(try reopened.read(ChunkID.sha256(chunks[1])) == chunks[1])
+    }
+
+    @Test func locationCacheFollowsIndexObjects() throws {
+        let dir = TemporaryDirectory("chunks")
+        defer { dir.remove() }
+        let objects = LocalDirectoryStore(root: dir.file("vault"))
+        let parameters = ChunkParameters(chunkSize: 4096, compression: .none)
+        var random = SeededBytes(seed: 9)
+        let a = (0..<2000).map { _ in random.bytes(64) }
+        let b = (0..<2000).map { _ in random.bytes(64) }
+        try writeChunks(try ChunkStore(store: objects, parameters: parameters, cacheDirectory: dir.file("cache")), a)
+        // Another host (another cache) adds chunks; this cache merges its index objects on open.
+        try writeChunks(try ChunkStore(store: objects, parameters: parameters, cacheDirectory: dir.file("other")), b)
+        let merged = try ChunkStore(store: objects, parameters: parameters, cacheDirectory: dir.file("cache"))
+        #expect(merged.locations.count == 4000)
+        for data in a + b { #expect(try merged.location(ChunkID.sha256(data)) != nil) }
+
+        // An index object disappears (rewritten by gc): the cache is rebuilt, not trusted.
+        let indexes = try objects.list(prefix: "index/").map(\.name).sorted()
+        let removed = try IndexObject.decode(try objects.get(indexes[0]), name: indexes[0])
+        try objects.delete(indexes[0])
+        let rebuilt = try ChunkStore(store: objects, parameters: parameters, cacheDirectory: dir.file("cache"))
+        #expect(rebuilt.locations.count == 4000 - removed.packs.reduce(0) { $0 + $1.entries.count })
+        #expect(try rebuilt.location(removed.packs[0].entries[0].id) == nil)
+    }
+}
