@@ -5,7 +5,7 @@ import Foundation
 // @unchecked: every stored var is read and written only while holding `condition`.
 public final class BoundedQueue<Element: Sendable>: @unchecked Sendable {
     private let condition = NSCondition()
-    private var items: [Element] = []
+    private var items: [Element?] = []
     private var head = 0
     private var closed = false
     private let capacity: Int
@@ -32,13 +32,14 @@ public final class BoundedQueue<Element: Sendable>: @unchecked Sendable {
         while head == items.count && !closed { condition.wait() }
         if head == items.count { return nil }
         let item = items[head]
+        items[head] = nil  // release it now, not at the next compaction
         head += 1
         if head > 64 && head * 2 > items.count {
             items.removeFirst(head)
             head = 0
         }
         condition.broadcast()
-        return item
+        return item!
     }
 
     public func close() {
