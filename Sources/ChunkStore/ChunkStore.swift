@@ -3,6 +3,37 @@ import ObjectStore
 import Synchronization
 import SystemIO
 
+/// Page-aligned buffers one reader thread reuses from read to read.
+public final class ReadScratch {
+    private var memory = UnsafeMutableRawBufferPointer(start: nil, count: 0)
+    private var plain = UnsafeMutableRawBufferPointer(start: nil, count: 0)
+
+    public init() {}
+
+    deinit {
+        memory.deallocate()
+        plain.deallocate()
+    }
+
+    /// At least `count` bytes for stored data.
+    func buffer(_ count: Int) -> UnsafeMutableRawBufferPointer {
+        if memory.count < count {
+            memory.deallocate()
+            memory = .allocate(byteCount: max(count, 1 << 20), alignment: SystemFile.directAlignment)
+        }
+        return UnsafeMutableRawBufferPointer(rebasing: memory[0..<count])
+    }
+
+    /// Exactly `count` bytes for one chunk's plaintext.
+    public func output(_ count: Int) -> UnsafeMutableRawBufferPointer {
+        if plain.count < count {
+            plain.deallocate()
+            plain = .allocate(byteCount: count, alignment: SystemFile.directAlignment)
+        }
+        return UnsafeMutableRawBufferPointer(rebasing: plain[0..<count])
+    }
+}
+
 /// Parameters fixed when a vault is created.
 public struct ChunkParameters: Sendable, Equatable {
     public var chunkSize: Int
@@ -85,50 +116,68 @@ public final class ChunkStore: Sendable {
         }
     }
 
-    /// Reads many chunks, coalescing neighbours in the same pack into one read.
-    /// `visit` receives each chunk's index in `ids` and its verified plaintext.
-    public func readMany(_ ids: [ChunkID], visit: (Int, UnsafeRawBufferPointer) throws -> Void) throws {
+    /// Reads many chunks, coalescing neighbours in the same pack into one read, and decodes each
+    /// (verified against its id) straight into `destination(i)`, which must be exactly the
+    /// chunk's length.
+    public func readMany(_ ids: [ChunkID], scratch: ReadScratch,
+                         destination: (Int) -> UnsafeMutableRawBufferPointer) throws(ChunkStoreError) {
         var located: [(index: Int, location: ChunkLocation)] = []
         located.reserveCapacity(ids.count)
         for (i, id) in ids.enumerated() {
-            guard let location = try location(id) else { throw ChunkStoreError.missingChunk(id) }
+            guard let location = try location(id) else { throw .missingChunk(id) }
             located.append((i, location))
         }
         located.sort { a, b in
             a.location.pack != b.location.pack ? a.location.pack < b.location.pack : a.location.offset < b.location.offset
         }
-        var output = [UInt8](repeating: 0, count: parameters.chunkSize)
+        let align = UInt64(SystemFile.directAlignment)
         var start = 0
         while start < located.count {
             // A run of chunks in one pack whose gaps are small enough that reading through them is cheaper.
             var end = start + 1
             let pack = located[start].location.pack
-            var runEnd = UInt64(located[start].location.offset) + UInt64(located[start].location.storedLength)
+            let first = UInt64(located[start].location.offset)
+            var runEnd = first + UInt64(located[start].location.storedLength)
             while end < located.count, located[end].location.pack == pack,
                   UInt64(located[end].location.offset) <= runEnd + 65536,
-                  UInt64(located[end].location.offset) + UInt64(located[end].location.storedLength) - UInt64(located[start].location.offset) <= 8 << 20 {
+                  UInt64(located[end].location.offset) + UInt64(located[end].location.storedLength) - first <= 8 << 20 {
                 runEnd = max(runEnd, UInt64(located[end].location.offset) + UInt64(located[end].location.storedLength))
                 end += 1
             }
-            let runStart = UInt64(located[start].location.offset)
-            let bytes: [UInt8]
+            // Aligned so that the store can read around the page cache.
+            let readStart = first / align * align
+            let readLength = Int((runEnd - readStart + align - 1) / align * align)
+            let buffer = scratch.buffer(readLength)
+            let got: Int
             do {
-                bytes = try store.read(PackFormat.objectName(pack), at: runStart, count: Int(runEnd - runStart))
-            } catch { throw ChunkStoreError.store(error) }
-            try bytes.withUnsafeBytes { raw in
-                for k in start..<end {
-                    let (index, location) = located[k]
-                    let from = Int(UInt64(location.offset) - runStart)
-                    let stored = UnsafeRawBufferPointer(rebasing: raw[from..<(from + Int(location.storedLength))])
-                    if output.count < Int(location.rawLength) { output = [UInt8](repeating: 0, count: Int(location.rawLength)) }
-                    try output.withUnsafeMutableBytes { out in
-                        let target = UnsafeMutableRawBufferPointer(rebasing: out[0..<Int(location.rawLength)])
-                        try ChunkStore.open(id: ids[index], location: location, stored: stored, into: target)
-                        try visit(index, UnsafeRawBufferPointer(target))
-                    }
+                got = try store.readAvailable(PackFormat.objectName(pack), at: readStart, into: buffer)
+            } catch { throw .store(error) }
+            guard UInt64(got) >= runEnd - readStart else {
+                throw .badPack(PackFormat.objectName(pack), "ends at \(readStart + UInt64(got)), before chunk data at \(runEnd)")
+            }
+            for k in start..<end {
+                let (index, location) = located[k]
+                let from = Int(UInt64(location.offset) - readStart)
+                let stored = UnsafeRawBufferPointer(rebasing: buffer[from..<(from + Int(location.storedLength))])
+                let target = destination(index)
+                guard target.count == Int(location.rawLength) else {
+                    throw .damagedChunk(ids[index], pack: PackFormat.objectName(pack), offset: location.offset,
+                                        reason: "its length \(location.rawLength) does not fit its place (\(target.count) bytes)")
                 }
+                try ChunkStore.open(id: ids[index], location: location, stored: stored, into: target)
             }
             start = end
+        }
+    }
+
+    /// Reads many chunks; `visit` receives each chunk's index in `ids` and its verified plaintext.
+    public func readMany(_ ids: [ChunkID], visit: (Int, UnsafeRawBufferPointer) throws -> Void) throws {
+        let scratch = ReadScratch()
+        for (i, id) in ids.enumerated() {
+            guard let location = try location(id) else { throw ChunkStoreError.missingChunk(id) }
+            let output = scratch.output(Int(location.rawLength))
+            try readMany([id], scratch: scratch) { _ in output }
+            try visit(i, UnsafeRawBufferPointer(output))
         }
     }
 
@@ -146,20 +195,25 @@ public final class ChunkStore: Sendable {
 public final class ChunkWriter: Sendable {
     public let chunkStore: ChunkStore
 
-    private struct State {
-        var claimed: Set<ChunkID> = []
-        var builder = PackBuilder()
-        var uploaded: [(pack: ChunkID, entries: [PackEntry])] = []
-        var indexNames: [String] = []
-        var failure: ChunkStoreError? = nil
+    private struct Building {
+        var current: PackBuilder?
         var storedBytes: UInt64 = 0
         var packCount = 0
     }
+    private struct Outcome {
+        var uploaded: [(pack: ChunkID, entries: [PackEntry])] = []
+        var indexNames: [String] = []
+        var failure: ChunkStoreError? = nil
+    }
     private final class Shared: Sendable {
-        let state = Mutex(State())
+        let claims = Mutex(Set<ChunkID>())
+        let building = Mutex(Building())
+        let outcome = Mutex(Outcome())
     }
     private let shared = Shared()
-    private let uploads: BoundedQueue<(ChunkID, [UInt8], [PackEntry])>
+    /// Empty pack buffers; its size bounds the memory packs take.
+    private let pool: BoundedQueue<PackBuilder>
+    private let uploads: BoundedQueue<PackBuilder>
     private let workers: [Worker]
 
     /// Index objects are written every this many packs, so an interrupted backup's packs are
@@ -168,60 +222,89 @@ public final class ChunkWriter: Sendable {
 
     init(chunkStore: ChunkStore, uploaders: Int) {
         self.chunkStore = chunkStore
-        let queue = BoundedQueue<(ChunkID, [UInt8], [PackEntry])>(capacity: 2)
-        self.uploads = queue
+        let buffers = uploaders + 1
+        let pool = BoundedQueue<PackBuilder>(capacity: buffers)
+        for _ in 0..<buffers { pool.push(PackBuilder(maxChunk: chunkStore.parameters.chunkSize + 4096)) }
+        let uploads = BoundedQueue<PackBuilder>(capacity: buffers)
+        self.pool = pool
+        self.uploads = uploads
         let shared = self.shared
         let store = chunkStore.store
         workers = (0..<uploaders).map { n in
             Worker(name: "pack-upload-\(n)") {
-                while let (id, bytes, entries) = queue.pop() {
+                while let pack = uploads.pop() {
+                    let id = pack.finish()
+                    let entries = pack.entries
+                    var failure: ObjectStoreError? = nil
                     do throws(ObjectStoreError) {
-                        try store.put(PackFormat.objectName(id), bytes)
-                        shared.state.withLock { $0.uploaded.append((id, entries)) }
+                        try store.put(PackFormat.objectName(id), pack.bytes)
                     } catch {
-                        shared.state.withLock { s in if s.failure == nil { s.failure = .store(error) } }
+                        failure = error
+                    }
+                    // The buffer goes back before the lock is taken: a writer waiting for a
+                    // buffer may hold the building lock, never this one.
+                    pack.reset()
+                    pool.push(pack)
+                    shared.outcome.withLock { o in
+                        if let failure {
+                            if o.failure == nil { o.failure = .store(failure) }
+                        } else {
+                            o.uploaded.append((id, entries))
+                        }
                     }
                 }
             }
         }
     }
 
+    private func checkFailure() throws(ChunkStoreError) {
+        if let failure = shared.outcome.withLock({ $0.failure }) { throw failure }
+    }
+
     /// True when the chunk must be stored by the caller: not in the vault, not claimed before.
     public func claim(_ id: ChunkID) throws(ChunkStoreError) -> Bool {
-        if try shared.state.withLock({ (s) throws(ChunkStoreError) -> Bool in
-            if let failure = s.failure { throw failure }
-            return s.claimed.contains(id)
-        }) { return false }
+        try checkFailure()
+        if shared.claims.withLock({ $0.contains(id) }) { return false }
         if try chunkStore.location(id) != nil { return false }
-        return shared.state.withLock { $0.claimed.insert(id).inserted }
+        return shared.claims.withLock { $0.insert(id).inserted }
     }
 
     /// Adds a claimed chunk's stored bytes to the current pack.
-    public func add(id: ChunkID, stored: [UInt8], rawLength: Int, flags: ChunkFlags) throws(ChunkStoreError) {
-        let full = try shared.state.withLock { (s) throws(ChunkStoreError) -> PackBuilder? in
-            if let failure = s.failure { throw failure }
-            s.builder.add(id: id, stored: stored, rawLength: rawLength, flags: flags)
-            s.storedBytes += UInt64(stored.count)
-            guard s.builder.size >= PackFormat.targetSize else { return nil }
-            let full = s.builder
-            s.builder = PackBuilder()
+    public func add(id: ChunkID, stored: UnsafeRawBufferPointer, rawLength: Int, flags: ChunkFlags) throws(ChunkStoreError) {
+        try checkFailure()
+        let pool = self.pool
+        let full = try shared.building.withLock { (b) throws(ChunkStoreError) -> PackBuilder? in
+            var full: PackBuilder? = nil
+            if let current = b.current, !current.fits(stored.count) {
+                full = current
+                b.current = nil
+            }
+            if b.current == nil {
+                guard let fresh = pool.pop() else { throw .store(.failed(SystemError("write packs to", path: "vault", errno: ECANCELED))) }
+                b.current = fresh
+            }
+            b.current!.add(id: id, stored: stored, rawLength: rawLength, flags: flags)
+            b.storedBytes += UInt64(stored.count)
+            if full == nil, b.current!.isFull {
+                full = b.current
+                b.current = nil
+            }
+            if full != nil { b.packCount += 1 }
             return full
         }
-        if let full { try upload(full) }
+        if let full { uploads.push(full) }
         try writeIndexIfDue(final: false)
     }
 
-    private func upload(_ builder: consuming PackBuilder) throws(ChunkStoreError) {
-        let (id, bytes, entries) = builder.finish()
-        shared.state.withLock { $0.packCount += 1 }
-        uploads.push((id, bytes, entries))
+    public func add(id: ChunkID, stored: [UInt8], rawLength: Int, flags: ChunkFlags) throws(ChunkStoreError) {
+        try stored.withBytes { (raw) throws(ChunkStoreError) in try add(id: id, stored: raw, rawLength: rawLength, flags: flags) }
     }
 
     private func writeIndexIfDue(final: Bool) throws(ChunkStoreError) {
-        let batch: [(pack: ChunkID, entries: [PackEntry])]? = shared.state.withLock { s in
-            guard s.uploaded.count >= ChunkWriter.packsPerIndex || (final && !s.uploaded.isEmpty) else { return nil }
-            let batch = s.uploaded
-            s.uploaded.removeAll()
+        let batch: [(pack: ChunkID, entries: [PackEntry])]? = shared.outcome.withLock { o in
+            guard o.uploaded.count >= ChunkWriter.packsPerIndex || (final && !o.uploaded.isEmpty) else { return nil }
+            let batch = o.uploaded
+            o.uploaded.removeAll()
             return batch
         }
         guard let batch else { return }
@@ -230,32 +313,34 @@ public final class ChunkWriter: Sendable {
         do {
             try chunkStore.store.put(name, bytes)
         } catch { throw .store(error) }
-        shared.state.withLock { $0.indexNames.append(name) }
+        shared.outcome.withLock { $0.indexNames.append(name) }
     }
 
     /// Bytes stored (after compression) so far.
-    public var storedBytes: UInt64 { shared.state.withLock { $0.storedBytes } }
+    public var storedBytes: UInt64 { shared.building.withLock { $0.storedBytes } }
 
     /// Flushes the last pack, waits for every upload, writes the last index object.
     /// When this returns, every chunk added is durable and findable through an index object.
     public func finish() throws(ChunkStoreError) -> (packs: Int, indexObjects: [String]) {
-        let last: PackBuilder? = shared.state.withLock { s in
-            if s.builder.isEmpty { return nil }
-            let b = s.builder
-            s.builder = PackBuilder()
-            return b
+        let last: PackBuilder? = shared.building.withLock { b in
+            guard let current = b.current, !current.isEmpty else { return nil }
+            b.current = nil
+            b.packCount += 1
+            return current
         }
-        if let last { try upload(last) }
+        if let last { uploads.push(last) }
         uploads.close()
         for worker in workers { worker.join() }
-        if let failure = shared.state.withLock({ $0.failure }) { throw failure }
+        try checkFailure()
         try writeIndexIfDue(final: true)
-        return shared.state.withLock { ($0.packCount, $0.indexNames) }
+        let packs = shared.building.withLock { $0.packCount }
+        return (packs, shared.outcome.withLock { $0.indexNames })
     }
 
     /// Stops the uploaders after a failure elsewhere; nothing more is written.
     public func abandon() {
         uploads.close()
+        pool.close()
         for worker in workers { worker.join() }
     }
 }

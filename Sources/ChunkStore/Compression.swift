@@ -1,4 +1,5 @@
 import CZstd
+import Foundation
 
 /// How chunks are compressed, a vault parameter: `none` or `zstd:LEVEL`.
 public enum CompressionSetting: Sendable, Equatable, CustomStringConvertible {
@@ -36,8 +37,9 @@ public final class ChunkCompressor {
     deinit { ZSTD_freeCCtx(context) }
 
     /// Compresses `data`; returns nil when compression would not save at least 1/32 of the size
-    /// (the chunk is then stored as it is).
+    /// (the chunk is then stored as it is). Chunks that look random are not tried at all.
     public func compress(_ data: UnsafeRawBufferPointer) -> [UInt8]? {
+        if data.count >= 16384 && looksIncompressible(data) { return nil }
         let bound = ZSTD_compressBound(data.count)
         if output.count < bound { output = [UInt8](repeating: 0, count: bound) }
         let written = output.withUnsafeMutableBytes { out in
@@ -59,4 +61,24 @@ public func zstdDecompress(_ input: UnsafeRawBufferPointer, into output: UnsafeM
         return .failure(.failed(String(cString: ZSTD_getErrorName(n))))
     }
     return .success(n)
+}
+
+/// Estimates the byte entropy of 16 samples of 256 bytes spread over the chunk. Random or
+/// already-compressed data measures about 7.95 bits per byte; text and binaries much less.
+/// Trying zstd on a random chunk costs as much as compressing a real one, for nothing.
+@inline(__always)
+func looksIncompressible(_ data: UnsafeRawBufferPointer) -> Bool {
+    var counts = (0..<256).map { _ in 0 }
+    let stride = (data.count - 256) / 15
+    counts.withUnsafeMutableBufferPointer { c in
+        for sample in 0..<16 {
+            let start = sample * stride
+            for i in start..<(start + 256) { c[Int(data[i])] += 1 }
+        }
+    }
+    // Sum of n*log2(n) over the bins; entropy = log2(N) - sum/N with N = 4096.
+    var sum = 0.0
+    for n in counts where n > 1 { sum += Double(n) * log2(Double(n)) }
+    let entropy = 12.0 - sum / 4096.0
+    return entropy > 7.9
 }

@@ -63,7 +63,8 @@ public struct PackEntry: Sendable, Hashable {
 ///     trailer 56 bytes: directory offset u64 | count u32 | reserved u32 (0) |
 ///                       SHA-256 of the directory (32) | "LBPKEND1"
 ///
-/// A pack's object name is the SHA-256 of all its bytes.
+/// A pack's object name is the SHA-256 of its directory (the trailer's digest): the directory
+/// lists every chunk's id, offset and length, so it names the content without hashing it twice.
 public enum PackFormat {
     public static let headerMagic: [UInt8] = Array("LBPACK01".utf8)
     public static let trailerMagic: [UInt8] = Array("LBPKEND1".utf8)
@@ -123,38 +124,76 @@ public enum PackFormat {
     }
 }
 
-/// Accumulates stored chunks into one pack in memory.
-public struct PackBuilder {
-    public private(set) var bytes: [UInt8]
+/// Accumulates stored chunks into one pack, in one page-aligned buffer that is reused for the
+/// next pack (so packs can be written without a page-cache copy, and memory stays fixed).
+// @unchecked: owned by one thread at a time; the chunk writer hands it over through queues.
+public final class PackBuilder: @unchecked Sendable {
+    private let memory: UnsafeMutableRawBufferPointer
+    public private(set) var size = 0
     public private(set) var entries: [PackEntry] = []
+    public private(set) var id: ChunkID? = nil
 
-    public init() {
-        bytes = []
-        bytes.reserveCapacity(PackFormat.targetSize + (1 << 20))
-        bytes.append(contentsOf: PackFormat.headerMagic)
+    /// A builder that holds at least one chunk of `maxChunk` bytes beyond the target size.
+    public init(maxChunk: Int) {
+        memory = UnsafeMutableRawBufferPointer.allocate(
+            byteCount: PackFormat.targetSize + maxChunk + (1 << 20), alignment: SystemFile.directAlignment)
+        reset()
+    }
+
+    deinit { memory.deallocate() }
+
+    public func reset() {
+        size = PackFormat.headerSize
+        UnsafeMutableRawBufferPointer(rebasing: memory[0..<PackFormat.headerSize]).copyBytes(from: PackFormat.headerMagic)
+        entries.removeAll(keepingCapacity: true)
+        id = nil
     }
 
     public var isEmpty: Bool { entries.isEmpty }
-    public var size: Int { bytes.count }
 
-    public mutating func add(id: ChunkID, stored: [UInt8], rawLength: Int, flags: ChunkFlags) {
-        entries.append(PackEntry(id: id, offset: UInt32(bytes.count), storedLength: UInt32(stored.count),
-                                 rawLength: UInt32(rawLength), flags: flags))
-        bytes.append(contentsOf: stored)
+    /// True when the pack has reached its target size.
+    public var isFull: Bool { size + entries.count * PackEntry.encodedSize >= PackFormat.targetSize }
+
+    /// True when a chunk of `count` stored bytes still fits with the directory and trailer.
+    public func fits(_ count: Int) -> Bool {
+        size + count + (entries.count + 1) * PackEntry.encodedSize + PackFormat.trailerSize <= memory.count
     }
 
-    /// Appends directory and trailer; returns the pack's bytes, its id and its entries.
-    public consuming func finish() -> (id: ChunkID, bytes: [UInt8], entries: [PackEntry]) {
-        let directoryOffset = UInt64(bytes.count)
+    public func add(id: ChunkID, stored: UnsafeRawBufferPointer, rawLength: Int, flags: ChunkFlags) {
+        precondition(fits(stored.count) && self.id == nil)
+        entries.append(PackEntry(id: id, offset: UInt32(size), storedLength: UInt32(stored.count),
+                                 rawLength: UInt32(rawLength), flags: flags))
+        UnsafeMutableRawBufferPointer(rebasing: memory[size..<(size + stored.count)]).copyMemory(from: stored)
+        size += stored.count
+    }
+
+    public func add(id: ChunkID, stored: [UInt8], rawLength: Int, flags: ChunkFlags) {
+        stored.withUnsafeBytes { add(id: id, stored: $0, rawLength: rawLength, flags: flags) }
+    }
+
+    /// Appends directory and trailer; returns the pack's id. `bytes` is then the whole pack.
+    @discardableResult
+    public func finish() -> ChunkID {
+        if let id { return id }
+        let directoryOffset = UInt64(size)
         var directory: [UInt8] = []
         directory.reserveCapacity(entries.count * PackEntry.encodedSize)
         for entry in entries { entry.encode(into: &directory) }
-        bytes.append(contentsOf: directory)
-        bytes.appendLE(directoryOffset)
-        bytes.appendLE(UInt32(entries.count))
-        bytes.appendLE(UInt32(0))
-        ChunkID.sha256(directory).append(to: &bytes)
-        bytes.append(contentsOf: PackFormat.trailerMagic)
-        return (ChunkID.sha256(bytes), bytes, entries)
+        var trailer: [UInt8] = []
+        trailer.appendLE(directoryOffset)
+        trailer.appendLE(UInt32(entries.count))
+        trailer.appendLE(UInt32(0))
+        let digest = ChunkID.sha256(directory)
+        digest.append(to: &trailer)
+        trailer.append(contentsOf: PackFormat.trailerMagic)
+        for part in [directory, trailer] {
+            UnsafeMutableRawBufferPointer(rebasing: memory[size..<(size + part.count)]).copyBytes(from: part)
+            size += part.count
+        }
+        id = digest
+        return digest
     }
+
+    /// The pack's bytes so far (all of it after `finish()`).
+    public var bytes: UnsafeRawBufferPointer { UnsafeRawBufferPointer(rebasing: memory[0..<size]) }
 }

@@ -30,7 +30,8 @@ public struct LocalDirectoryStore: ObjectStore {
             let file = try SystemFile.open(temporary, .createExclusive(permissions: 0o644))
             defer { file.close() }
             do throws(SystemError) {
-                try file.write(bytes, at: 0)
+                // Objects are written once and read rarely soon after: skip the page cache.
+                try file.writeUncached(bytes, at: 0)
                 try file.sync()
             } catch {
                 try? FileSystem.remove(temporary)
@@ -105,6 +106,21 @@ public struct LocalDirectoryStore: ObjectStore {
         guard n == buffer.count else {
             throw .shortRead(name: name, offset: offset, wanted: buffer.count, got: n)
         }
+    }
+
+    public func readAvailable(_ name: String, at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws(ObjectStoreError) -> Int {
+        let target = try path(name)
+        let file: SystemFile
+        do {
+            file = try SystemFile.open(target, .readOnly)
+        } catch {
+            if error.errno == ENOENT { throw .notFound(name: name, store: root) }
+            throw .failed(error)
+        }
+        defer { file.close() }
+        do {
+            return try file.readUncached(into: buffer, at: offset)
+        } catch { throw .failed(error) }
     }
 
     public func size(_ name: String) throws(ObjectStoreError) -> UInt64? {

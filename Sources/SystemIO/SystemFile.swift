@@ -119,6 +119,60 @@ public struct SystemFile: Sendable {
         return bytes
     }
 
+    /// The alignment O_DIRECT needs for buffers, offsets and lengths (the largest common block size).
+    public static let directAlignment = 4096
+    static let O_DIRECT: Int32 = 0o40000
+
+    /// Turns O_DIRECT on or off; false when the filesystem does not support it (tmpfs).
+    @discardableResult
+    public func setDirect(_ on: Bool) -> Bool {
+        let flags = fcntl(fd, F_GETFL)
+        guard flags >= 0 else { return false }
+        let wanted = on ? flags | SystemFile.O_DIRECT : flags & ~SystemFile.O_DIRECT
+        return wanted == flags || fcntl(fd, F_SETFL, wanted) == 0
+    }
+
+    /// Writes bypassing the page cache where the buffer, offset and length allow it (the aligned
+    /// head with O_DIRECT, the tail buffered). Large sequential writes of data nobody reads back
+    /// soon (packs, restored disks) then cost no page-cache copies.
+    public func writeUncached(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws(SystemError) {
+        let a = SystemFile.directAlignment
+        let head = buffer.count / a * a
+        guard let base = buffer.baseAddress, Int(bitPattern: base) % a == 0, offset % UInt64(a) == 0, head > 0,
+              setDirect(true) else {
+            return try write(buffer, at: offset)
+        }
+        do {
+            try write(UnsafeRawBufferPointer(rebasing: buffer[0..<head]), at: offset)
+        } catch {
+            setDirect(false)
+            guard error.errno == EINVAL else { throw error }
+            return try write(buffer, at: offset)  // the filesystem refused O_DIRECT after all
+        }
+        setDirect(false)
+        if head < buffer.count {
+            try write(UnsafeRawBufferPointer(rebasing: buffer[head...]), at: offset + UInt64(head))
+        }
+    }
+
+    /// Reads like `read(into:at:)`, with O_DIRECT when the request is aligned; falls back to the
+    /// page cache when the filesystem refuses.
+    public func readUncached(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(SystemError) -> Int {
+        let a = SystemFile.directAlignment
+        guard let base = buffer.baseAddress, Int(bitPattern: base) % a == 0, offset % UInt64(a) == 0,
+              buffer.count % a == 0, setDirect(true) else {
+            setDirect(false)
+            return try read(into: buffer, at: offset)
+        }
+        do {
+            return try read(into: buffer, at: offset)
+        } catch {
+            setDirect(false)
+            guard error.errno == EINVAL else { throw error }
+            return try read(into: buffer, at: offset)
+        }
+    }
+
     public func sync() throws(SystemError) {
         guard fsync(fd) == 0 else { throw SystemError("flush", path: path) }
     }

@@ -71,7 +71,7 @@ final class Batch: @unchecked Sendable {
     var holes: [Bool]
 
     init(bytes: Int, slots: Int) {
-        memory = UnsafeMutableRawBufferPointer.allocate(byteCount: bytes, alignment: 64)
+        memory = UnsafeMutableRawBufferPointer.allocate(byteCount: bytes, alignment: SystemFile.directAlignment)
         holes = [Bool](repeating: false, count: slots)
     }
 
@@ -186,30 +186,39 @@ extension Vault {
             filled.close()
         }
 
-        // @unchecked-free handoff: the source is used by the reader thread only.
+        // Files and devices are read by several threads at once (O_DIRECT has no readahead, so
+        // concurrent requests keep the device busy); standard input by one, in order.
         let sourceBox = SourceBox(source)
-        let readerThread = Worker(name: "backup-read") {
-            var number = 0
-            var slot = 0
-            while let batch = free.pop() {
-                if Cancellation.requested { fail(.interrupted); break }
-                do throws(VaultError) {
-                    let n = try sourceBox.source.read(into: batch.memory, chunkSize: chunkSize, holes: &batch.holes)
-                    if n == 0 { free.push(batch); break }
-                    batch.number = number
-                    batch.firstSlot = slot
-                    batch.count = n
-                    counters.bytesRead.add(UInt64(n), ordering: .relaxed)
-                    number += 1
-                    slot += (n + chunkSize - 1) / chunkSize
-                    filled.push(batch)
-                    if sourceBox.source.ended { break }
-                } catch {
-                    fail(error)
-                    break
+        let batchBytes = UInt64(slotsPerBatch * chunkSize)
+        let readerCount = source.size == nil ? 1 : 3
+        let nextBatch = Atomic<Int>(0)
+        let readersLeft = Atomic<Int>(readerCount)
+        let readers = (0..<readerCount).map { n in
+            Worker(name: "backup-read-\(n)") {
+                while let batch = free.pop() {
+                    if Cancellation.requested { fail(.interrupted); break }
+                    let number = nextBatch.add(1, ordering: .relaxed).oldValue
+                    do throws(VaultError) {
+                        let start = UInt64(number) * batchBytes
+                        if let size = sourceBox.source.size, start >= size && !(size == 0 && number == 0) {
+                            free.push(batch)
+                            break
+                        }
+                        let n = try sourceBox.source.read(at: start, into: batch.memory, chunkSize: chunkSize, holes: &batch.holes)
+                        if n == 0 { free.push(batch); break }
+                        batch.number = number
+                        batch.firstSlot = number * slotsPerBatch
+                        batch.count = n
+                        counters.bytesRead.add(UInt64(n), ordering: .relaxed)
+                        filled.push(batch)
+                        if sourceBox.source.size == nil && sourceBox.source.ended { break }
+                    } catch {
+                        fail(error)
+                        break
+                    }
                 }
+                if readersLeft.subtract(1, ordering: .acquiringAndReleasing).newValue == 0 { filled.close() }
             }
-            filled.close()
         }
 
         let active = Atomic<Int>(workerCount)
@@ -266,7 +275,7 @@ extension Vault {
                 progress(BackupProgress(disk: name, bytesDone: done, bytesTotal: source.size))
             }
         }
-        readerThread.join()
+        for reader in readers { reader.join() }
         for worker in workers { worker.join() }
         if let error = failure.withLock({ $0 }) { throw error }
         if let error = assemblyError { throw error }
@@ -350,7 +359,8 @@ extension Vault {
     }
 }
 
-// @unchecked: handed to the reader thread, which is its only user.
+// @unchecked: standard input is read by one thread only; files and devices with pread,
+// which is safe from several threads.
 final class SourceBox: @unchecked Sendable {
     let source: DiskSource
     init(_ source: DiskSource) { self.source = source }

@@ -168,10 +168,13 @@ extension Vault {
                     var local = Found()
                     do {
                         let bytes = try store.get(name)
-                        if ChunkID.sha256(bytes) != pack {
-                            local.problems.append(CheckProblem(object: name, message: "content does not match its name (damaged bytes)"))
+                        guard bytes.count >= PackFormat.headerSize + PackFormat.trailerSize else {
+                            throw ChunkStoreError.badPack(name, "only \(bytes.count) bytes long")
                         }
                         let trailer = try PackFormat.parseTrailer(Array(bytes[(bytes.count - PackFormat.trailerSize)...]), packSize: UInt64(bytes.count), pack: name)
+                        if trailer.directoryDigest != pack {
+                            local.problems.append(CheckProblem(object: name, message: "its directory does not match its name"))
+                        }
                         let dirStart = Int(trailer.directoryOffset)
                         let entries = try PackFormat.parseDirectory(Array(bytes[dirStart..<(dirStart + Int(trailer.count) * PackEntry.encodedSize)]), trailer: trailer, pack: name)
                         var output = [UInt8]()

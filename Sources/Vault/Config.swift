@@ -43,7 +43,7 @@ public enum Defaults {
     }
 
     public static let chunkSize = 64 << 10
-    public static let compression = CompressionSetting.zstd(level: 3)
+    public static let compression = CompressionSetting.zstd(level: 1)
 }
 
 /// ISO 8601 in UTC with seconds, the only time format in manifests.

@@ -13,7 +13,7 @@ struct Init: ParsableCommand {
         60 MB per day for a VM that changes 60 MB in 4 KiB blocks; larger chunks store more.
 
         Example:
-          lifeboat init --vault /srv/lifeboat --chunk-size 64K --compression zstd:3
+          lifeboat init --vault /srv/lifeboat --chunk-size 64K --compression zstd:1
         """)
 
     @OptionGroup var vault: VaultOptions
@@ -22,7 +22,7 @@ struct Init: ParsableCommand {
     var chunkSize: String = "64K"
 
     @Option(help: ArgumentHelp("Compression: zstd:LEVEL (-7..19) or none.", valueName: "method"))
-    var compression: String = "zstd:3"
+    var compression: String = "zstd:1"
 
     func run() throws {
         try report {

@@ -7,7 +7,7 @@ import TestSupport
 
 @Suite struct PackFormatTests {
     @Test func packRoundTripAndDamagedDirectory() throws {
-        var builder = PackBuilder()
+        let builder = PackBuilder(maxChunk: 65536)
         var random = SeededBytes(seed: 1)
         var chunks: [(ChunkID, [UInt8])] = []
         for _ in 0..<10 {
@@ -16,12 +16,14 @@ import TestSupport
             chunks.append((id, data))
             builder.add(id: id, stored: data, rawLength: data.count, flags: ChunkFlags(raw: ChunkFlags.stored))
         }
-        let (packID, bytes, entries) = builder.finish()
-        #expect(packID == ChunkID.sha256(bytes))
+        let packID = builder.finish()
+        let bytes = Array(builder.bytes)
+        let entries = builder.entries
         let trailer = try PackFormat.parseTrailer(Array(bytes.suffix(PackFormat.trailerSize)), packSize: UInt64(bytes.count), pack: "p")
         let start = Int(trailer.directoryOffset)
         let directory = Array(bytes[start..<(start + Int(trailer.count) * PackEntry.encodedSize)])
         #expect(try PackFormat.parseDirectory(directory, trailer: trailer, pack: "p") == entries)
+        #expect(packID == ChunkID.sha256(directory))
         for (entry, (id, data)) in zip(entries, chunks) {
             #expect(entry.id == id)
             #expect(Array(bytes[Int(entry.offset)..<Int(entry.offset + entry.storedLength)]) == data)
