@@ -190,7 +190,7 @@ extension Vault {
         // concurrent requests keep the device busy); standard input by one, in order.
         let sourceBox = SourceBox(source)
         let batchBytes = UInt64(slotsPerBatch * chunkSize)
-        let readerCount = source.size == nil ? 1 : 3
+        let readerCount = source.size == nil ? 1 : 4
         let nextBatch = Atomic<Int>(0)
         let readersLeft = Atomic<Int>(readerCount)
         let readers = (0..<readerCount).map { n in

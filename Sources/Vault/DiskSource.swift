@@ -98,34 +98,42 @@ final class DiskSource {
             for i in holes.indices { holes[i] = false }
             return want
         }
-        // Only the data regions are read; the rest of the buffer is zero.
+        // Holes of a sparse file are found with SEEK_DATA/SEEK_HOLE. The span from the first to
+        // the last data byte of the batch is read with one request (holes inside it read as
+        // zeros without touching the device): one large read beats many small ones.
         for i in holes.indices { holes[i] = true }
         var cursor = start
+        var first: UInt64? = nil, last: UInt64 = start
         while cursor < end, let region = file.nextData(from: cursor, fileSize: size), region.start < end {
-            if region.start > cursor {
-                buffer.baseAddress!.advanced(by: Int(cursor - start)).initializeMemory(as: UInt8.self, repeating: 0, count: Int(region.start - cursor))
-            }
             let from = max(region.start, cursor), to = min(region.end, end)
             if to <= from { break }
-            // Region starts are filesystem-block aligned; the length is rounded up for O_DIRECT
-            // (what is read past `to` is overwritten below).
-            let length = Int(to - from)
-            let offset = Int(from - start)
-            let slice = UnsafeMutableRawBufferPointer(rebasing: buffer[offset..<(offset + roundUp(length, buffer.count - offset))])
-            let n: Int
-            do {
-                n = try file.readUncached(into: slice, at: from)
-            } catch { throw .source(error) }
-            guard n >= length else { throw .sourceShort(path: spec.description, expected: size, got: from + UInt64(n)) }
-            let firstSlot = offset / chunkSize
-            let lastSlot = (offset + length - 1) / chunkSize
+            if first == nil { first = from }
+            last = to
+            let firstSlot = Int(from - start) / chunkSize
+            let lastSlot = (Int(to - start) - 1) / chunkSize
             if firstSlot < holes.count {
                 for s in firstSlot...min(lastSlot, holes.count - 1) { holes[s] = false }
             }
             cursor = to
         }
-        if cursor < end {
-            buffer.baseAddress!.advanced(by: Int(cursor - start)).initializeMemory(as: UInt8.self, repeating: 0, count: Int(end - cursor))
+        guard let first else {
+            buffer.baseAddress!.initializeMemory(as: UInt8.self, repeating: 0, count: want)
+            return want
+        }
+        let a = UInt64(SystemFile.directAlignment)
+        let spanStart = max(start, first / a * a)
+        let offset = Int(spanStart - start)
+        if offset > 0 { buffer.baseAddress!.initializeMemory(as: UInt8.self, repeating: 0, count: offset) }
+        let length = Int(last - spanStart)
+        let slice = UnsafeMutableRawBufferPointer(rebasing: buffer[offset..<(offset + roundUp(length, buffer.count - offset))])
+        let n: Int
+        do {
+            n = try file.readUncached(into: slice, at: spanStart)
+        } catch { throw .source(error) }
+        guard n >= length else { throw .sourceShort(path: spec.description, expected: size, got: spanStart + UInt64(n)) }
+        let tail = offset + length
+        if tail < want {
+            buffer.baseAddress!.advanced(by: tail).initializeMemory(as: UInt8.self, repeating: 0, count: want - tail)
         }
         return want
     }
