@@ -16,6 +16,7 @@ let package = Package(
     targets: [
         // System-library shims: the C world stays here.
         .systemLibrary(name: "CZstd", pkgConfig: "libzstd", providers: [.apt(["libzstd-dev"])]),
+        .systemLibrary(name: "CFuse", pkgConfig: "fuse3", providers: [.apt(["libfuse3-dev"])]),
 
         // Typed wrappers over the system calls every layer uses.
         .target(name: "SystemIO"),
@@ -23,9 +24,10 @@ let package = Package(
         .target(name: "ChunkStore", dependencies: ["SystemIO", "ObjectStore", "CZstd", crypto]),
         .target(name: "Vault", dependencies: ["SystemIO", "ObjectStore", "ChunkStore", crypto]),
         .target(name: "VirtualDisk", dependencies: ["SystemIO", "ChunkStore", "Vault"]),
+        .target(name: "Mount", dependencies: ["SystemIO", "Vault", "VirtualDisk", "CFuse"]),
         .executableTarget(
             name: "lifeboat",
-            dependencies: ["SystemIO", "Vault", "VirtualDisk", .product(name: "ArgumentParser", package: "swift-argument-parser")]
+            dependencies: ["SystemIO", "Vault", "VirtualDisk", "Mount", .product(name: "ArgumentParser", package: "swift-argument-parser")]
         ),
 
         // Helpers shared by the test targets: temporary directories, generated data, processes.
@@ -34,6 +36,7 @@ let package = Package(
         .testTarget(name: "ChunkStoreTests", dependencies: ["ChunkStore", "ObjectStore", "TestSupport"]),
         .testTarget(name: "VaultTests", dependencies: ["Vault", "ChunkStore", "ObjectStore", "TestSupport"]),
         .testTarget(name: "VirtualDiskTests", dependencies: ["VirtualDisk", "Vault", "TestSupport"]),
+        .testTarget(name: "MountTests", dependencies: ["Mount", "Vault", "VirtualDisk", "TestSupport"]),
         // Runs the built `lifeboat` binary against real images, as an operator would.
         .testTarget(name: "lifeboatTests", dependencies: ["lifeboat", "TestSupport"]),
     ]

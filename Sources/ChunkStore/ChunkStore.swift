@@ -4,9 +4,11 @@ import Synchronization
 import SystemIO
 
 /// Page-aligned buffers one reader thread reuses from read to read.
-public final class ReadScratch {
+// @unchecked: used by one thread at a time; pools hand it from one to the next.
+public final class ReadScratch: @unchecked Sendable {
     private var memory = UnsafeMutableRawBufferPointer(start: nil, count: 0)
     private var plain = UnsafeMutableRawBufferPointer(start: nil, count: 0)
+    public let decompressor = ChunkDecompressor()
 
     public init() {}
 
@@ -91,7 +93,7 @@ public final class ChunkStore: Sendable {
 
     /// Decodes stored bytes into `output` (exactly rawLength bytes) and verifies the id.
     public static func open(id: ChunkID, location: ChunkLocation, stored: UnsafeRawBufferPointer,
-                            into output: UnsafeMutableRawBufferPointer) throws(ChunkStoreError) {
+                            into output: UnsafeMutableRawBufferPointer, decompressor: ChunkDecompressor? = nil) throws(ChunkStoreError) {
         let packName = PackFormat.objectName(location.pack)
         switch location.flags.encoding {
         case ChunkFlags.stored:
@@ -100,7 +102,7 @@ public final class ChunkStore: Sendable {
             }
             output.copyMemory(from: stored)
         case ChunkFlags.zstd:
-            switch zstdDecompress(stored, into: output) {
+            switch zstdDecompress(stored, into: output, context: decompressor) {
             case .success(let n):
                 guard n == output.count else {
                     throw .damagedChunk(id, pack: packName, offset: location.offset, reason: "decompressed to \(n) bytes, expected \(output.count)")
@@ -119,7 +121,7 @@ public final class ChunkStore: Sendable {
     /// Reads many chunks, coalescing neighbours in the same pack into one read, and decodes each
     /// (verified against its id) straight into `destination(i)`, which must be exactly the
     /// chunk's length.
-    public func readMany(_ ids: [ChunkID], scratch: ReadScratch,
+    public func readMany(_ ids: [ChunkID], scratch: ReadScratch, bypassCache: Bool = true,
                          destination: (Int) -> UnsafeMutableRawBufferPointer) throws(ChunkStoreError) {
         var located: [(index: Int, location: ChunkLocation)] = []
         located.reserveCapacity(ids.count)
@@ -150,7 +152,7 @@ public final class ChunkStore: Sendable {
             let buffer = scratch.buffer(readLength)
             let got: Int
             do {
-                got = try store.readAvailable(PackFormat.objectName(pack), at: readStart, into: buffer)
+                got = try store.readAvailable(PackFormat.objectName(pack), at: readStart, into: buffer, bypassCache: bypassCache)
             } catch { throw .store(error) }
             guard UInt64(got) >= runEnd - readStart else {
                 throw .badPack(PackFormat.objectName(pack), "ends at \(readStart + UInt64(got)), before chunk data at \(runEnd)")
@@ -164,7 +166,8 @@ public final class ChunkStore: Sendable {
                     throw .damagedChunk(ids[index], pack: PackFormat.objectName(pack), offset: location.offset,
                                         reason: "its length \(location.rawLength) does not fit its place (\(target.count) bytes)")
                 }
-                try ChunkStore.open(id: ids[index], location: location, stored: stored, into: target)
+                try ChunkStore.open(id: ids[index], location: location, stored: stored, into: target,
+                                    decompressor: scratch.decompressor)
             }
             start = end
         }

@@ -54,9 +54,21 @@ public enum ZstdError: Error {
     case failed(String)
 }
 
+/// A reusable zstd decompression context; one per thread (ZSTD_decompress would allocate and
+/// initialise a new one, about 100 KiB, for every chunk).
+public final class ChunkDecompressor {
+    let context: OpaquePointer
+
+    public init() { context = ZSTD_createDCtx() }
+
+    deinit { ZSTD_freeDCtx(context) }
+}
+
 /// Decompresses one zstd frame into `output`, which must be exactly the expected size.
-public func zstdDecompress(_ input: UnsafeRawBufferPointer, into output: UnsafeMutableRawBufferPointer) -> Result<Int, ZstdError> {
-    let n = ZSTD_decompress(output.baseAddress, output.count, input.baseAddress, input.count)
+public func zstdDecompress(_ input: UnsafeRawBufferPointer, into output: UnsafeMutableRawBufferPointer,
+                           context: ChunkDecompressor? = nil) -> Result<Int, ZstdError> {
+    let n = context.map { ZSTD_decompressDCtx($0.context, output.baseAddress, output.count, input.baseAddress, input.count) }
+        ?? ZSTD_decompress(output.baseAddress, output.count, input.baseAddress, input.count)
     if ZSTD_isError(n) != 0 {
         return .failure(.failed(String(cString: ZSTD_getErrorName(n))))
     }

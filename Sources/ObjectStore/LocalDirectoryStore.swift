@@ -108,7 +108,8 @@ public struct LocalDirectoryStore: ObjectStore {
         }
     }
 
-    public func readAvailable(_ name: String, at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws(ObjectStoreError) -> Int {
+    public func readAvailable(_ name: String, at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer,
+                              bypassCache: Bool) throws(ObjectStoreError) -> Int {
         let target = try path(name)
         let file: SystemFile
         do {
@@ -119,7 +120,7 @@ public struct LocalDirectoryStore: ObjectStore {
         }
         defer { file.close() }
         do {
-            return try file.readUncached(into: buffer, at: offset)
+            return bypassCache ? try file.readUncached(into: buffer, at: offset) : try file.read(into: buffer, at: offset)
         } catch { throw .failed(error) }
     }
 

@@ -57,9 +57,10 @@ public protocol ObjectStore: Sendable {
     /// Exactly `buffer.count` bytes at `offset`; fewer is an error.
     func read(_ name: String, at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws(ObjectStoreError)
 
-    /// Up to `buffer.count` bytes at `offset`; fewer only where the object ends. For large aligned
-    /// reads a backend may bypass caches.
-    func readAvailable(_ name: String, at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws(ObjectStoreError) -> Int
+    /// Up to `buffer.count` bytes at `offset`; fewer only where the object ends. With
+    /// `bypassCache` (large reads of data not read again soon) a backend may skip its caches.
+    func readAvailable(_ name: String, at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer,
+                       bypassCache: Bool) throws(ObjectStoreError) -> Int
 
     /// Size of an object, or nil if it does not exist.
     func size(_ name: String) throws(ObjectStoreError) -> UInt64?

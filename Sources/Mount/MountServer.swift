@@ -1,0 +1,383 @@
+import CFuse
+import ChunkStore
+import Foundation
+import Glibc
+import Synchronization
+import SystemIO
+import Vault
+import VirtualDisk
+
+public struct MountOptions: Sendable {
+    public var mountpoint: String
+    public var allowOther = false
+    /// Bytes of verified chunk plaintext kept in memory.
+    public var cacheBytes = 256 << 20
+    public var threads: UInt32 = 8
+
+    public init(mountpoint: String) {
+        self.mountpoint = mountpoint
+    }
+}
+
+public enum MountError: LifeboatError {
+    case notADirectory(String)
+    case alreadyMounted(String)
+    case notMounted(String)
+    case fuse(String)
+    case system(SystemError)
+
+    public var description: String {
+        switch self {
+        case .notADirectory(let path): return "mount point \(path) is not a directory"
+        case .alreadyMounted(let path): return "\(path) is already mounted (unmount it with `lifeboat umount \(path)`)"
+        case .notMounted(let path): return "\(path) is not mounted"
+        case .fuse(let why): return "FUSE: \(why)"
+        case .system(let error): return error.description
+        }
+    }
+
+    public var kind: FailureKind {
+        switch self {
+        case .notADirectory, .alreadyMounted, .notMounted: return .usage
+        case .fuse: return .io
+        case .system(let error): return error.kind
+        }
+    }
+}
+
+/// An open file of the mount.
+enum OpenFile: Sendable {
+    case disk(DiskReader, footer: [UInt8]?)
+    case bytes([UInt8])
+}
+
+/// The read-only FUSE file system of a vault: the tree of MountNode, file contents from
+/// VirtualDisk. It holds no chunk logic.
+public final class MountServer: Sendable {
+    let vault: Vault
+    let catalog: PointCatalog
+    let cache: ChunkCache
+    let started = Date()
+    let log: @Sendable (String) -> Void
+    private let readers = Mutex<[String: DiskReader]>([:])
+    private let files = Mutex<[UInt64: OpenFile]>([:])
+    private let nextHandle = Atomic<UInt64>(1)
+    private let fuseHandle = Mutex<UInt>(0)
+
+    public init(vault: Vault, options: MountOptions, log: @escaping @Sendable (String) -> Void) {
+        self.vault = vault
+        self.log = log
+        self.catalog = PointCatalog(vault: vault, log: log)
+        self.cache = ChunkCache(capacityBytes: options.cacheBytes)
+    }
+
+    // MARK: - Running
+
+    /// Mounts and serves until unmounted or signalled. `ready` is called once the kernel mount
+    /// exists (the daemonising parent waits for it).
+    public func run(_ options: MountOptions, ready: @Sendable () -> Void) throws(MountError) {
+        let mountpoint = FileSystem.absolute(options.mountpoint)
+        try Mounts.prepare(mountpoint)
+        _ = catalog.current  // the first listing, before the kernel may ask for it
+
+        var ops = fuse_operations()
+        ops.`init` = { _, config in
+            if let config {
+                config.pointee.kernel_cache = 1       // points are immutable: keep pages across opens
+                config.pointee.entry_timeout = 1      // but points come and go
+                config.pointee.attr_timeout = 1
+                config.pointee.negative_timeout = 1
+                config.pointee.nullpath_ok = 0
+            }
+            return fuse_get_context()?.pointee.private_data
+        }
+        ops.getattr = { path, st, _ in server()?.getattr(path, st) ?? -EIO }
+        ops.readdir = { path, buffer, filler, _, _, _ in server()?.readdir(path, buffer, filler) ?? -EIO }
+        ops.open = { path, info in server()?.open(path, info) ?? -EIO }
+        ops.read = { _, buffer, size, offset, info in server()?.read(buffer, size, offset, info) ?? -EIO }
+        ops.release = { _, info in server()?.release(info) ?? 0 }
+        ops.readlink = { path, buffer, size in server()?.readlink(path, buffer, size) ?? -EIO }
+        ops.lseek = { _, offset, whence, info in server()?.lseek(offset, whence, info) ?? off_t(-EIO) }
+        ops.statfs = { _, st in server()?.statfs(st) ?? -EIO }
+
+        var arguments = ["lifeboat", "-o", "ro,default_permissions,fsname=lifeboat,subtype=lifeboat" + (options.allowOther ? ",allow_other" : "")]
+        var argv: [UnsafeMutablePointer<CChar>?] = arguments.indices.map { strdup(arguments[$0]) }
+        defer { for p in argv { free(p) } }
+        arguments.removeAll()
+        let me = Unmanaged.passRetained(self)
+        defer { me.release() }
+        let fuse: OpaquePointer? = argv.withUnsafeMutableBufferPointer { buffer in
+            var args = fuse_args(argc: Int32(buffer.count), argv: buffer.baseAddress, allocated: 0)
+            return lb_fuse_new(&args, &ops, me.toOpaque())
+        }
+        guard let fuse else { throw .fuse("cannot create the file system (bad options?)") }
+        defer { fuse_destroy(fuse) }
+        guard fuse_mount(fuse, mountpoint) == 0 else {
+            throw .fuse("cannot mount at \(mountpoint) (is /dev/fuse available, and are you allowed to mount?)")
+        }
+        fuseHandle.withLock { $0 = UInt(bitPattern: Int(bitPattern: UnsafeRawPointer(fuse))) }
+        // Background jobs start with SIGINT ignored, and libfuse only hooks signals left at SIG_DFL.
+        signal(SIGINT, SIG_DFL)
+        signal(SIGTERM, SIG_DFL)
+        signal(SIGHUP, SIG_DFL)
+        let session = fuse_get_session(fuse)
+        _ = fuse_set_signal_handlers(session)
+        ready()
+        let status = lb_fuse_loop_mt(fuse, options.threads)
+        fuse_remove_signal_handlers(session)
+        fuseHandle.withLock { $0 = 0 }
+        fuse_unmount(fuse)
+        if status < 0 { throw .fuse("the request loop failed (\(status))") }
+    }
+
+    /// Ends the request loop (tests; the command line uses signals and umount).
+    public func stop() {
+        let handle = fuseHandle.withLock { $0 }
+        if handle != 0, let fuse = OpaquePointer(bitPattern: handle) { fuse_exit(fuse) }
+    }
+
+    // MARK: - Operations (return 0 or -errno)
+
+    private func node(_ path: UnsafePointer<CChar>?) -> MountNode? {
+        guard let path else { return nil }
+        return MountNode.resolve(String(cString: path), in: catalog.current)
+    }
+
+    func getattr(_ path: UnsafePointer<CChar>?, _ st: UnsafeMutablePointer<stat>?) -> Int32 {
+        guard let st else { return -EINVAL }
+        let snapshot = catalog.current
+        guard let path, let node = MountNode.resolve(String(cString: path), in: snapshot) else { return -ENOENT }
+        st.pointee = stat()
+        st.pointee.st_uid = getuid()
+        st.pointee.st_gid = getgid()
+        var time = snapshot.machines.values.compactMap { $0.last?.point.date }.max() ?? started
+        switch node {
+        case .root, .machines, .byID, .machine, .point, .disks:
+            st.pointee.st_mode = S_IFDIR | 0o555
+            st.pointee.st_nlink = 2
+            if case .machine(_, let points) = node, let last = points.last { time = last.point.date }
+            if case .point(let p) = node { time = p.date }
+            if case .disks(let p) = node { time = p.date }
+        case .disk(let point, let disk, let vhd):
+            st.pointee.st_mode = S_IFREG | 0o444
+            st.pointee.st_nlink = 1
+            st.pointee.st_size = off_t(disk.size) + (vhd ? off_t(VHDFooter.size) : 0)
+            // Blocks reflect what is stored: holes take none.
+            st.pointee.st_blocks = blkcnt_t((disk.dataBytes + 511) / 512) + (vhd ? 1 : 0)
+            st.pointee.st_blksize = blksize_t(disk.chunkSize)
+            time = point.date
+        case .pointJSON(let point, let bytes):
+            st.pointee.st_mode = S_IFREG | 0o444
+            st.pointee.st_nlink = 1
+            st.pointee.st_size = off_t(bytes.count)
+            st.pointee.st_blocks = blkcnt_t((bytes.count + 511) / 512)
+            time = point.date
+        case .link(let target, let when):
+            st.pointee.st_mode = S_IFLNK | 0o777
+            st.pointee.st_nlink = 1
+            st.pointee.st_size = off_t(target.utf8.count)
+            time = when
+        }
+        let seconds = timespec(tv_sec: Int(time.timeIntervalSince1970), tv_nsec: 0)
+        st.pointee.st_mtim = seconds
+        st.pointee.st_atim = seconds
+        st.pointee.st_ctim = seconds
+        return 0
+    }
+
+    func readdir(_ path: UnsafePointer<CChar>?, _ buffer: UnsafeMutableRawPointer?, _ filler: fuse_fill_dir_t?) -> Int32 {
+        let snapshot = catalog.current
+        guard let path, let filler, let node = MountNode.resolve(String(cString: path), in: snapshot) else { return -ENOENT }
+        guard let names = node.children(in: snapshot) else { return -ENOTDIR }
+        for name in [".", ".."] + names {
+            if filler(buffer, name, nil, 0, fuse_fill_dir_flags(0)) != 0 { break }
+        }
+        return 0
+    }
+
+    func open(_ path: UnsafePointer<CChar>?, _ info: UnsafeMutablePointer<fuse_file_info>?) -> Int32 {
+        guard let info else { return -EINVAL }
+        if info.pointee.flags & O_ACCMODE != O_RDONLY { return -EROFS }
+        guard let node = node(path) else { return -ENOENT }
+        let file: OpenFile
+        switch node {
+        case .disk(let point, let disk, let vhd):
+            let key = point.id + "/" + disk.name
+            let reader = readers.withLock { r in
+                if let existing = r[key] { return existing }
+                if r.count >= 64 { r.removeAll() }  // open handles keep theirs alive
+                let made = DiskReader(point: point, disk: disk, chunks: vault.chunks, cache: cache)
+                r[key] = made
+                return made
+            }
+            let footer = vhd ? VHDFooter.make(diskSize: disk.size, time: point.date,
+                                              identity: ChunkID.sha256(Array((point.id + disk.name).utf8)).bytes) : nil
+            file = .disk(reader, footer: footer)
+        case .pointJSON(_, let bytes):
+            file = .bytes(bytes)
+        case .link:
+            return -ELOOP
+        default:
+            return -EISDIR
+        }
+        let handle = nextHandle.add(1, ordering: .relaxed).oldValue
+        files.withLock { $0[handle] = file }
+        info.pointee.fh = handle
+        info.pointee.keep_cache = 1
+        return 0
+    }
+
+    func release(_ info: UnsafeMutablePointer<fuse_file_info>?) -> Int32 {
+        guard let info else { return 0 }
+        let handle = info.pointee.fh
+        files.withLock { _ = $0.removeValue(forKey: handle) }
+        return 0
+    }
+
+    func read(_ buffer: UnsafeMutablePointer<CChar>?, _ size: Int, _ offset: off_t,
+              _ info: UnsafeMutablePointer<fuse_file_info>?) -> Int32 {
+        guard let buffer, let info, offset >= 0 else { return -EINVAL }
+        let handle = info.pointee.fh
+        guard let file = files.withLock({ $0[handle] }) else { return -EBADF }
+        let out = UnsafeMutableRawBufferPointer(start: UnsafeMutableRawPointer(buffer), count: size)
+        switch file {
+        case .bytes(let bytes):
+            guard offset < bytes.count else { return 0 }
+            let n = min(size, bytes.count - Int(offset))
+            bytes.withUnsafeBytes { out.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[Int(offset)..<(Int(offset) + n)])) }
+            return Int32(n)
+        case .disk(let reader, let footer):
+            var done = 0
+            do {
+                if UInt64(offset) < reader.size {
+                    done = try reader.read(into: out, at: UInt64(offset))
+                }
+            } catch {
+                log(error.description)
+                return -EIO
+            }
+            if let footer, done < size {
+                let position = UInt64(offset) + UInt64(done)
+                if position >= reader.size && position < reader.size + UInt64(footer.count) {
+                    let from = Int(position - reader.size)
+                    let n = min(size - done, footer.count - from)
+                    footer.withUnsafeBytes {
+                        UnsafeMutableRawBufferPointer(rebasing: out[done..<(done + n)]).copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[from..<(from + n)]))
+                    }
+                    done += n
+                }
+            }
+            return Int32(done)
+        }
+    }
+
+    func lseek(_ offset: off_t, _ whence: Int32, _ info: UnsafeMutablePointer<fuse_file_info>?) -> off_t {
+        guard let info, offset >= 0 else { return off_t(-EINVAL) }
+        let handle = info.pointee.fh
+        guard let file = files.withLock({ $0[handle] }) else { return off_t(-EBADF) }
+        let size: UInt64
+        var reader: DiskReader? = nil
+        var footer = 0
+        switch file {
+        case .bytes(let bytes): size = UInt64(bytes.count)
+        case .disk(let r, let f):
+            reader = r
+            footer = f?.count ?? 0
+            size = r.size + UInt64(footer)
+        }
+        let position = UInt64(offset)
+        guard position < size else { return off_t(-ENXIO) }
+        guard let reader, position < reader.size else {
+            // Inside point.json or the VHD footer: all data.
+            return whence == 3 /* SEEK_DATA */ ? offset : off_t(size)
+        }
+        do {
+            switch whence {
+            case 3:  // SEEK_DATA
+                if let data = try reader.nextData(from: position) { return off_t(data) }
+                return footer > 0 ? off_t(reader.size) : off_t(-ENXIO)
+            case 4:  // SEEK_HOLE
+                let hole = try reader.nextHole(from: position)
+                return hole == reader.size && footer > 0 ? off_t(size) : off_t(hole)
+            default:
+                return off_t(-EINVAL)
+            }
+        } catch {
+            log(error.description)
+            return off_t(-EIO)
+        }
+    }
+
+    func readlink(_ path: UnsafePointer<CChar>?, _ buffer: UnsafeMutablePointer<CChar>?, _ size: Int) -> Int32 {
+        guard let buffer, size > 0 else { return -EINVAL }
+        guard let node = node(path) else { return -ENOENT }
+        guard case .link(let target, _) = node else { return -EINVAL }
+        let bytes = Array(target.utf8.prefix(size - 1))
+        for (i, b) in bytes.enumerated() { buffer[i] = CChar(bitPattern: b) }
+        buffer[bytes.count] = 0
+        return 0
+    }
+
+    func statfs(_ st: UnsafeMutablePointer<statvfs>?) -> Int32 {
+        guard let st else { return -EINVAL }
+        st.pointee = statvfs()
+        st.pointee.f_bsize = UInt(vault.config.chunkSize)
+        st.pointee.f_frsize = UInt(vault.config.chunkSize)
+        st.pointee.f_namemax = 255
+        return 0
+    }
+}
+
+/// The server of the mount this callback serves.
+private func server() -> MountServer? {
+    guard let data = fuse_get_context()?.pointee.private_data else { return nil }
+    return Unmanaged<MountServer>.fromOpaque(data).takeUnretainedValue()
+}
+
+/// Kernel mounts: stale-mount detection and unmounting.
+public enum Mounts {
+    /// True when `path` is a mount point (from /proc/self/mountinfo, which never blocks: a stat of
+    /// a FUSE mount whose server has not answered INIT would).
+    public static func isMounted(_ path: String) -> Bool {
+        guard let text = try? String(contentsOfFile: "/proc/self/mountinfo", encoding: .utf8) else { return false }
+        let escaped = path.replacingOccurrences(of: " ", with: "\\040")
+        return text.split(separator: "\n").contains { line in
+            let fields = line.split(separator: " ")
+            return fields.count > 4 && fields[4] == escaped
+        }
+    }
+
+    /// A mount whose server died answers ENOTCONN ("Transport endpoint is not connected").
+    public static func isStale(_ path: String) -> Bool {
+        var st = stat()
+        return stat(path, &st) != 0 && errno == ENOTCONN
+    }
+
+    /// Checks the mount point; clears a stale mount left by a crashed server.
+    static func prepare(_ path: String) throws(MountError) {
+        if isMounted(path) {
+            guard isStale(path) else { throw .alreadyMounted(path) }
+            _ = umount2(path, Int32(MNT_DETACH))
+        }
+        guard FileSystem.isDirectory(path) else { throw .notADirectory(path) }
+    }
+
+    public enum Outcome: Sendable {
+        case unmounted
+        case staleCleared
+        /// Files were open: the mount is gone from the tree; open files work until closed.
+        case detached
+    }
+
+    public static func unmount(_ path: String) throws(MountError) -> Outcome {
+        let path = FileSystem.absolute(path)
+        guard isMounted(path) else { throw .notMounted(path) }
+        if isStale(path) {
+            _ = umount2(path, Int32(MNT_DETACH))
+            return .staleCleared
+        }
+        if umount2(path, 0) == 0 { return .unmounted }
+        if errno == EBUSY, umount2(path, Int32(MNT_DETACH)) == 0 { return .detached }
+        throw .system(SystemError("unmount", path: path))
+    }
+}

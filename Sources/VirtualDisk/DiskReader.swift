@@ -1,0 +1,224 @@
+import ChunkStore
+import Foundation
+import Synchronization
+import SystemIO
+import Vault
+
+public enum VirtualDiskError: LifeboatError {
+    case damaged(point: String, disk: String, offset: UInt64, cause: String)
+    case outOfRange(disk: String, offset: UInt64, size: UInt64)
+
+    public var description: String {
+        switch self {
+        case .damaged(let point, let disk, let offset, let cause):
+            return "point \(point) disk \(disk) at byte \(offset) cannot be read: \(cause)"
+        case .outOfRange(let disk, let offset, let size):
+            return "disk \(disk) has \(size) bytes; byte \(offset) is past its end"
+        }
+    }
+
+    public var kind: FailureKind {
+        switch self {
+        case .damaged: return .damaged
+        case .outOfRange: return .usage
+        }
+    }
+}
+
+/// Random-access reads of one disk of one recovery point: offset -> slot -> chunk id -> cache
+/// or pack. Safe from many threads.
+///
+/// Chunks a read covers whole are decoded straight into the caller's buffer (a sequential
+/// reader's kernel readahead sends such reads, several at once, and they are served in
+/// parallel); chunks a read covers in part go through the chunk cache, so that small random
+/// reads around one chunk fetch and verify it once.
+public final class DiskReader: Sendable {
+    public let point: RecoveryPoint
+    public let disk: PointDisk
+    private let index: DiskIndexReader
+    private let chunks: ChunkStore
+    private let cache: ChunkCache
+    private let scratches = Mutex<[ReadScratch]>([])
+
+    public var size: UInt64 { disk.size }
+    public var chunkSize: Int { disk.chunkSize }
+
+    public init(point: RecoveryPoint, disk: PointDisk, chunks: ChunkStore, cache: ChunkCache) {
+        self.point = point
+        self.disk = disk
+        self.chunks = chunks
+        self.cache = cache
+        self.index = DiskIndexReader(disk: disk, chunks: chunks, cachedNodes: 64)
+    }
+
+    /// Reads up to `buffer.count` bytes at `offset`; fewer only at the end of the disk.
+    public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(VirtualDiskError) -> Int {
+        guard offset < disk.size else { return 0 }
+        let length = Int(min(UInt64(buffer.count), disk.size - offset))
+        let chunkSize = UInt64(disk.chunkSize)
+        let firstSlot = Int(offset / chunkSize)
+        let lastSlot = Int((offset + UInt64(length) - 1) / chunkSize)
+
+        var ids: [ChunkID] = []
+        ids.reserveCapacity(lastSlot - firstSlot + 1)
+        do {
+            var slot = firstSlot
+            while slot <= lastSlot {
+                let leaf = try index.leaf(containing: slot)
+                let upTo = min(lastSlot, leaf.first + leaf.ids.count - 1)
+                ids.append(contentsOf: leaf.ids[(slot - leaf.first)...(upTo - leaf.first)])
+                slot = upTo + 1
+            }
+        } catch {
+            throw .damaged(point: point.label, disk: disk.name, offset: offset, cause: "disk index: \(error.description)")
+        }
+
+        // Where each slot's bytes go in the buffer, and which part of the slot is wanted.
+        func span(_ k: Int) -> (target: Range<Int>, from: Int, to: Int) {
+            let slotStart = UInt64(firstSlot + k) * chunkSize
+            let from = Int(max(offset, slotStart) - slotStart)
+            let to = Int(min(offset + UInt64(length), slotStart + chunkSize) - slotStart)
+            let at = Int(slotStart + UInt64(from) - offset)
+            return (at..<(at + to - from), from, to)
+        }
+        let slotLength = { (k: Int) -> Int in Int(min(chunkSize, self.disk.size - UInt64(firstSlot + k) * chunkSize)) }
+
+        var whole: [Int] = []          // slots decoded straight into the buffer
+        var partial: [Int] = []        // slots served through the cache
+        for (k, id) in ids.enumerated() {
+            let (target, from, to) = span(k)
+            let out = UnsafeMutableRawBufferPointer(rebasing: buffer[target])
+            if id.isZero {
+                out.initializeMemory(as: UInt8.self, repeating: 0)
+            } else if let bytes = cache.get(id) {
+                bytes.withUnsafeBytes { out.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[from..<to])) }
+            } else if from == 0 && to == slotLength(k) {
+                whole.append(k)
+            } else {
+                partial.append(k)
+            }
+        }
+        if !whole.isEmpty {
+            let scratch = scratches.withLock { $0.popLast() } ?? ReadScratch()
+            defer { scratches.withLock { if $0.count < 16 { $0.append(scratch) } } }
+            do {
+                // Large reads skip the page cache: the kernel caches what it asked for anyway.
+                try chunks.readMany(whole.map { ids[$0] }, scratch: scratch, bypassCache: whole.count >= 4) { i in
+                    UnsafeMutableRawBufferPointer(rebasing: buffer[span(whole[i]).target])
+                }
+            } catch {
+                throw .damaged(point: point.label, disk: disk.name, offset: offset, cause: error.description)
+            }
+        }
+        if !partial.isEmpty {
+            var plain: [ChunkID: [UInt8]] = [:]
+            let missing = Array(Set(partial.map { ids[$0] }))
+            let (mine, others) = cache.claim(missing)
+            do {
+                defer { cache.release(mine) }
+                if !mine.isEmpty {
+                    for (id, bytes) in try fetch(mine) { plain[id] = bytes }
+                }
+            }
+            if !others.isEmpty {
+                cache.wait(for: others)
+                var still: [ChunkID] = []
+                for id in others {
+                    if let bytes = cache.get(id) { plain[id] = bytes } else { still.append(id) }
+                }
+                // The fetch that was in flight failed or was evicted already: fetch them here.
+                if !still.isEmpty {
+                    for (id, bytes) in try fetch(still) { plain[id] = bytes }
+                }
+            }
+            for k in partial {
+                let (target, from, to) = span(k)
+                guard let bytes = plain[ids[k]] else { continue }
+                bytes.withUnsafeBytes {
+                    UnsafeMutableRawBufferPointer(rebasing: buffer[target]).copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[from..<to]))
+                }
+            }
+        }
+        return length
+    }
+
+    /// Reads, verifies and caches `ids`.
+    func fetch(_ ids: [ChunkID]) throws(VirtualDiskError) -> [(ChunkID, [UInt8])] {
+        let scratch = scratches.withLock { $0.popLast() } ?? ReadScratch()
+        defer { scratches.withLock { if $0.count < 8 { $0.append(scratch) } } }
+        var lengths: [Int] = []
+        do {
+            for id in ids {
+                guard let location = try chunks.location(id) else { throw ChunkStoreError.missingChunk(id) }
+                lengths.append(Int(location.rawLength))
+            }
+            // Decoded into one block, then each chunk copied out for the cache.
+            var starts: [Int] = []
+            var total = 0
+            for length in lengths { starts.append(total); total += length }
+            let block = UnsafeMutableRawBufferPointer.allocate(byteCount: max(total, 1), alignment: 64)
+            defer { block.deallocate() }
+            try chunks.readMany(ids, scratch: scratch, bypassCache: false) { i in
+                UnsafeMutableRawBufferPointer(rebasing: block[starts[i]..<(starts[i] + lengths[i])])
+            }
+            var result: [(ChunkID, [UInt8])] = []
+            for (i, id) in ids.enumerated() {
+                let bytes = Array(UnsafeRawBufferPointer(rebasing: block[starts[i]..<(starts[i] + lengths[i])]))
+                cache.put(id, bytes)
+                result.append((id, bytes))
+            }
+            return result
+        } catch let error as ChunkStoreError {
+            let offset = damagedOffset(error)
+            throw .damaged(point: point.label, disk: disk.name, offset: offset, cause: error.description)
+        } catch {
+            throw .damaged(point: point.label, disk: disk.name, offset: 0, cause: "\(error)")
+        }
+    }
+
+    /// The first byte of the disk that uses the chunk an error names (for the log line).
+    private func damagedOffset(_ error: ChunkStoreError) -> UInt64 {
+        let bad: ChunkID
+        switch error {
+        case .damagedChunk(let id, _, _, _), .missingChunk(let id): bad = id
+        default: return 0
+        }
+        var slot = 0
+        while slot < disk.slotCount {
+            guard let leaf = try? index.leaf(containing: slot) else { return 0 }
+            if let i = leaf.ids.firstIndex(of: bad) { return UInt64(leaf.first + i) * UInt64(disk.chunkSize) }
+            slot = leaf.first + leaf.ids.count
+        }
+        return 0
+    }
+
+    // MARK: - Holes
+
+    /// The first offset at or after `offset` that holds data (SEEK_DATA), or nil if none.
+    public func nextData(from offset: UInt64) throws(VirtualDiskError) -> UInt64? {
+        try scan(from: offset, wantData: true)
+    }
+
+    /// The first offset at or after `offset` in a hole (SEEK_HOLE); the disk's end counts as one.
+    public func nextHole(from offset: UInt64) throws(VirtualDiskError) -> UInt64 {
+        try scan(from: offset, wantData: false) ?? disk.size
+    }
+
+    private func scan(from offset: UInt64, wantData: Bool) throws(VirtualDiskError) -> UInt64? {
+        guard offset < disk.size else { return nil }
+        var slot = Int(offset / UInt64(disk.chunkSize))
+        while slot < disk.slotCount {
+            let leaf: (first: Int, ids: [ChunkID])
+            do {
+                leaf = try index.leaf(containing: slot)
+            } catch {
+                throw .damaged(point: point.label, disk: disk.name, offset: offset, cause: error.description)
+            }
+            for i in (slot - leaf.first)..<leaf.ids.count where leaf.ids[i].isZero != wantData {
+                return max(offset, UInt64(leaf.first + i) * UInt64(disk.chunkSize))
+            }
+            slot = leaf.first + leaf.ids.count
+        }
+        return nil
+    }
+}
