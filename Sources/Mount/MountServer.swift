@@ -116,10 +116,15 @@ public final class MountServer: Sendable {
             throw .fuse("cannot mount at \(mountpoint) (is /dev/fuse available, and are you allowed to mount?)")
         }
         fuseHandle.withLock { $0 = UInt(bitPattern: Int(bitPattern: UnsafeRawPointer(fuse))) }
-        // Background jobs start with SIGINT ignored, and libfuse only hooks signals left at SIG_DFL.
-        signal(SIGINT, SIG_DFL)
-        signal(SIGTERM, SIG_DFL)
-        signal(SIGHUP, SIG_DFL)
+        // Background jobs start with SIGINT ignored, and libfuse only hooks signals left at
+        // SIG_DFL; a parent may also have blocked them.
+        var unblock = sigset_t()
+        sigemptyset(&unblock)
+        for s in [SIGINT, SIGTERM, SIGHUP] {
+            signal(s, SIG_DFL)
+            sigaddset(&unblock, s)
+        }
+        pthread_sigmask(SIG_UNBLOCK, &unblock, nil)
         let session = fuse_get_session(fuse)
         _ = fuse_set_signal_handlers(session)
         ready()

@@ -93,10 +93,26 @@ struct MountCommand: ParsableCommand {
         posix_spawn_file_actions_addopen(&actions, 2, logDirectory + "/mount.log", O_WRONLY | O_CREAT | O_APPEND, 0o644)
         // Both pipe ends close on exec; only this copy of the write end survives, as fd 3.
         posix_spawn_file_actions_adddup2(&actions, pipeFDs[1], 3)
+        // Nothing else we hold open (a caller's pipes above all) may keep the server's parent
+        // waiting for an end of file.
+        if let open = try? FileSystem.list("/proc/self/fd") {
+            for fd in open.compactMap({ Int32($0) }) where fd > 3 && fd != pipeFDs[1] {
+                posix_spawn_file_actions_addclose(&actions, fd)
+            }
+        }
         var attributes = posix_spawnattr_t()
         posix_spawnattr_init(&attributes)
         defer { posix_spawnattr_destroy(&attributes) }
-        posix_spawnattr_setflags(&attributes, Int16(0x80))  // POSIX_SPAWN_SETSID: leave our session
+        // POSIX_SPAWN_SETSID (leave our session), SETSIGMASK and SETSIGDEF: whatever signals the
+        // caller blocks or ignores, the server must see SIGINT and SIGTERM to unmount cleanly.
+        posix_spawnattr_setflags(&attributes, Int16(0x80 | POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF))
+        var empty = sigset_t()
+        sigemptyset(&empty)
+        posix_spawnattr_setsigmask(&attributes, &empty)
+        var defaults = sigset_t()
+        sigemptyset(&defaults)
+        for signal in [SIGINT, SIGTERM, SIGHUP, SIGPIPE] { sigaddset(&defaults, signal) }
+        posix_spawnattr_setsigdefault(&attributes, &defaults)
         var pid: pid_t = 0
         let argv = arguments.map { strdup($0) } + [nil]
         defer { for p in argv { free(p) } }

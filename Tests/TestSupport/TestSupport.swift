@@ -153,3 +153,9 @@ public let packageRoot: String = {
     for _ in 0..<3 { path = FileSystem.parentDirectory(of: path) }
     return path
 }()
+
+/// `count` deterministic pseudo-random bytes.
+public func randomBytes(seed: UInt64, count: Int) -> [UInt8] {
+    var random = SeededBytes(seed: seed)
+    return random.bytes(count)
+}
