@@ -65,6 +65,9 @@ public final class MountServer: Sendable {
     private let fuseHandle = Mutex<UInt>(0)
 
     public init(vault: Vault, options: MountOptions, log: @escaping @Sendable (String) -> Void) {
+        // Each FUSE thread would otherwise get its own malloc arena, and freed chunk buffers
+        // would stay resident in all of them: memory must stay near the cache size.
+        _ = lifeboat_mallopt(-8 /* M_ARENA_MAX */, 2)
         self.vault = vault
         self.log = log
         self.catalog = PointCatalog(vault: vault, log: log)
@@ -210,7 +213,7 @@ public final class MountServer: Sendable {
             let key = point.id + "/" + disk.name
             let reader = readers.withLock { r in
                 if let existing = r[key] { return existing }
-                if r.count >= 64 { r.removeAll() }  // open handles keep theirs alive
+                if r.count >= 16 { r.removeAll() }  // open handles keep theirs alive
                 let made = DiskReader(point: point, disk: disk, chunks: vault.chunks, cache: cache)
                 r[key] = made
                 return made
@@ -332,6 +335,9 @@ public final class MountServer: Sendable {
         return 0
     }
 }
+
+@_silgen_name("mallopt")
+func lifeboat_mallopt(_ parameter: Int32, _ value: Int32) -> Int32
 
 /// The server of the mount this callback serves.
 private func server() -> MountServer? {

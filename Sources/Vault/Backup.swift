@@ -171,10 +171,15 @@ extension Vault {
         let chunkSize = config.chunkSize
         let slotsPerBatch = max(1, (4 << 20) / chunkSize)
         let workerCount = max(1, ProcessInfo.processInfo.activeProcessorCount)
-        let free = BoundedQueue<Batch>(capacity: workerCount * 2 + 2)
-        for _ in 0..<(workerCount * 2 + 2) { free.push(Batch(bytes: slotsPerBatch * chunkSize, slots: slotsPerBatch)) }
-        let filled = BoundedQueue<Batch>(capacity: workerCount * 2 + 2)
-        let results = BoundedQueue<BatchResult>(capacity: workerCount * 4 + 4)
+        // Files and devices are read by several threads at once (O_DIRECT has no readahead, and
+        // the device needs several requests in flight to reach its speed); standard input by one.
+        let readerCount = source.size == nil ? 1 : 8
+        // Enough batches for every reader and worker to hold one, and a few waiting.
+        let batchCount = readerCount + workerCount * 2 + 2
+        let free = BoundedQueue<Batch>(capacity: batchCount)
+        for _ in 0..<batchCount { free.push(Batch(bytes: slotsPerBatch * chunkSize, slots: slotsPerBatch)) }
+        let filled = BoundedQueue<Batch>(capacity: batchCount)
+        let results = BoundedQueue<BatchResult>(capacity: batchCount * 2)
         let failure = Mutex<VaultError?>(nil)
         let counters = DiskCounters()
         let previousIndex = previous.map { reader($0) }
@@ -186,11 +191,8 @@ extension Vault {
             filled.close()
         }
 
-        // Files and devices are read by several threads at once (O_DIRECT has no readahead, so
-        // concurrent requests keep the device busy); standard input by one, in order.
         let sourceBox = SourceBox(source)
         let batchBytes = UInt64(slotsPerBatch * chunkSize)
-        let readerCount = source.size == nil ? 1 : 4
         let nextBatch = Atomic<Int>(0)
         let readersLeft = Atomic<Int>(readerCount)
         let readers = (0..<readerCount).map { n in

@@ -48,7 +48,7 @@ public final class DiskReader: Sendable {
         self.disk = disk
         self.chunks = chunks
         self.cache = cache
-        self.index = DiskIndexReader(disk: disk, chunks: chunks, cachedNodes: 64)
+        self.index = DiskIndexReader(disk: disk, chunks: chunks, cachedNodes: 16)
     }
 
     /// Reads up to `buffer.count` bytes at `offset`; fewer only at the end of the disk.
@@ -100,7 +100,7 @@ public final class DiskReader: Sendable {
         }
         if !whole.isEmpty {
             let scratch = scratches.withLock { $0.popLast() } ?? ReadScratch()
-            defer { scratches.withLock { if $0.count < 16 { $0.append(scratch) } } }
+            defer { scratches.withLock { if $0.count < 8 { $0.append(scratch) } } }
             do {
                 // Large reads skip the page cache: the kernel caches what it asked for anyway.
                 try chunks.readMany(whole.map { ids[$0] }, scratch: scratch, bypassCache: whole.count >= 4) { i in
