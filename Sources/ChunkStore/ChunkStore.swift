@@ -62,13 +62,22 @@ public final class ChunkStore: Sendable {
         self.table = Mutex(try LocationTable.open(store: store, directory: cacheDirectory, accept: acceptIndex))
     }
 
-    /// The chunk locations known when the store was opened or last refreshed.
-    public var locations: LocationTable { table.withLock { $0 } }
+    /// Set when index objects were written since the table was loaded.
+    private let stale = Mutex(false)
 
-    /// Merges index objects written since (by this process or others).
-    public func refresh() throws(ChunkStoreError) {
-        let fresh = try LocationTable.open(store: store, directory: cacheDirectory)
-        table.withLock { $0 = fresh }
+    /// The chunk locations known when the store was opened, brought up to date after a refresh
+    /// on first use (a process that writes and exits never pays for the merge).
+    public var locations: LocationTable {
+        if stale.withLock({ $0 }), let fresh = try? LocationTable.open(store: store, directory: cacheDirectory) {
+            table.withLock { $0 = fresh }
+            stale.withLock { $0 = false }
+        }
+        return table.withLock { $0 }
+    }
+
+    /// Marks the table out of date: index objects were written (by this process or others).
+    public func refresh() {
+        stale.withLock { $0 = true }
     }
 
     public func location(_ id: ChunkID) throws(ChunkStoreError) -> ChunkLocation? {

@@ -92,5 +92,5 @@ func looksIncompressible(_ data: UnsafeRawBufferPointer) -> Bool {
     var sum = 0.0
     for n in counts where n > 1 { sum += Double(n) * log2(Double(n)) }
     let entropy = 12.0 - sum / 4096.0
-    return entropy > 7.9
+    return entropy > 7.5
 }

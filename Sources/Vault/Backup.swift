@@ -141,7 +141,7 @@ extension Vault {
             let id = ChunkID.sha256(bytes).hex
             // The commit: everything the manifest names is durable by now.
             try store.put(RecoveryPoint.objectName(machine: request.machine, id: id), bytes)
-            try? chunks.refresh()  // the point is committed; a stale cache only costs the next open a merge
+            chunks.refresh()
             return BackupReport(
                 point: id, machine: request.machine, time: point.time, consistency: consistency, disks: disks,
                 bytesRead: bytesRead, newBytes: point.newBytes, storedBytes: point.storedBytes,

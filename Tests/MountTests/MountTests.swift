@@ -90,7 +90,7 @@ struct MountFixture {
         try writeAt(tree + "/zeros-and-text.log", 0, Array(String(repeating: "all is well\n", count: 20000).utf8))
         let disk = dir.file(name)
         let part = dir.file(name + "-part")
-        guard shell("truncate -s 64M \(disk) && sgdisk -q -n 1:2048:0 -t 1:8300 \(disk) && truncate -s 63M \(part) && mkfs.ext4 -q -F -d \(tree) \(part) && dd if=\(part) of=\(disk) bs=1M seek=1 conv=notrunc,sparse status=none && rm \(part)").status == 0 else {
+        guard shell("truncate -s 64M \(disk) && sgdisk -q -n 1:2048:0 -t 1:8300 \(disk) && truncate -s 62M \(part) && mkfs.ext4 -q -F -d \(tree) \(part) && dd if=\(part) of=\(disk) bs=1M seek=1 conv=notrunc,sparse status=none && rm \(part)").status == 0 else {
             throw MountTestError.failed("cannot build the ext4 image")
         }
         return disk
@@ -143,7 +143,7 @@ struct MountFixture {
         }
 
         // The kernel reads the ext4 partition inside the exposed image: fsck, then a mount.
-        let loop = shell("losetup -r -f --show -o 1048576 --sizelimit 66060288 \(image1)").stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+        let loop = shell("losetup -r -f --show -o 1048576 --sizelimit 65011712 \(image1)").stdout.trimmingCharacters(in: .whitespacesAndNewlines)
         #expect(loop.hasPrefix("/dev/loop"))
         if loop.hasPrefix("/dev/loop") {
             defer { shell("losetup -d \(loop)") }

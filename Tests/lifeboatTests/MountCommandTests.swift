@@ -13,7 +13,10 @@ import TestSupport
 
     @Test func mountReturnsWhenReadyAndUnmountStopsTheServer() throws {
         let cli = CLI()
-        defer { cli.dir.remove() }
+        defer {
+            shell("umount -l \(cli.dir.file("mnt")) 2>/dev/null")
+            cli.dir.remove()
+        }
         #expect(cli("init").status == 0)
         let image = try cli.randomImage("a.img", megabytes: 8, seed: 1)
         #expect(cli("backup", "--machine", "m", "--disk", "os=" + image, "--time", "2026-05-01T00:00:00Z").status == 0)
@@ -36,7 +39,10 @@ import TestSupport
 
     @Test func signalsUnmountCleanlyAndStaleMountsAreCleared() throws {
         let cli = CLI()
-        defer { cli.dir.remove() }
+        defer {
+            shell("umount -l \(cli.dir.file("mnt")) 2>/dev/null")
+            cli.dir.remove()
+        }
         #expect(cli("init").status == 0)
         let image = try cli.randomImage("a.img", megabytes: 4, seed: 2)
         #expect(cli("backup", "--machine", "m", "--disk", "os=" + image).status == 0)
