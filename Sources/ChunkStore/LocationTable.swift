@@ -226,6 +226,14 @@ public final class LocationTable: Sendable {
             packBytes.reserveCapacity(packs.count * 32)
             for pack in packs { pack.append(to: &packBytes) }
             try writeFile(packsPath(directory, finalGeneration), packBytes)
+            // The fan-out is computed here, once per update, so that opening never scans the table.
+            let table = try SystemFile.open(finalTable, .readOnly)
+            let fanout = try buildFanout(table, count: count, bits: bits)
+            table.close()
+            var fanoutBytes: [UInt8] = []
+            fanoutBytes.reserveCapacity(fanout.count * 4)
+            for value in fanout { fanoutBytes.appendLE(value) }
+            try writeFile(fanoutPath(directory, finalGeneration), fanoutBytes)
             let newState = State(version: formatVersion, generation: finalGeneration, count: count, bits: bits, indexes: done.sorted())
             let json = try JSONEncoder().encode(newState)
             try writeFile(directory + "/state.json", Array(json))
@@ -236,7 +244,7 @@ public final class LocationTable: Sendable {
         }
         // Remove files of older generations.
         if let names = try? FileSystem.list(directory) {
-            for name in names where name.hasPrefix("table-") || name.hasPrefix("packs-") {
+            for name in names where name.hasPrefix("table-") || name.hasPrefix("packs-") || name.hasPrefix("fanout-") {
                 if !name.hasSuffix("-\(finalGeneration)") { try? FileSystem.remove(directory + "/" + name) }
             }
         }
@@ -246,6 +254,18 @@ public final class LocationTable: Sendable {
 
     private static func tablePath(_ directory: String, _ generation: UInt64) -> String { directory + "/table-\(generation)" }
     private static func packsPath(_ directory: String, _ generation: UInt64) -> String { directory + "/packs-\(generation)" }
+    private static func fanoutPath(_ directory: String, _ generation: UInt64) -> String { directory + "/fanout-\(generation)" }
+
+    /// The stored fan-out of a generation, if it is whole and agrees with the table.
+    private static func readFanout(_ directory: String, _ state: State) -> [UInt32]? {
+        guard let file = try? SystemFile.open(fanoutPath(directory, state.generation), .readOnly) else { return nil }
+        defer { file.close() }
+        let entries = (1 << state.bits) + 1
+        guard let bytes = try? file.readAll(count: entries * 4), bytes.count == entries * 4 else { return nil }
+        let fanout = bytes.withUnsafeBytes { raw in (0..<entries).map { raw.loadLE(UInt32.self, at: $0 * 4) } }
+        guard fanout.last == UInt32(state.count), zip(fanout, fanout.dropFirst()).allSatisfy({ $0 <= $1 }) else { return nil }
+        return fanout
+    }
 
     private static func readState(_ directory: String) -> State? {
         guard let file = try? SystemFile.open(directory + "/state.json", .readOnly) else { return nil }
@@ -293,8 +313,13 @@ public final class LocationTable: Sendable {
             packBytes.withUnsafeBytes { raw in
                 for i in 0..<(raw.count / 32) { packs.append(ChunkID(raw, at: i * 32)) }
             }
-            // The fan-out is rebuilt by one pass over the first bytes of each record.
-            let fanout = try buildFanout(table, count: state.count, bits: state.bits)
+            // Normally stored beside the table; rebuilt by one pass over it if missing.
+            let fanout: [UInt32]
+            if let stored = readFanout(directory, state) {
+                fanout = stored
+            } else {
+                fanout = try buildFanout(table, count: state.count, bits: state.bits)
+            }
             return LocationTable(table: table, fanout: fanout, bits: state.bits, packs: packs, count: state.count,
                                  included: Set(state.indexes))
         } catch {
