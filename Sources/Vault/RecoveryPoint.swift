@@ -50,6 +50,8 @@ public struct RecoveryPoint: Codable, Sendable {
 
     /// Set when read: the hex SHA-256 of the manifest's bytes.
     public var id: String = ""
+    /// `time`, parsed once.
+    public private(set) var date = Date(timeIntervalSince1970: 0)
 
     enum CodingKeys: String, CodingKey {
         case format, machine, time, created, host, consistency, tags, parent, disks
@@ -59,7 +61,6 @@ public struct RecoveryPoint: Codable, Sendable {
     public static let prefix = "points/"
 
     public var shortID: String { String(id.prefix(12)) }
-    public var date: Date { Timestamp.parse(time) ?? Date(timeIntervalSince1970: 0) }
     public var logicalSize: UInt64 { disks.reduce(0) { $0 + $1.size } }
     public var newBytes: UInt64 { disks.reduce(0) { $0 + $1.newBytes } }
     public var storedBytes: UInt64 { disks.reduce(0) { $0 + $1.storedBytes } }
@@ -96,7 +97,8 @@ public struct RecoveryPoint: Codable, Sendable {
         }
         guard point.format == currentFormat else { throw .badManifest(name, "unknown format \(point.format)") }
         guard point.machine == String(parts[1]) else { throw .badManifest(name, "names machine \(point.machine)") }
-        guard Timestamp.parse(point.time) != nil else { throw .badManifest(name, "bad time \(point.time)") }
+        guard let date = Timestamp.parse(point.time) else { throw .badManifest(name, "bad time \(point.time)") }
+        point.date = date
         for disk in point.disks {
             guard disk.chunkSize > 0, ChunkID(hex: disk.indexRoot) != nil, disk.indexDepth >= 1, disk.indexDepth <= 8 else {
                 throw .badManifest(name, "disk \(disk.name) has a bad index")

@@ -308,3 +308,20 @@ struct Fixture {
         #expect(try !f.open().check(readData: false).ok)
     }
 }
+
+@Suite struct TimestampTests {
+    @Test(arguments: ["1970-01-01T00:00:00Z", "2000-02-29T23:59:59Z", "2026-11-22T02:21:31Z", "2100-03-01T12:00:00Z", "1999-12-31T00:00:01Z"])
+    func fastParserAgreesWithTheFormatter(_ text: String) throws {
+        let formatter = ISO8601DateFormatter()
+        formatter.formatOptions = [.withInternetDateTime]
+        #expect(Timestamp.parseUTC(text) == formatter.date(from: text))
+        #expect(Timestamp.format(try #require(Timestamp.parse(text))) == text)
+    }
+
+    @Test func otherFormsStillParse() {
+        #expect(Timestamp.parseUTC("2026-01-01") == nil)
+        #expect(Timestamp.parse("2026-01-01") != nil)
+        #expect(Timestamp.parse("2026-01-01T10:00:00+02:00") == Timestamp.parse("2026-01-01T08:00:00Z"))
+        #expect(Timestamp.parse("2026-13-01T00:00:00Z") == nil)
+    }
+}
