@@ -12,9 +12,12 @@ public struct BackupRequest: Sendable {
     public var preSnapshot: String?
     public var postSnapshot: String?
     public var tags: [String]
+    /// Prune keeps the point at least until then.
+    public var keepUntil: Date?
 
     public init(machine: String, disks: [(name: String, source: SourceSpec)], time: Date? = nil,
-                preSnapshot: String? = nil, postSnapshot: String? = nil, tags: [String] = []) {
+                preSnapshot: String? = nil, postSnapshot: String? = nil, tags: [String] = [], keepUntil: Date? = nil) {
+        self.keepUntil = keepUntil
         self.machine = machine
         self.disks = disks
         self.time = time
@@ -136,7 +139,7 @@ extension Vault {
             let point = RecoveryPoint(
                 format: RecoveryPoint.currentFormat, machine: request.machine, time: Timestamp.format(time),
                 created: Timestamp.format(Date()), host: hostName(), consistency: consistency,
-                tags: request.tags, parent: parent?.id, disks: disks)
+                tags: request.tags, parent: parent?.id, keepUntil: request.keepUntil.map(Timestamp.format), disks: disks)
             let bytes = point.encoded()
             let id = ChunkID.sha256(bytes).hex
             // The commit: everything the manifest names is durable by now.

@@ -46,6 +46,8 @@ public struct RecoveryPoint: Codable, Sendable {
     public var tags: [String]
     /// The point whose disk indexes served as the dedup reference, if any.
     public var parent: String?
+    /// Prune never removes the point before this time (ISO 8601), if set.
+    public var keepUntil: String?
     public var disks: [PointDisk]
 
     /// Set when read: the hex SHA-256 of the manifest's bytes.
@@ -54,7 +56,7 @@ public struct RecoveryPoint: Codable, Sendable {
     public private(set) var date = Date(timeIntervalSince1970: 0)
 
     enum CodingKeys: String, CodingKey {
-        case format, machine, time, created, host, consistency, tags, parent, disks
+        case format, machine, time, created, host, consistency, tags, parent, keepUntil, disks
     }
 
     public static let currentFormat = 1

@@ -74,6 +74,9 @@ struct Backup: ParsableCommand {
     @Option(name: .customLong("tag"), help: "A tag for the point; repeatable.")
     var tags: [String] = []
 
+    @Option(help: ArgumentHelp("Prune keeps the point at least until this date (ISO 8601).", valueName: "date"))
+    var keepUntil: String?
+
     @Flag(help: "Print a JSON summary on standard output.")
     var json = false
 
@@ -91,11 +94,16 @@ struct Backup: ParsableCommand {
                 guard let d = Timestamp.parse(time) else { throw VaultError.invalidArgument("cannot read time \"\(time)\": use ISO 8601, e.g. 2026-01-31T22:00:00Z") }
                 date = d
             }
+            var keep: Date? = nil
+            if let keepUntil {
+                guard let d = Timestamp.parse(keepUntil) else { throw VaultError.invalidArgument("cannot read date \"\(keepUntil)\"") }
+                keep = d
+            }
             let opened = try vault.open()
             installInterruptHandlers()
             let line = ProgressLine("backup")
             let request = BackupRequest(machine: machine, disks: parsed, time: date, preSnapshot: preSnapshot,
-                                        postSnapshot: postSnapshot, tags: tags)
+                                        postSnapshot: postSnapshot, tags: tags, keepUntil: keep)
             let result = try opened.backup(request) { p in
                 line.update(done: p.bytesDone, total: p.bytesTotal, label: "backup \(p.disk)")
             }

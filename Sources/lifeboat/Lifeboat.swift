@@ -23,7 +23,8 @@ struct Lifeboat: ParsableCommand {
           lifeboat restore web01@latest --disk os --to /tmp/os.img
         """,
         version: "0.1.0",
-        subcommands: [Init.self, Backup.self, Points.self, Show.self, Restore.self, Check.self, MountCommand.self, UmountCommand.self]
+        subcommands: [Init.self, Backup.self, Points.self, Show.self, Restore.self, Check.self, MountCommand.self, UmountCommand.self,
+                      Policy.self, Prune.self, Protect.self, Unprotect.self]
     )
 }
 

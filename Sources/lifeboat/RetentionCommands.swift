@@ -1,0 +1,157 @@
+import ArgumentParser
+import Foundation
+import SystemIO
+import Vault
+
+struct Policy: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Set or show a machine's retention policy.",
+        subcommands: [PolicySet.self, PolicyShow.self])
+}
+
+struct PolicySet: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "set",
+        abstract: "Set how many points of a machine prune keeps.",
+        discussion: """
+        Rules apply as in borg and Proxmox: keep-within, then keep-last, hourly, daily, weekly
+        (ISO weeks), monthly and yearly, each keeping the newest point of each period not already
+        kept by an earlier rule; periods in UTC. Protected points, and points younger than their
+        --keep-until, are always kept. The new policy replaces the old one.
+
+        Example:
+          lifeboat policy set web01 --keep-last 3 --keep-daily 7 --keep-weekly 4 --keep-monthly 12
+        """)
+
+    @OptionGroup var vault: VaultOptions
+    @Argument(help: "The machine.") var machine: String
+    @Option(help: "Keep the N newest points.") var keepLast: Int?
+    @Option(help: "Keep the newest point of each of the last N hours that have one.") var keepHourly: Int?
+    @Option(help: "... of each of the last N days.") var keepDaily: Int?
+    @Option(help: "... of each of the last N ISO weeks.") var keepWeekly: Int?
+    @Option(help: "... of each of the last N months.") var keepMonthly: Int?
+    @Option(help: "... of each of the last N years.") var keepYearly: Int?
+    @Option(help: ArgumentHelp("Keep every point younger than this (36h, 7d, 2w, 6m, 1y).", valueName: "duration"))
+    var keepWithin: String?
+
+    func run() throws {
+        try report {
+            let policy = RetentionPolicy(keepLast: keepLast, keepHourly: keepHourly, keepDaily: keepDaily, keepWeekly: keepWeekly,
+                                         keepMonthly: keepMonthly, keepYearly: keepYearly, keepWithin: keepWithin)
+            guard !policy.isEmpty else { throw VaultError.invalidArgument("give at least one --keep-... rule") }
+            try vault.open().setPolicy(policy, machine: machine)
+            print("policy of \(machine): \(describe(policy))")
+        }
+    }
+}
+
+struct PolicyShow: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "show",
+        abstract: "Show a machine's retention policy.",
+        discussion: "Example:\n  lifeboat policy show web01 --json")
+
+    @OptionGroup var vault: VaultOptions
+    @Argument(help: "The machine.") var machine: String
+    @Flag(help: "Print JSON.") var json = false
+
+    func run() throws {
+        try report {
+            let policy = try vault.open().policy(machine: machine)
+            if json {
+                printJSON(policy ?? RetentionPolicy())
+            } else {
+                print(policy.map { "policy of \(machine): \(describe($0))" } ?? "\(machine) has no policy: prune keeps all its points")
+            }
+        }
+    }
+}
+
+func describe(_ p: RetentionPolicy) -> String {
+    var parts: [String] = []
+    if let w = p.keepWithin { parts.append("within \(w)") }
+    for (name, value) in [("last", p.keepLast), ("hourly", p.keepHourly), ("daily", p.keepDaily), ("weekly", p.keepWeekly),
+                          ("monthly", p.keepMonthly), ("yearly", p.keepYearly)] {
+        if let value, value > 0 { parts.append("\(name) \(value)") }
+    }
+    return parts.joined(separator: ", ")
+}
+
+struct Prune: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Remove the points the machines' policies do not keep.",
+        discussion: """
+        Lists every point as kept (with the rule that kept it) or removed. Machines without a
+        policy keep everything. Removing a point removes its manifest; `lifeboat gc` then frees
+        the space only it used.
+
+        Example:
+          lifeboat prune web01 --dry-run
+        """)
+
+    @OptionGroup var vault: VaultOptions
+    @Argument(help: "Only this machine.") var machine: String?
+    @Flag(help: "Show what would be removed; change nothing.") var dryRun = false
+    @Flag(help: "Print JSON.") var json = false
+
+    func run() throws {
+        try report {
+            let opened = try vault.open()
+            installInterruptHandlers()
+            let result = try opened.prune(machine: machine, dryRun: dryRun)
+            if json {
+                printJSON(result)
+                return
+            }
+            var rows = [["MACHINE", "TIME", "ID", "", "RULE"]]
+            for d in result.decisions {
+                rows.append([d.machine, d.time, String(d.point.prefix(12)), d.keep ? "keep" : (dryRun ? "would remove" : "removed"), d.reason])
+            }
+            print(formatTable(rows), terminator: "")
+            print("\(result.kept) kept, \(result.removed) \(dryRun ? "would be removed" : "removed")")
+        }
+    }
+}
+
+struct Protect: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Protect a point from prune.",
+        discussion: "Example:\n  lifeboat protect web01@2026-03-02 --until 2027-03-02")
+
+    @OptionGroup var vault: VaultOptions
+    @Argument(help: "The point.") var point: String
+    @Option(help: ArgumentHelp("Protect it until this date (ISO 8601); for ever without.", valueName: "date"))
+    var until: String?
+
+    func run() throws {
+        try report {
+            let opened = try vault.open()
+            let p = try opened.point(point)
+            var date: Date? = nil
+            if let until {
+                guard let d = Timestamp.parse(until) else { throw VaultError.invalidArgument("cannot read date \"\(until)\"") }
+                date = d
+            }
+            try opened.protect(p, until: date)
+            print("protected \(p.label)\(until.map { " until \($0)" } ?? "")")
+        }
+    }
+}
+
+struct Unprotect: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Remove a point's protection.",
+        discussion: "Example:\n  lifeboat unprotect web01@2026-03-02")
+
+    @OptionGroup var vault: VaultOptions
+    @Argument(help: "The point.") var point: String
+
+    func run() throws {
+        try report {
+            let opened = try vault.open()
+            let p = try opened.point(point)
+            try opened.unprotect(p)
+            print("unprotected \(p.label)")
+        }
+    }
+}

@@ -1,0 +1,133 @@
+import ChunkStore
+import Foundation
+import ObjectStore
+import SystemIO
+import Testing
+import TestSupport
+@testable import Vault
+
+/// Manifests as a backup writes them (encoded and read back), for the retention rules.
+func points(at times: [Date], machine: String = "m") throws -> [RecoveryPoint] {
+    try times.enumerated().map { i, time in
+        let point = RecoveryPoint(format: 1, machine: machine, time: Timestamp.format(time), created: "2026-01-01T00:00:0\(i % 10)Z",
+                                  host: "h", consistency: .crash, tags: ["n\(i)"], parent: nil, keepUntil: nil, disks: [])
+        let bytes = point.encoded()
+        return try RecoveryPoint.decode(bytes, name: RecoveryPoint.objectName(machine: machine, id: ChunkID.sha256(bytes).hex))
+    }
+}
+
+let borgAvailable = FileSystem.exists("/usr/lib/python3/dist-packages/borg/helpers/misc.py")
+
+@Suite struct RetentionTests {
+    @Test func dailyWeeklyAndTheOldestRule() throws {
+        // Four days, two points on day 2; keep 3 daily: the newest of each of the last 3 days.
+        let day = 86400.0
+        let base = Timestamp.parse("2026-03-02T08:00:00Z")!
+        let times = [base, base.addingTimeInterval(day), base.addingTimeInterval(day + 3600), base.addingTimeInterval(3 * day)]
+        let p = try points(at: times)
+        let plan = Retention.plan(p, policy: RetentionPolicy(keepDaily: 3), now: base.addingTimeInterval(10 * day))
+        let kept = Set(plan.filter(\.keep).map(\.point))
+        #expect(kept == Set([p[3].id, p[2].id, p[0].id]))
+        #expect(plan.first { $0.point == p[3].id }?.reason == "daily #1")
+        // keep-last 1 then daily 2: the last point counts once; daily takes the next two days.
+        let mixed = Retention.plan(p, policy: RetentionPolicy(keepLast: 1, keepDaily: 2), now: base)
+        #expect(Set(mixed.filter(\.keep).map(\.point)) == Set([p[3].id, p[2].id, p[0].id]))
+        // More periods wanted than there are: the oldest point is kept too.
+        let oldest = Retention.plan(p, policy: RetentionPolicy(keepMonthly: 5), now: base)
+        #expect(oldest.first { $0.point == p[0].id }?.reason == "monthly[oldest] #2")
+    }
+
+    @Test func withinProtectionAndKeepUntil() throws {
+        let now = Timestamp.parse("2026-06-01T00:00:00Z")!
+        let times = (0..<10).map { now.addingTimeInterval(-Double($0) * 86400 - 60) }
+        var p = try points(at: times)
+        let plan = Retention.plan(p, policy: RetentionPolicy(keepWithin: "3d"), now: now)
+        #expect(plan.filter(\.keep).count == 3)
+        let protected = Retention.plan(p, policy: RetentionPolicy(keepLast: 1), now: now,
+                                       protected: [p[9].id: nil, p[8].id: now.addingTimeInterval(-1), p[7].id: now.addingTimeInterval(86400)])
+        let keep = Set(protected.filter(\.keep).map(\.point))
+        #expect(keep == Set([p[0].id, p[9].id, p[7].id]))  // an expired protection no longer keeps p[8]
+        // A point backed up with --keep-until stays until then.
+        var point = p[5]
+        point.keepUntil = "2026-07-01T00:00:00Z"
+        let bytes = point.encoded()
+        p[5] = try RecoveryPoint.decode(bytes, name: RecoveryPoint.objectName(machine: "m", id: ChunkID.sha256(bytes).hex))
+        let untilPlan = Retention.plan(p, policy: RetentionPolicy(keepLast: 1), now: now)
+        #expect(untilPlan.first { $0.point == p[5].id }?.reason == "keep-until 2026-07-01T00:00:00Z")
+        #expect(RetentionPolicy.seconds("36h") == 36.0 * 3600)
+        #expect(RetentionPolicy.seconds("2w") == 14.0 * 86400)
+        #expect(RetentionPolicy.seconds("x") == nil)
+        #expect(throws: VaultError.self) { try RetentionPolicy(keepWithin: "7 days").validate() }
+    }
+
+    /// 200 random timelines: the points Lifeboat keeps are the archives borg 1.2 keeps, by
+    /// borg's own code, for the same times and rules.
+    @Test(.enabled(if: borgAvailable)) func agreesWithBorgOnRandomTimelines() throws {
+        var random = SeededBytes(seed: 2026)
+        struct Case: Encodable { var times: [Int]; var rules: [String: Int] }
+        var cases: [Case] = []
+        for _ in 0..<200 {
+            let count = Int(random.next() % 40) + 1
+            // Spans from hours to years, with clusters in one period.
+            let spread = [3600, 86400, 7 * 86400, 40 * 86400, 800 * 86400][Int(random.next() % 5)]
+            let start = 1_700_000_000 + Int(random.next() % 100_000_000)
+            var times = Set<Int>()
+            while times.count < count { times.insert(start + Int(random.next() % UInt64(spread * 4))) }
+            var rules: [String: Int] = [:]
+            for rule in ["last", "hourly", "daily", "weekly", "monthly", "yearly"] where random.next() % 2 == 0 {
+                rules[rule] = Int(random.next() % 6)
+            }
+            if rules.values.allSatisfy({ $0 == 0 }) { rules["daily"] = 2 }
+            cases.append(Case(times: times.sorted(), rules: rules))
+        }
+        let input = TemporaryDirectory("oracle")
+        defer { input.remove() }
+        try JSONEncoder().encode(cases).write(to: URL(fileURLWithPath: input.file("cases.json")))
+        let oracle = packageRoot + "/Tests/VaultTests/borg_prune_oracle.py"
+        let result = run("/usr/bin/python3", [oracle], environment: ["TZ": "UTC"], stdin: input.file("cases.json"))
+        #expect(result.status == 0, "\(result.stderr)")
+        let expected = try JSONDecoder().decode([[Int]].self, from: Data(result.stdout.utf8))
+        #expect(expected.count == 200)
+        for (n, c) in cases.enumerated() where n < expected.count {
+            let p = try points(at: c.times.map { Date(timeIntervalSince1970: Double($0)) })
+            let policy = RetentionPolicy(keepLast: c.rules["last"], keepHourly: c.rules["hourly"], keepDaily: c.rules["daily"],
+                                         keepWeekly: c.rules["weekly"], keepMonthly: c.rules["monthly"], keepYearly: c.rules["yearly"])
+            let plan = Retention.plan(p, policy: policy, now: Date(timeIntervalSince1970: 2_000_000_000))
+            let kept = Set(plan.filter(\.keep).map(\.point))
+            let ours = p.indices.filter { kept.contains(p[$0].id) }
+            #expect(ours == expected[n], "timeline \(n): \(c.times) rules \(c.rules)")
+        }
+    }
+
+    @Test func pruneRemovesOnlyWhatThePolicyDoesNotKeep() throws {
+        let f = Fixture()
+        defer { f.dir.remove() }
+        let vault = try f.create()
+        let disk = try f.makeDisk("d.img", size: 1 << 20, seed: 1)
+        var ids: [String] = []
+        for day in 0..<6 {
+            try writeAt(disk, 0, [UInt8(day)])
+            ids.append(try vault.backup(BackupRequest(machine: "web01", disks: [("os", .path(disk))],
+                                                      time: Timestamp.parse("2026-01-0\(day + 1)T12:00:00Z"))).point)
+        }
+        _ = try vault.backup(BackupRequest(machine: "other", disks: [("os", .path(disk))]))
+        try vault.setPolicy(RetentionPolicy(keepLast: 2), machine: "web01")
+        try vault.protect(try vault.point("web01@" + ids[0].prefix(10)), until: nil)
+        let dry = try vault.prune(dryRun: true, now: Timestamp.parse("2026-02-01T00:00:00Z")!)
+        #expect(dry.removed == 3)
+        #expect(dry.machinesWithoutPolicy == ["other"])
+        #expect(try vault.points(machine: "web01").count == 6)
+        let real = try vault.prune(machine: "web01", dryRun: false, now: Timestamp.parse("2026-02-01T00:00:00Z")!)
+        #expect(real.removed == 3)
+        #expect(Set(try vault.points(machine: "web01").map(\.id)) == Set([ids[0], ids[4], ids[5]]))
+        #expect(try vault.points(machine: "other").count == 1)
+        // The kept points still restore; check passes (the removed points' chunks await gc).
+        let out = f.dir.file("out.img")
+        _ = try vault.restore(point: try vault.point("web01"), disk: "os", to: out)
+        #expect(try sha256(file: out) == sha256(file: disk))
+        #expect(try vault.check(readData: true).ok)
+        #expect(try vault.policy(machine: "web01") == RetentionPolicy(keepLast: 2))
+        try vault.setPolicy(RetentionPolicy(keepDaily: 7), machine: "web01", now: Date().addingTimeInterval(5))
+        #expect(try vault.policy(machine: "web01") == RetentionPolicy(keepDaily: 7))
+    }
+}
