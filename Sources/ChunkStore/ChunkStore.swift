@@ -86,6 +86,21 @@ public final class ChunkStore: Sendable {
 
     /// Reads one chunk and checks it against its id.
     public func read(_ id: ChunkID) throws(ChunkStoreError) -> [UInt8] {
+        do {
+            return try readOnce(id)
+        } catch {
+            // A chunk written, or a pack moved by garbage collection, since the cache was loaded.
+            switch error {
+            case .store(.notFound), .missingChunk:
+                refresh()
+                return try readOnce(id)
+            default:
+                throw error
+            }
+        }
+    }
+
+    private func readOnce(_ id: ChunkID) throws(ChunkStoreError) -> [UInt8] {
         guard let location = try location(id) else { throw .missingChunk(id) }
         var out = [UInt8](repeating: 0, count: Int(location.rawLength))
         let stored: [UInt8]
@@ -129,9 +144,26 @@ public final class ChunkStore: Sendable {
 
     /// Reads many chunks, coalescing neighbours in the same pack into one read, and decodes each
     /// (verified against its id) straight into `destination(i)`, which must be exactly the
-    /// chunk's length.
+    /// chunk's length. A pack that has gone (garbage collection moved its chunks) makes the
+    /// location cache reload once, so long-running readers keep working.
     public func readMany(_ ids: [ChunkID], scratch: ReadScratch, bypassCache: Bool = true,
                          destination: (Int) -> UnsafeMutableRawBufferPointer) throws(ChunkStoreError) {
+        do {
+            try readManyOnce(ids, scratch: scratch, bypassCache: bypassCache, destination: destination)
+        } catch {
+            // A chunk written, or a pack moved, since the cache was loaded: reload it once.
+            switch error {
+            case .store(.notFound), .missingChunk:
+                refresh()
+                try readManyOnce(ids, scratch: scratch, bypassCache: bypassCache, destination: destination)
+            default:
+                throw error
+            }
+        }
+    }
+
+    private func readManyOnce(_ ids: [ChunkID], scratch: ReadScratch, bypassCache: Bool,
+                              destination: (Int) -> UnsafeMutableRawBufferPointer) throws(ChunkStoreError) {
         var located: [(index: Int, location: ChunkLocation)] = []
         located.reserveCapacity(ids.count)
         for (i, id) in ids.enumerated() {
@@ -194,8 +226,9 @@ public final class ChunkStore: Sendable {
     }
 
     /// Starts a writing session (one backup).
-    public func writer(uploaders: Int = 2) -> ChunkWriter {
-        ChunkWriter(chunkStore: self, uploaders: uploaders)
+    /// `avoiding`: packs that garbage collection plans to delete; their chunks are stored again.
+    public func writer(uploaders: Int = 2, avoiding: Set<ChunkID> = []) -> ChunkWriter {
+        ChunkWriter(chunkStore: self, uploaders: uploaders, avoiding: avoiding)
     }
 }
 
@@ -232,8 +265,12 @@ public final class ChunkWriter: Sendable {
     /// found again by the next one.
     static let packsPerIndex = 64
 
-    init(chunkStore: ChunkStore, uploaders: Int) {
+    /// Packs whose chunks must not be reused (pending deletion).
+    public let avoiding: Set<ChunkID>
+
+    init(chunkStore: ChunkStore, uploaders: Int, avoiding: Set<ChunkID>) {
         self.chunkStore = chunkStore
+        self.avoiding = avoiding
         let buffers = uploaders + 1
         let pool = BoundedQueue<PackBuilder>(capacity: buffers)
         for _ in 0..<buffers { pool.push(PackBuilder(maxChunk: chunkStore.parameters.chunkSize + 4096)) }
@@ -277,7 +314,7 @@ public final class ChunkWriter: Sendable {
     public func claim(_ id: ChunkID) throws(ChunkStoreError) -> Bool {
         try checkFailure()
         if shared.claims.withLock({ $0.contains(id) }) { return false }
-        if try chunkStore.location(id) != nil { return false }
+        if let location = try chunkStore.location(id), !avoiding.contains(location.pack) { return false }
         return shared.claims.withLock { $0.insert(id).inserted }
     }
 

@@ -161,7 +161,8 @@ public struct LocalDirectoryStore: ObjectStore {
             if (st.st_mode & S_IFMT) == S_IFDIR {
                 try walk(child, prefix: prefix, into: &results)
             } else if (st.st_mode & S_IFMT) == S_IFREG && child.hasPrefix(prefix) {
-                results.append(ObjectInfo(name: child, size: UInt64(st.st_size)))
+                results.append(ObjectInfo(name: child, size: UInt64(st.st_size),
+                                          modified: Double(st.st_mtim.tv_sec) + Double(st.st_mtim.tv_nsec) / 1e9))
             }
         }
     }

@@ -4,6 +4,14 @@ import SystemIO
 public struct ObjectInfo: Sendable, Hashable {
     public let name: String
     public let size: UInt64
+    /// When the object was written (S3: LastModified), seconds since 1970.
+    public let modified: Double
+
+    public init(name: String, size: UInt64, modified: Double = 0) {
+        self.name = name
+        self.size = size
+        self.modified = modified
+    }
 }
 
 public enum ObjectStoreError: LifeboatError {

@@ -125,7 +125,8 @@ extension Vault {
         let time = request.time ?? started
 
         let parent = try points(machine: request.machine).last
-        let writer = chunks.writer()
+        // Chunks in packs that garbage collection is about to delete are stored again.
+        let writer = chunks.writer(avoiding: try packsPendingDeletion())
         var disks: [PointDisk] = []
         var bytesRead: UInt64 = 0
         do {
@@ -333,7 +334,7 @@ extension Vault {
             let id = ChunkID.sha256(bytes)
             ids[s] = id
             let slot = batch.firstSlot + s
-            if let leaf = previousLeaf, slot - leaf.first < leaf.ids.count, leaf.ids[slot - leaf.first] == id {
+            if writer.avoiding.isEmpty, let leaf = previousLeaf, slot - leaf.first < leaf.ids.count, leaf.ids[slot - leaf.first] == id {
                 reused += 1
                 continue
             }

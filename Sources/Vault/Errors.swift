@@ -40,7 +40,9 @@ public enum VaultError: LifeboatError {
         case .ambiguousPoint(let spec, let ids): return "recovery point \(spec) is ambiguous: it matches \(ids.joined(separator: ", "))"
         case .unknownDisk(let point, let disk, let known): return "point \(point) has no disk \(disk) (it has: \(known.joined(separator: ", ")))"
         case .badManifest(let name, let why): return "recovery point manifest \(name) is damaged: \(why)"
-        case .locked(let machine, let holder): return "machine \(machine) is being backed up by another process (\(holder)); try again when it has finished"
+        case .locked(let machine, let holder):
+            if machine == "garbage collection" { return "garbage collection is already running (\(holder))" }
+            return "machine \(machine) is being backed up by another process (\(holder)); try again when it has finished"
         case .sourceShort(let path, let expected, let got): return "source \(path) ended at byte \(got) but was \(expected) bytes long when the backup started"
         case .source(let error): return "source: \(error.description)"
         case .targetTooSmall(let path, let size, let needed): return "target \(path) holds \(size) bytes, but the disk needs \(needed)"

@@ -17,7 +17,11 @@ public struct MachineLock: Sendable {
     }
 
     public static func acquire(machine: String, operation: String, store: any ObjectStore) throws(VaultError) -> MachineLock {
-        let name = "locks/" + machine
+        try acquire(object: "locks/" + machine, label: machine, operation: operation, store: store)
+    }
+
+    /// The same protocol for any lock object (the garbage collector's is `gc/lock`).
+    static func acquire(object name: String, label machine: String, operation: String, store: any ObjectStore) throws(VaultError) -> MachineLock {
         let me = Holder(host: hostName(), pid: getpid(), started: Timestamp.format(Date()), operation: operation)
         let bytes = Array((try? JSONEncoder().encode(me)) ?? Data())
         for _ in 0..<3 {

@@ -29,11 +29,13 @@ public struct RetentionPolicy: Codable, Sendable, Equatable {
         [keepLast, keepHourly, keepDaily, keepWeekly, keepMonthly, keepYearly].allSatisfy { ($0 ?? 0) == 0 } && keepWithin == nil
     }
 
-    /// "36h", "7d", "2w", "6m" (31 days), "1y" (365 days) in seconds, as borg reads them.
+    /// "36h", "7d", "2w", "6m" (31 days), "1y" (365 days) in seconds, as borg reads them
+    /// (and "30s" for short grace periods).
     public static func seconds(_ duration: String) -> TimeInterval? {
         guard let unit = duration.last, let n = Double(duration.dropLast()), n > 0 else { return nil }
         let hours: Double
         switch unit {
+        case "s": hours = 1.0 / 3600
         case "H", "h": hours = 1
         case "d": hours = 24
         case "w": hours = 24 * 7

@@ -155,3 +155,42 @@ struct Unprotect: ParsableCommand {
         }
     }
 }
+
+struct GC: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "gc",
+        abstract: "Free the space no recovery point needs.",
+        discussion: """
+        Deletes packs that hold no chunk any point needs, copies the live chunks of packs that
+        are mostly dead into new packs, and deletes packs left behind by interrupted backups
+        once they are older than --grace. Safe while backups, mounts and restores run: packs
+        are deleted only after a plan naming them was written and every backup that started
+        before it has finished (otherwise the deletion is deferred to the next gc).
+
+        Example:
+          lifeboat prune && lifeboat gc
+        """)
+
+    @OptionGroup var vault: VaultOptions
+    @Flag(help: "Report what would be freed; change nothing.") var dryRun = false
+    @Option(help: ArgumentHelp("Age before an unindexed pack counts as left behind (e.g. 1h, 1d).", valueName: "duration"))
+    var grace: String = "1h"
+    @Flag(help: "Print JSON.") var json = false
+
+    func run() throws {
+        try report {
+            guard let seconds = RetentionPolicy.seconds(grace) else { throw VaultError.invalidArgument("cannot read duration \"\(grace)\"") }
+            let opened = try vault.open()
+            installInterruptHandlers()
+            let result = try opened.collectGarbage(dryRun: dryRun, grace: seconds)
+            if json {
+                printJSON(result)
+                return
+            }
+            let verb = dryRun ? "would free" : "freed"
+            print("\(result.points) points, \(result.liveChunks) live chunks in \(result.packs) packs")
+            print("\(verb) \(formatBytes(result.bytesFreed)): \(result.packsDeleted) dead packs, \(result.packsRewritten) mostly dead packs rewritten (\(formatBytes(result.bytesCopied)) copied), \(result.orphanPacksDeleted) left by interrupted backups")
+            if result.deferred { print("deletion deferred: a backup that started before this gc is still running; run gc again later") }
+        }
+    }
+}

@@ -269,3 +269,57 @@ struct CLI {
         #expect(try sha256(file: cli.dir.file("out.img")) == sha256(file: small))
     }
 }
+
+@Suite(.serialized) struct PruneAndGCCommandTests {
+    /// kill -9 at random moments of prune and of gc, 20 times each: check --read-data passes and
+    /// every surviving point restores bit-exact.
+    @Test func killedPrunesAndCollectionsLoseNothing() throws {
+        let cli = CLI()
+        defer { cli.dir.remove() }
+        #expect(cli("init", "--chunk-size", "16K").status == 0)
+        let disk = cli.dir.file("d.img")
+        try writeAt(disk, 0, randomBytes(seed: 21, count: 24 << 20))
+        var hashes: [String: String] = [:]
+        var random = SeededBytes(seed: 22)
+        func backup(_ n: Int) throws {
+            try writeAt(disk, (random.next() % 20) << 20, random.bytes(3 << 20))
+            let out = cli("backup", "--machine", "m", "--disk", "os=" + disk, "--time", Timestamp(n), "--json")
+            #expect(out.status == 0, "\(out.stderr)")
+            let id = try #require((try? cli.json(out) as? [String: Any])?["point"] as? String)
+            hashes[id] = try sha256(file: disk)
+        }
+        for n in 0..<6 { try backup(n) }
+        #expect(cli("policy", "set", "m", "--keep-last", "3").status == 0)
+        for round in 0..<20 {
+            for command in [["prune"], ["gc", "--grace", "1s"]] {
+                if round == 0 {
+                    // The commands work when not killed (so the kills below hit real work).
+                    #expect(cli(command[0], command.count > 1 ? command[1] : "--dry-run", command.count > 2 ? command[2] : "--dry-run").status == 0)
+                }
+                let pid = cli.start(command)
+                usleep(UInt32(random.next() % 120_000))
+                kill(pid, SIGKILL)
+                _ = cli.wait(pid)
+            }
+            if round % 4 == 0 { try backup(10 + round) }
+        }
+        #expect(cli("gc", "--grace", "1s").status == 0)  // finishes what the killed runs left
+        let check = cli("check", "--read-data")
+        #expect(check.status == 0, "\(check.stdout)")
+        let points = try #require(try cli.json(cli("points", "m", "--json")) as? [[String: Any]])
+        #expect(points.count >= 3)
+        for point in points {
+            let id = try #require(point["id"] as? String)
+            let out = cli.dir.file("out-" + id.prefix(8))
+            #expect(cli("restore", "m@" + id.prefix(16), "--to", out).status == 0)
+            #expect(try sha256(file: out) == hashes[id])
+        }
+    }
+}
+
+/// An ISO 8601 time `n` hours after 2026-01-01.
+func Timestamp(_ n: Int) -> String {
+    let formatter = ISO8601DateFormatter()
+    formatter.formatOptions = [.withInternetDateTime]
+    return formatter.string(from: Date(timeIntervalSince1970: 1_767_225_600 + Double(n) * 3600))
+}
