@@ -140,6 +140,10 @@ public final class LocationTable: Sendable {
         if let current = state, !Set(current.indexes).isSubset(of: names) {
             state = nil  // an index object it holds is gone: start again
         }
+        // A cache whose files are gone or damaged is rebuilt: it is only a cache.
+        if let current = state, (try? load(directory: directory, state: current)) == nil {
+            state = nil
+        }
         let included = Set(state?.indexes ?? [])
         let missing = names.subtracting(included).sorted()
         if let current = state, missing.isEmpty {
@@ -150,7 +154,9 @@ public final class LocationTable: Sendable {
         var packs: [ChunkID] = []
         var count = 0
         var previousTable: String? = nil
+        var committedTable: String? = nil
         if let current = state {
+            committedTable = tablePath(directory, current.generation)
             let old = try load(directory: directory, state: current)
             packs = old.packs
             count = old.count
@@ -171,7 +177,9 @@ public final class LocationTable: Sendable {
             }
             let out = tablePath(directory, generation)
             count = try mergeSorted(previous: previousTable, previousCount: count, new: group, into: out)
-            if let previousTable, previousTable != out { try? FileSystem.remove(previousTable) }
+            // Intermediate tables of this update go at once; the one the current state names
+            // stays until the new state is in place (a crash in between must find it).
+            if let previousTable, previousTable != out, previousTable != committedTable { try? FileSystem.remove(previousTable) }
             previousTable = out
             done += groupNames
             group.removeAll(keepingCapacity: true)
