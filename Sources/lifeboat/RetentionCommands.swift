@@ -194,3 +194,40 @@ struct GC: ParsableCommand {
         }
     }
 }
+
+struct Stats: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Show sizes, deduplication and compression, and what each point alone holds.",
+        discussion: """
+        ONLY IT is the stored size of the chunks no other point uses: what pruning that point
+        (and then gc) would free.
+
+        Example:
+          lifeboat stats web01
+        """)
+
+    @OptionGroup var vault: VaultOptions
+    @Argument(help: "Only this machine's points.") var machine: String?
+    @Flag(help: "Print JSON.") var json = false
+
+    func run() throws {
+        try report {
+            if let machine { try validateName(machine, what: "machine") }
+            let s = try vault.open().statistics(machine: machine)
+            if json {
+                printJSON(s)
+                return
+            }
+            print("points       \(s.points)")
+            print("logical      \(formatBytes(s.logicalBytes)) (data \(formatBytes(s.dataBytes)), the rest holes)")
+            print("unique       \(formatBytes(s.uniqueBytes))  deduplication \(String(format: "%.2f", s.deduplication))x")
+            print("stored       \(formatBytes(s.storedBytes))  compression \(String(format: "%.2f", s.compression))x")
+            print("packs        \(formatBytes(s.packBytes)) in the vault (gc frees what no point uses)")
+            var rows = [["MACHINE", "TIME", "ID", "SIZE", "ONLY IT"]]
+            for p in s.perPoint {
+                rows.append([p.machine, p.time, String(p.point.prefix(12)), formatBytes(p.logicalBytes), formatBytes(p.uniqueStoredBytes)])
+            }
+            print(formatTable(rows), terminator: "")
+        }
+    }
+}
