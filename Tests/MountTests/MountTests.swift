@@ -281,3 +281,34 @@ struct MountFixture {
         #expect(elapsed < 1.0, "mount and first listing took \(elapsed) s")
     }
 }
+
+@Suite(.serialized, .enabled(if: isRoot && FileSystem.exists("/dev/fuse"))) struct UnreadableSourceTests {
+    /// A source that fails with EIO mid-way (a mounted point with a damaged chunk: this kernel
+    /// has no device-mapper to make one): the backup stops with the source, offset and errno,
+    /// leaves no point, and the vault stays whole.
+    @Test func backupOfASourceThatGivesEIOFailsCleanly() throws {
+        let f = MountFixture()
+        defer { f.dir.remove() }
+        let vault = try f.vault()
+        let disk = f.dir.file("d.img")
+        try writeAt(disk, 0, randomBytes(seed: 41, count: 8 << 20))
+        let report = try vault.backup(BackupRequest(machine: "src", disks: [("d", .path(disk))]))
+        let id = try vault.reader(report.disks[0]).id(ofSlot: 70)
+        let location = try #require(try vault.chunks.location(id))
+        let pack = f.dir.file("vault/" + PackFormat.objectName(location.pack))
+        let byte = try SystemFile.open(pack, .readOnly).readAll(from: UInt64(location.offset) + 3, count: 1)
+        try writeAt(pack, UInt64(location.offset) + 3, [byte[0] ^ 1])
+
+        let mounted = try MountedVault(try f.vault(), at: f.dir.file("mnt"))
+        defer { mounted.unmount() }
+        let other = try Vault.create(store: LocalDirectoryStore(root: f.dir.file("vault2")), stateDirectory: f.dir.file("state2"))
+        let source = mounted.path("machines/src/latest/disks/d.img")
+        #expect { try other.backup(BackupRequest(machine: "copy", disks: [("d", .path(source))])) } throws: { error in
+            guard case VaultError.source(let cause) = error else { return false }
+            return cause.errno == EIO && cause.path == source
+        }
+        #expect(try other.points().isEmpty)
+        #expect(try other.check(readData: true).ok)
+        #expect(try LocalDirectoryStore(root: f.dir.file("vault2")).size("locks/copy") == nil)
+    }
+}
