@@ -61,9 +61,7 @@ extension Vault {
         let all = try points()
         do {
             for point in all {
-                for disk in point.disks {
-                    try walk(disk.root, level: disk.indexDepth - 1, into: &live)
-                }
+                for disk in point.disks { try collectChunkIDs(of: disk, into: &live) }
             }
         } catch let error as ChunkStoreError {
             throw .chunks(error)
@@ -73,16 +71,22 @@ extension Vault {
         return (live, all.count)
     }
 
-    private func walk(_ id: ChunkID, level: Int, into live: inout Set<ChunkID>) throws {
-        guard !id.isZero, live.insert(id).inserted else { return }  // shared subtrees are walked once
+    /// Adds every chunk id a disk needs to `ids`: its index nodes and its slots' chunks.
+    /// Subtrees already in `ids` (shared with another point) are not walked again.
+    func collectChunkIDs(of disk: PointDisk, into ids: inout Set<ChunkID>) throws {
+        try walk(disk.root, level: disk.indexDepth - 1, into: &ids)
+    }
+
+    private func walk(_ id: ChunkID, level: Int, into ids: inout Set<ChunkID>) throws {
+        guard !id.isZero, ids.insert(id).inserted else { return }
         let bytes = try chunks.read(id)
         try bytes.withUnsafeBytes { raw in
             for i in 0..<(raw.count / 32) {
                 let child = ChunkID(raw, at: i * 32)
                 if level == 0 {
-                    if !child.isZero { live.insert(child) }
+                    if !child.isZero { ids.insert(child) }
                 } else {
-                    try walk(child, level: level - 1, into: &live)
+                    try walk(child, level: level - 1, into: &ids)
                 }
             }
         }

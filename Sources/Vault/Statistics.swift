@@ -44,7 +44,7 @@ extension Vault {
             var ids = Set<ChunkID>()
             for disk in point.disks {
                 do {
-                    try collect(disk.root, level: disk.indexDepth - 1, into: &ids)
+                    try collectChunkIDs(of: disk, into: &ids)
                 } catch let error as ChunkStoreError {
                     throw .chunks(error)
                 } catch {
@@ -90,20 +90,5 @@ extension Vault {
             points: selected.count, logicalBytes: logical, dataBytes: data, uniqueBytes: uniqueBytes, storedBytes: stored,
             packBytes: packBytes, deduplication: uniqueBytes > 0 ? Double(data) / Double(uniqueBytes) : 0,
             compression: stored > 0 ? Double(uniqueBytes) / Double(stored) : 0, perPoint: perPoint)
-    }
-
-    private func collect(_ id: ChunkID, level: Int, into ids: inout Set<ChunkID>) throws {
-        guard !id.isZero, ids.insert(id).inserted else { return }
-        let bytes = try chunks.read(id)
-        try bytes.withUnsafeBytes { raw in
-            for i in 0..<(raw.count / 32) {
-                let child = ChunkID(raw, at: i * 32)
-                if level == 0 {
-                    if !child.isZero { ids.insert(child) }
-                } else {
-                    try collect(child, level: level - 1, into: &ids)
-                }
-            }
-        }
     }
 }
