@@ -99,6 +99,44 @@ let borgAvailable = FileSystem.exists("/usr/lib/python3/dist-packages/borg/helpe
         }
     }
 
+    /// The same comparison through borg's command line, as an operator would run it: archives made
+    /// with `borg create --timestamp`, kept as `borg prune --dry-run --list` says (TZ=UTC).
+    @Test(.enabled(if: FileSystem.exists("/usr/bin/borg"))) func agreesWithBorgsCommandLine() throws {
+        let dir = TemporaryDirectory("borg")
+        defer { dir.remove() }
+        let env = ["BORG_REPO": dir.file("repo"), "BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK": "yes",
+                   "BORG_RELOCATED_REPO_ACCESS_IS_OK": "yes", "BORG_BASE_DIR": dir.file("base"), "TZ": "UTC"]
+        try writeAt(dir.file("f"), 0, [1])
+        #expect(run("/usr/bin/borg", ["init", "-e", "none"], environment: env).status == 0)
+        var random = SeededBytes(seed: 77)
+        var times: [Int] = []
+        var t = 1_767_225_600
+        for _ in 0..<12 {
+            t += Int(random.next() % 5) * 86400 + Int(random.next() % 86400)
+            times.append(t)
+        }
+        let formatter = ISO8601DateFormatter()
+        formatter.formatOptions = [.withFullDate, .withTime, .withColonSeparatorInTime, .withDashSeparatorInDate]
+        formatter.timeZone = TimeZone(identifier: "UTC")
+        for (i, time) in times.enumerated() {
+            let stamp = String(formatter.string(from: Date(timeIntervalSince1970: Double(time))).prefix(19))
+            let made = run("/usr/bin/borg", ["create", "--timestamp", stamp, "::a\(i)", dir.file("f")], environment: env)
+            #expect(made.status == 0, "\(made.stderr)")
+        }
+        let p = try points(at: times.map { Date(timeIntervalSince1970: Double($0)) })
+        for (flags, policy) in [(["--keep-daily", "3", "--keep-weekly", "2"], RetentionPolicy(keepDaily: 3, keepWeekly: 2)),
+                                (["--keep-last", "2", "--keep-monthly", "3"], RetentionPolicy(keepLast: 2, keepMonthly: 3))] {
+            let listed = run("/usr/bin/borg", ["prune", "--dry-run", "--list"] + flags, environment: env)
+            #expect(listed.status == 0, "\(listed.stderr)")
+            let keptByBorg = listed.stderr.split(separator: "\n").filter { $0.hasPrefix("Keeping archive") }.compactMap { line in
+                line.split(separator: " ").first { $0.hasPrefix("a") && Int($0.dropFirst()) != nil }.flatMap { Int($0.dropFirst()) }
+            }
+            let plan = Retention.plan(p, policy: policy, now: Date())
+            let kept = Set(plan.filter(\.keep).map(\.point))
+            #expect(p.indices.filter { kept.contains(p[$0].id) } == keptByBorg.sorted(), "\(flags)")
+        }
+    }
+
     @Test func pruneRemovesOnlyWhatThePolicyDoesNotKeep() throws {
         let f = Fixture()
         defer { f.dir.remove() }
