@@ -18,11 +18,14 @@ public struct GCReport: Codable, Sendable {
     public var packs = 0
     /// Packs deleted because no point needs any chunk in them.
     public var packsDeleted = 0
-    /// Packs whose live chunks were copied into new packs, then deleted.
+    /// Packs more than a tenth dead whose live chunks were copied into new packs, then deleted.
     public var packsRewritten = 0
     /// Packs no index object lists, older than the grace period (left by interrupted backups).
     public var orphanPacksDeleted = 0
+    /// Net: bytes of the packs deleted, less the live bytes copied into new packs.
     public var bytesFreed: UInt64 = 0
+    /// Bytes of the packs deleted.
+    public var bytesDeleted: UInt64 = 0
     public var bytesCopied: UInt64 = 0
     /// True when deletion waits for backups that started before the plan (next gc completes it).
     public var deferred = false
@@ -93,10 +96,10 @@ extension Vault {
     }
 
     /// Removes chunks no point refers to: deletes packs with no live chunk, copies the live
-    /// chunks of packs that are mostly dead into new packs, and deletes packs left unindexed by
+    /// chunks of packs that are more than a tenth dead into new packs, and deletes packs left unindexed by
     /// interrupted backups once they are older than `grace`. Safe beside backups, mounts and
     /// restores: see docs/FORMAT.md, "Garbage collection".
-    public func collectGarbage(dryRun: Bool = false, grace: TimeInterval = 3600, rewriteBelow: Double = 0.5,
+    public func collectGarbage(dryRun: Bool = false, grace: TimeInterval = 3600, rewriteBelow: Double = 0.9,
                                now: Date = Date()) throws(VaultError) -> GCReport {
         let started = Date()
         var report = GCReport()
@@ -149,8 +152,9 @@ extension Vault {
         }
         report.packs = sizes.count
 
-        // A pack retires when less than `rewriteBelow` of its bytes are live; its live chunks
-        // are copied unless another pack that stays already holds them.
+        // A pack retires when less than `rewriteBelow` of its bytes are live (by default: more
+        // than a tenth is dead, so that gc frees nearly all of what the removed points held);
+        // its live chunks are copied unless another pack that stays already holds them.
         var retiring = Set<ChunkID>()
         var dead: [ChunkID] = []
         for (pack, entries) in holds where sizes[pack] != nil && !pending.contains(pack) {
@@ -173,7 +177,13 @@ extension Vault {
         report.orphanPacksDeleted = orphans.count
 
         if dryRun {
-            report.bytesFreed = (retiring.union(orphans)).reduce(0) { $0 + (sizes[$1] ?? 0) }
+            report.bytesDeleted = (retiring.union(orphans)).reduce(0) { $0 + (sizes[$1] ?? 0) }
+            for pack in rewritten {
+                for entry in holds[pack] ?? [] where live.contains(entry.id) && !heldElsewhere.contains(entry.id) {
+                    report.bytesCopied += UInt64(entry.storedLength)
+                }
+            }
+            report.bytesFreed = report.bytesDeleted > report.bytesCopied ? report.bytesDeleted - report.bytesCopied : 0
             report.seconds = Date().timeIntervalSince(started)
             return report
         }
@@ -206,6 +216,7 @@ extension Vault {
         // The plan is written before anything is deleted.
         let candidates = retiring.union(orphans)
         guard !candidates.isEmpty else {
+            report.bytesFreed = report.bytesDeleted > report.bytesCopied ? report.bytesDeleted - report.bytesCopied : 0
             report.seconds = Date().timeIntervalSince(started)
             return report
         }
@@ -220,6 +231,7 @@ extension Vault {
         } else {
             try execute(plan, name: name, report: &report)
         }
+        report.bytesFreed = report.bytesDeleted > report.bytesCopied ? report.bytesDeleted - report.bytesCopied : 0
         report.seconds = Date().timeIntervalSince(started)
         return report
     }
@@ -282,7 +294,7 @@ extension Vault {
                 let object = PackFormat.objectName(pack)
                 let size = try store.size(object) ?? 0
                 try store.delete(object)
-                report.bytesFreed += size
+                report.bytesDeleted += size
             }
             try store.delete(name)
         } catch let error as VaultError {

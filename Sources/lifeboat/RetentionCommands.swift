@@ -162,7 +162,7 @@ struct GC: ParsableCommand {
         abstract: "Free the space no recovery point needs.",
         discussion: """
         Deletes packs that hold no chunk any point needs, copies the live chunks of packs that
-        are mostly dead into new packs, and deletes packs left behind by interrupted backups
+        are more than a tenth dead into new packs, and deletes packs left behind by interrupted backups
         once they are older than --grace. Safe while backups, mounts and restores run: packs
         are deleted only after a plan naming them was written and every backup that started
         before it has finished (otherwise the deletion is deferred to the next gc).
@@ -189,7 +189,7 @@ struct GC: ParsableCommand {
             }
             let verb = dryRun ? "would free" : "freed"
             print("\(result.points) points, \(result.liveChunks) live chunks in \(result.packs) packs")
-            print("\(verb) \(formatBytes(result.bytesFreed)): \(result.packsDeleted) dead packs, \(result.packsRewritten) mostly dead packs rewritten (\(formatBytes(result.bytesCopied)) copied), \(result.orphanPacksDeleted) left by interrupted backups")
+            print("\(verb) \(formatBytes(result.bytesFreed)): deleted \(formatBytes(result.bytesDeleted)) in \(result.packsDeleted) dead packs, \(result.packsRewritten) partly dead packs rewritten (\(formatBytes(result.bytesCopied)) of live chunks copied), \(result.orphanPacksDeleted) packs left by interrupted backups")
             if result.deferred { print("deletion deferred: a backup that started before this gc is still running; run gc again later") }
         }
     }
