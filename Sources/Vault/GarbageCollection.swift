@@ -18,7 +18,7 @@ public struct GCReport: Codable, Sendable {
     public var packs = 0
     /// Packs deleted because no point needs any chunk in them.
     public var packsDeleted = 0
-    /// Packs more than a tenth dead whose live chunks were copied into new packs, then deleted.
+    /// Packs more than a twentieth dead whose live chunks were copied into new packs, then deleted.
     public var packsRewritten = 0
     /// Packs no index object lists, older than the grace period (left by interrupted backups).
     public var orphanPacksDeleted = 0
@@ -96,10 +96,10 @@ extension Vault {
     }
 
     /// Removes chunks no point refers to: deletes packs with no live chunk, copies the live
-    /// chunks of packs that are more than a tenth dead into new packs, and deletes packs left unindexed by
+    /// chunks of packs that are more than a twentieth dead into new packs, and deletes packs left unindexed by
     /// interrupted backups once they are older than `grace`. Safe beside backups, mounts and
     /// restores: see docs/FORMAT.md, "Garbage collection".
-    public func collectGarbage(dryRun: Bool = false, grace: TimeInterval = 3600, rewriteBelow: Double = 0.9,
+    public func collectGarbage(dryRun: Bool = false, grace: TimeInterval = 3600, rewriteBelow: Double = 0.95,
                                now: Date = Date()) throws(VaultError) -> GCReport {
         let started = Date()
         var report = GCReport()
@@ -153,7 +153,7 @@ extension Vault {
         report.packs = sizes.count
 
         // A pack retires when less than `rewriteBelow` of its bytes are live (by default: more
-        // than a tenth is dead, so that gc frees nearly all of what the removed points held);
+        // than a twentieth is dead, so that gc frees nearly all of what the removed points held);
         // its live chunks are copied unless another pack that stays already holds them.
         var retiring = Set<ChunkID>()
         var dead: [ChunkID] = []

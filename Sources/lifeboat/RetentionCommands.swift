@@ -162,7 +162,7 @@ struct GC: ParsableCommand {
         abstract: "Free the space no recovery point needs.",
         discussion: """
         Deletes packs that hold no chunk any point needs, copies the live chunks of packs that
-        are more than a tenth dead into new packs, and deletes packs left behind by interrupted backups
+        are more than a twentieth dead into new packs, and deletes packs left behind by interrupted backups
         once they are older than --grace. Safe while backups, mounts and restores run: packs
         are deleted only after a plan naming them was written and every backup that started
         before it has finished (otherwise the deletion is deferred to the next gc).
