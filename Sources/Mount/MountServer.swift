@@ -71,7 +71,7 @@ public final class MountServer: Sendable {
         self.vault = vault
         self.log = log
         self.catalog = PointCatalog(vault: vault, log: log)
-        self.cache = ChunkCache(capacityBytes: options.cacheBytes)
+        self.cache = ChunkCache(capacityBytes: options.cacheBytes, slotSize: vault.config.chunkSize)
     }
 
     // MARK: - Running

@@ -99,7 +99,9 @@ public final class DiskIndexReader: Sendable {
             (0..<(raw.count / 32)).map { ChunkID(raw, at: $0 * 32) }
         }
         cache.withLock { c in
-            if c.count >= cacheLimit { c.removeAll(keepingCapacity: true) }
+            // Evict one node, not all: random reads over a disk touch every leaf in turn, and
+            // re-reading a node costs a decompression and a SHA-256 of 64 KiB.
+            if c.count >= cacheLimit, let victim = c.keys.randomElement() { c.removeValue(forKey: victim) }
             c[id] = ids
         }
         return ids

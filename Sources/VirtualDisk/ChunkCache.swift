@@ -2,69 +2,88 @@ import ChunkStore
 import Foundation
 import Synchronization
 
-/// Verified chunk plaintexts, bounded in bytes, shared by every disk a process reads.
-/// Eviction is CLOCK (second chance): a hit only sets a bit, so lookups stay cheap.
-public final class ChunkCache: Sendable {
-    private struct Entry {
-        var bytes: [UInt8]
-        var referenced: Bool
-    }
+/// Verified chunk plaintexts, shared by every disk a process reads, in one fixed block of
+/// memory cut into chunk-sized slots: the cache never holds more than its capacity, and
+/// evicting and refilling slots fragments nothing (64 KiB arrays freed and allocated by many
+/// threads made the heap grow well past the cache's size). Eviction is CLOCK (second chance).
+// @unchecked: `memory` is read and written only while holding `state`'s lock.
+public final class ChunkCache: @unchecked Sendable {
     private struct State {
-        var entries: [ChunkID: Entry] = [:]
-        var ring: [ChunkID] = []
+        var slotOf: [ChunkID: Int] = [:]
+        var owner: [ChunkID?]
+        var length: [Int]
+        var referenced: [Bool]
         var hand = 0
-        var bytes = 0
+        var free: [Int]
         var hits = 0
         var misses = 0
     }
-    private let state = Mutex(State())
+    private let state: Mutex<State>
+    private let memory: UnsafeMutableRawBufferPointer
+    public let slotSize: Int
     public let capacity: Int
     /// Chunks some thread is fetching now: others wait for them instead of fetching them twice.
     private let inflight = Mutex(Set<ChunkID>())
     private let landed = NSCondition()
 
-    public init(capacityBytes: Int) {
-        capacity = max(capacityBytes, 1 << 20)
+    /// `slotSize`: the vault's chunk size; larger chunks are not cached.
+    public init(capacityBytes: Int, slotSize: Int = 64 << 10) {
+        self.slotSize = slotSize
+        let slots = max(16, capacityBytes / slotSize)
+        capacity = slots * slotSize
+        // Pages are only touched (and counted in RSS) as slots fill.
+        memory = .allocate(byteCount: capacity, alignment: 4096)
+        state = Mutex(State(owner: Array(repeating: nil, count: slots), length: Array(repeating: 0, count: slots),
+                            referenced: Array(repeating: false, count: slots), free: Array((0..<slots).reversed())))
     }
 
-    public func get(_ id: ChunkID) -> [UInt8]? {
+    deinit { memory.deallocate() }
+
+    /// Copies bytes `from..<to` of a cached chunk into `target`; false if it is not cached.
+    public func copy(_ id: ChunkID, from: Int, to: Int, into target: UnsafeMutableRawBufferPointer) -> Bool {
         state.withLock { s in
-            guard var entry = s.entries[id] else {
+            guard let slot = s.slotOf[id], to <= s.length[slot] else {
                 s.misses += 1
-                return nil
+                return false
             }
             s.hits += 1
-            if !entry.referenced {
-                entry.referenced = true
-                s.entries[id] = entry
-            }
-            return entry.bytes
+            s.referenced[slot] = true
+            let base = slot * slotSize
+            target.copyMemory(from: UnsafeRawBufferPointer(rebasing: memory[(base + from)..<(base + to)]))
+            return true
         }
     }
 
     public func contains(_ id: ChunkID) -> Bool {
-        state.withLock { $0.entries[id] != nil }
+        state.withLock { $0.slotOf[id] != nil }
     }
 
-    public func put(_ id: ChunkID, _ bytes: [UInt8]) {
+    public func put(_ id: ChunkID, _ bytes: UnsafeRawBufferPointer) {
+        guard bytes.count <= slotSize else { return }
         state.withLock { s in
-            if s.entries[id] != nil { return }
-            while s.bytes + bytes.count > capacity && !s.ring.isEmpty {
-                if s.hand >= s.ring.count { s.hand = 0 }
-                let victim = s.ring[s.hand]
-                if var entry = s.entries[victim], entry.referenced {
-                    entry.referenced = false
-                    s.entries[victim] = entry
-                    s.hand += 1
-                    continue
+            if s.slotOf[id] != nil { return }
+            let slot: Int
+            if let free = s.free.popLast() {
+                slot = free
+            } else {
+                while true {
+                    if s.hand >= s.owner.count { s.hand = 0 }
+                    if s.referenced[s.hand] {
+                        s.referenced[s.hand] = false
+                        s.hand += 1
+                        continue
+                    }
+                    break
                 }
-                if let removed = s.entries.removeValue(forKey: victim) { s.bytes -= removed.bytes.count }
-                s.ring.swapAt(s.hand, s.ring.count - 1)
-                s.ring.removeLast()
+                slot = s.hand
+                s.hand += 1
+                if let old = s.owner[slot] { s.slotOf.removeValue(forKey: old) }
             }
-            s.entries[id] = Entry(bytes: bytes, referenced: false)
-            s.ring.append(id)
-            s.bytes += bytes.count
+            UnsafeMutableRawBufferPointer(rebasing: memory[(slot * slotSize)..<(slot * slotSize + bytes.count)]).copyMemory(from: bytes)
+            s.owner[slot] = id
+            s.length[slot] = bytes.count
+            s.referenced[slot] = false
+            s.slotOf[id] = slot
         }
     }
 
@@ -99,6 +118,6 @@ public final class ChunkCache: Sendable {
     }
 
     public var statistics: (bytes: Int, entries: Int, hits: Int, misses: Int) {
-        state.withLock { ($0.bytes, $0.entries.count, $0.hits, $0.misses) }
+        state.withLock { s in (s.slotOf.keys.reduce(0) { $0 + s.length[s.slotOf[$1]!] }, s.slotOf.count, s.hits, s.misses) }
     }
 }

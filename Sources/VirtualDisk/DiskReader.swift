@@ -48,7 +48,7 @@ public final class DiskReader: Sendable {
         self.disk = disk
         self.chunks = chunks
         self.cache = cache
-        self.index = DiskIndexReader(disk: disk, chunks: chunks, cachedNodes: 16)
+        self.index = DiskIndexReader(disk: disk, chunks: chunks, cachedNodes: 64)
     }
 
     /// Reads up to `buffer.count` bytes at `offset`; fewer only at the end of the disk.
@@ -90,8 +90,6 @@ public final class DiskReader: Sendable {
             let out = UnsafeMutableRawBufferPointer(rebasing: buffer[target])
             if id.isZero {
                 out.initializeMemory(as: UInt8.self, repeating: 0)
-            } else if let bytes = cache.get(id) {
-                bytes.withUnsafeBytes { out.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[from..<to])) }
             } else if from == 0 && to == slotLength(k) {
                 whole.append(k)
             } else {
@@ -110,33 +108,40 @@ public final class DiskReader: Sendable {
                 throw .damaged(point: point.label, disk: disk.name, offset: offset, cause: error.description)
             }
         }
+        // Partial slots: from the cache when it holds them.
+        partial.removeAll { k in
+            let (target, from, to) = span(k)
+            return cache.copy(ids[k], from: from, to: to, into: UnsafeMutableRawBufferPointer(rebasing: buffer[target]))
+        }
         if !partial.isEmpty {
-            var plain: [ChunkID: [UInt8]] = [:]
+            func place(_ plain: [ChunkID: [UInt8]]) {
+                for k in partial {
+                    guard let bytes = plain[ids[k]] else { continue }
+                    let (target, from, to) = span(k)
+                    bytes.withUnsafeBytes {
+                        UnsafeMutableRawBufferPointer(rebasing: buffer[target]).copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[from..<to]))
+                    }
+                }
+            }
             let missing = Array(Set(partial.map { ids[$0] }))
             let (mine, others) = cache.claim(missing)
             do {
                 defer { cache.release(mine) }
-                if !mine.isEmpty {
-                    for (id, bytes) in try fetch(mine) { plain[id] = bytes }
-                }
+                if !mine.isEmpty { place(Dictionary(try fetch(mine), uniquingKeysWith: { a, _ in a })) }
             }
             if !others.isEmpty {
+                // Another thread is fetching these: wait, then take them from the cache; what
+                // is not there (its fetch failed, or it was evicted already) is fetched here.
                 cache.wait(for: others)
-                var still: [ChunkID] = []
-                for id in others {
-                    if let bytes = cache.get(id) { plain[id] = bytes } else { still.append(id) }
+                let waited = Set(others)
+                var still = Set<ChunkID>()
+                for k in partial where waited.contains(ids[k]) {
+                    let (target, from, to) = span(k)
+                    if !cache.copy(ids[k], from: from, to: to, into: UnsafeMutableRawBufferPointer(rebasing: buffer[target])) {
+                        still.insert(ids[k])
+                    }
                 }
-                // The fetch that was in flight failed or was evicted already: fetch them here.
-                if !still.isEmpty {
-                    for (id, bytes) in try fetch(still) { plain[id] = bytes }
-                }
-            }
-            for k in partial {
-                let (target, from, to) = span(k)
-                guard let bytes = plain[ids[k]] else { continue }
-                bytes.withUnsafeBytes {
-                    UnsafeMutableRawBufferPointer(rebasing: buffer[target]).copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[from..<to]))
-                }
+                if !still.isEmpty { place(Dictionary(try fetch(Array(still)), uniquingKeysWith: { a, _ in a })) }
             }
         }
         return length
@@ -163,9 +168,9 @@ public final class DiskReader: Sendable {
             }
             var result: [(ChunkID, [UInt8])] = []
             for (i, id) in ids.enumerated() {
-                let bytes = Array(UnsafeRawBufferPointer(rebasing: block[starts[i]..<(starts[i] + lengths[i])]))
-                cache.put(id, bytes)
-                result.append((id, bytes))
+                let chunk = UnsafeRawBufferPointer(rebasing: block[starts[i]..<(starts[i] + lengths[i])])
+                cache.put(id, chunk)
+                result.append((id, Array(chunk)))
             }
             return result
         } catch let error as ChunkStoreError {

@@ -48,14 +48,21 @@ import VirtualDisk
     }
 
     @Test func cacheStaysWithinItsSize() {
-        let cache = ChunkCache(capacityBytes: 1 << 20)
+        let cache = ChunkCache(capacityBytes: 1 << 20, slotSize: 65536)
         for i in 0..<100 {
-            let bytes = [UInt8](repeating: UInt8(i), count: 65536)
-            cache.put(ChunkID.sha256(bytes), bytes)
+            let bytes = [UInt8](repeating: UInt8(i), count: 65536 - i)
+            bytes.withUnsafeBytes { cache.put(ChunkID.sha256(bytes), $0) }
         }
+        #expect(cache.statistics.entries == 16)
         #expect(cache.statistics.bytes <= 1 << 20)
-        let last = [UInt8](repeating: 99, count: 65536)
-        #expect(cache.get(ChunkID.sha256(last)) == last)
+        let last = [UInt8](repeating: 99, count: 65536 - 99)
+        var out = [UInt8](repeating: 0, count: 100)
+        #expect(out.withUnsafeMutableBytes { cache.copy(ChunkID.sha256(last), from: 1000, to: 1100, into: $0) })
+        #expect(out == Array(last[1000..<1100]))
+        let first = [UInt8](repeating: 0, count: 65536)
+        #expect(!out.withUnsafeMutableBytes { cache.copy(ChunkID.sha256(first), from: 0, to: 100, into: $0) })
+        // Asking past a chunk's end is a miss, never stale bytes.
+        #expect(!out.withUnsafeMutableBytes { cache.copy(ChunkID.sha256(last), from: 65500, to: 65600, into: UnsafeMutableRawBufferPointer(rebasing: $0[0..<100])) })
     }
 }
 
