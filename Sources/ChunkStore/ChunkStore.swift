@@ -227,8 +227,8 @@ public final class ChunkStore: Sendable {
 
     /// Starts a writing session (one backup).
     /// `avoiding`: packs that garbage collection plans to delete; their chunks are stored again.
-    public func writer(uploaders: Int = 2, avoiding: Set<ChunkID> = []) -> ChunkWriter {
-        ChunkWriter(chunkStore: self, uploaders: uploaders, avoiding: avoiding)
+    public func writer(uploaders: Int = 2, lanes: Int = 1, avoiding: Set<ChunkID> = []) -> ChunkWriter {
+        ChunkWriter(chunkStore: self, uploaders: uploaders, lanes: lanes, avoiding: avoiding)
     }
 }
 
@@ -241,7 +241,9 @@ public final class ChunkWriter: Sendable {
     public let chunkStore: ChunkStore
 
     private struct Building {
-        var current: PackBuilder?
+        /// The pack being filled for each lane (a lane per hashing thread, so that one batch's
+        /// chunks lie together in one pack and a reader of the disk finds them in one run).
+        var current: [Int: PackBuilder] = [:]
         var storedBytes: UInt64 = 0
         var packCount = 0
     }
@@ -268,10 +270,11 @@ public final class ChunkWriter: Sendable {
     /// Packs whose chunks must not be reused (pending deletion).
     public let avoiding: Set<ChunkID>
 
-    init(chunkStore: ChunkStore, uploaders: Int, avoiding: Set<ChunkID>) {
+    init(chunkStore: ChunkStore, uploaders: Int, lanes: Int, avoiding: Set<ChunkID>) {
         self.chunkStore = chunkStore
         self.avoiding = avoiding
-        let buffers = uploaders + 1
+        // One pack per lane being filled and one per uploader: what the packs' memory is bounded by.
+        let buffers = uploaders + max(1, lanes)
         let pool = BoundedQueue<PackBuilder>(capacity: buffers)
         for _ in 0..<buffers { pool.push(PackBuilder(maxChunk: chunkStore.parameters.chunkSize + 4096)) }
         let uploads = BoundedQueue<PackBuilder>(capacity: buffers)
@@ -318,25 +321,30 @@ public final class ChunkWriter: Sendable {
         return shared.claims.withLock { $0.insert(id).inserted }
     }
 
-    /// Adds a claimed chunk's stored bytes to the current pack.
-    public func add(id: ChunkID, stored: UnsafeRawBufferPointer, rawLength: Int, flags: ChunkFlags) throws(ChunkStoreError) {
+    /// Adds a claimed chunk's stored bytes to the current pack of `lane`.
+    public func add(id: ChunkID, stored: UnsafeRawBufferPointer, rawLength: Int, flags: ChunkFlags, lane: Int = 0) throws(ChunkStoreError) {
         try checkFailure()
         let pool = self.pool
         let full = try shared.building.withLock { (b) throws(ChunkStoreError) -> PackBuilder? in
             var full: PackBuilder? = nil
-            if let current = b.current, !current.fits(stored.count) {
+            if let current = b.current[lane], !current.fits(stored.count) {
                 full = current
-                b.current = nil
+                b.current[lane] = nil
             }
-            if b.current == nil {
+            let builder: PackBuilder
+            if let current = b.current[lane] {
+                builder = current
+            } else {
+                // Waits for an uploader to give a buffer back; uploaders never take this lock.
                 guard let fresh = pool.pop() else { throw .store(.failed(SystemError("write packs to", path: "vault", errno: ECANCELED))) }
-                b.current = fresh
+                builder = fresh
+                b.current[lane] = fresh
             }
-            b.current!.add(id: id, stored: stored, rawLength: rawLength, flags: flags)
+            builder.add(id: id, stored: stored, rawLength: rawLength, flags: flags)
             b.storedBytes += UInt64(stored.count)
-            if full == nil, b.current!.isFull {
-                full = b.current
-                b.current = nil
+            if full == nil, builder.isFull {
+                full = builder
+                b.current[lane] = nil
             }
             if full != nil { b.packCount += 1 }
             return full
@@ -345,8 +353,8 @@ public final class ChunkWriter: Sendable {
         try writeIndexIfDue(final: false)
     }
 
-    public func add(id: ChunkID, stored: [UInt8], rawLength: Int, flags: ChunkFlags) throws(ChunkStoreError) {
-        try stored.withBytes { (raw) throws(ChunkStoreError) in try add(id: id, stored: raw, rawLength: rawLength, flags: flags) }
+    public func add(id: ChunkID, stored: [UInt8], rawLength: Int, flags: ChunkFlags, lane: Int = 0) throws(ChunkStoreError) {
+        try stored.withBytes { (raw) throws(ChunkStoreError) in try add(id: id, stored: raw, rawLength: rawLength, flags: flags, lane: lane) }
     }
 
     private func writeIndexIfDue(final: Bool) throws(ChunkStoreError) {
@@ -371,13 +379,13 @@ public final class ChunkWriter: Sendable {
     /// Flushes the last pack, waits for every upload, writes the last index object.
     /// When this returns, every chunk added is durable and findable through an index object.
     public func finish() throws(ChunkStoreError) -> (packs: Int, indexObjects: [String]) {
-        let last: PackBuilder? = shared.building.withLock { b in
-            guard let current = b.current, !current.isEmpty else { return nil }
-            b.current = nil
-            b.packCount += 1
-            return current
+        let last: [PackBuilder] = shared.building.withLock { b in
+            let packs = b.current.keys.sorted().compactMap { b.current[$0] }.filter { !$0.isEmpty }
+            b.current.removeAll()
+            b.packCount += packs.count
+            return packs
         }
-        if let last { uploads.push(last) }
+        for pack in last { uploads.push(pack) }
         uploads.close()
         for worker in workers { worker.join() }
         try checkFailure()

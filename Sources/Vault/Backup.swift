@@ -126,7 +126,7 @@ extension Vault {
 
         let parent = try points(machine: request.machine).last
         // Chunks in packs that garbage collection is about to delete are stored again.
-        let writer = chunks.writer(avoiding: try packsPendingDeletion())
+        let writer = chunks.writer(lanes: max(1, ProcessInfo.processInfo.activeProcessorCount), avoiding: try packsPendingDeletion())
         var disks: [PointDisk] = []
         var bytesRead: UInt64 = 0
         do {
@@ -239,7 +239,7 @@ extension Vault {
                     do {
                         let ids = try Vault.processBatch(batch, chunkSize: chunkSize, previous: previousIndex,
                                                          previousSlots: previousSlots, writer: writer,
-                                                         compressor: compressor, counters: counters)
+                                                         compressor: compressor, counters: counters, lane: n)
                         let result = BatchResult(number: batch.number, firstSlot: batch.firstSlot, ids: ids)
                         free.push(batch)
                         results.push(result)
@@ -313,7 +313,7 @@ extension Vault {
 
     /// Hashes every slot of a batch; stores the chunks that are new to the vault.
     static func processBatch(_ batch: Batch, chunkSize: Int, previous: DiskIndexReader?, previousSlots: Int,
-                             writer: ChunkWriter, compressor: ChunkCompressor?, counters: DiskCounters) throws -> [ChunkID] {
+                             writer: ChunkWriter, compressor: ChunkCompressor?, counters: DiskCounters, lane: Int) throws -> [ChunkID] {
         let slots = (batch.count + chunkSize - 1) / chunkSize
         var ids = [ChunkID](repeating: .zero, count: slots)
         var previousLeaf: (first: Int, ids: [ChunkID])? = nil
@@ -350,7 +350,7 @@ extension Vault {
             } else {
                 storedBytes = Array(bytes)
             }
-            try writer.add(id: id, stored: storedBytes, rawLength: bytes.count, flags: flags)
+            try writer.add(id: id, stored: storedBytes, rawLength: bytes.count, flags: flags, lane: lane)
             fresh += 1
             newBytes += UInt64(bytes.count)
             stored += UInt64(storedBytes.count)
