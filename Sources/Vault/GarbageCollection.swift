@@ -237,7 +237,8 @@ extension Vault {
     }
 
     /// True while a backup that started before the plan was written still runs: it may have
-    /// chosen to reuse a chunk from one of the plan's packs. Locks older than a day are stale.
+    /// chosen to reuse a chunk from one of the plan's packs. A lock whose holder is gone (dead
+    /// process, or no heartbeat for half an hour) does not count.
     private func blockedByBackups(_ plan: GCPlan) throws(VaultError) -> Bool {
         guard let created = Timestamp.parse(plan.created) else { return false }
         let locks: [ObjectInfo]
@@ -248,7 +249,7 @@ extension Vault {
             guard let bytes = try? store.get(lock.name),
                   let holder = try? JSONDecoder().decode(MachineLock.Holder.self, from: Data(bytes)),
                   let since = Timestamp.parse(holder.started) else { continue }
-            if since <= created.addingTimeInterval(1) && Date().timeIntervalSince(since) < 86400 { return true }
+            if since <= created.addingTimeInterval(1) && !holder.isStale { return true }
         }
         return false
     }

@@ -3,17 +3,50 @@ import Glibc
 import ObjectStore
 import SystemIO
 
-/// An exclusive lock on a machine for the length of a backup: the object `locks/<machine>`,
-/// created only if absent. A lock whose process is gone (same host, dead pid) is taken over.
-public struct MachineLock: Sendable {
+/// An exclusive lock for the length of a backup: the object `locks/<machine>`, created only if
+/// absent, and refreshed by its holder every few minutes (a heartbeat). A lock is stale, and
+/// taken over, when its process is gone (same host, dead pid) or its heartbeat stopped for
+/// `staleAfter` (another host that crashed).
+public final class MachineLock: Sendable {
     public let name: String
     let store: any ObjectStore
+    private let holder: Holder
+    private let stop = DispatchSemaphore(value: 0)
+    private let beating: Worker?
 
-    struct Holder: Codable {
+    static let heartbeat: TimeInterval = 300
+    static let staleAfter: TimeInterval = 1800
+
+    struct Holder: Codable, Sendable {
         var host: String
         var pid: Int32
         var started: String
         var operation: String
+        /// Last heartbeat (absent in locks written before heartbeats existed).
+        var refreshed: String?
+
+        var lastSignOfLife: Date? { Timestamp.parse(refreshed ?? started) }
+
+        /// True when the holder can no longer be running.
+        var isStale: Bool {
+            if host == hostName() && kill(pid, 0) != 0 && errno == ESRCH { return true }
+            guard let last = lastSignOfLife else { return true }
+            return Date().timeIntervalSince(last) > MachineLock.staleAfter
+        }
+    }
+
+    private init(name: String, store: any ObjectStore, holder: Holder, heartbeat: Bool) {
+        self.name = name
+        self.store = store
+        self.holder = holder
+        let stop = self.stop
+        beating = heartbeat ? Worker(name: "lock-heartbeat") {
+            var current = holder
+            while stop.wait(timeout: .now() + MachineLock.heartbeat) == .timedOut {
+                current.refreshed = Timestamp.format(Date())
+                if let bytes = try? JSONEncoder().encode(current) { try? store.put(name, Array(bytes)) }
+            }
+        } : nil
     }
 
     public static func acquire(machine: String, operation: String, store: any ObjectStore) throws(VaultError) -> MachineLock {
@@ -21,18 +54,20 @@ public struct MachineLock: Sendable {
     }
 
     /// The same protocol for any lock object (the garbage collector's is `gc/lock`).
-    static func acquire(object name: String, label machine: String, operation: String, store: any ObjectStore) throws(VaultError) -> MachineLock {
-        let me = Holder(host: hostName(), pid: getpid(), started: Timestamp.format(Date()), operation: operation)
+    static func acquire(object name: String, label machine: String, operation: String, store: any ObjectStore,
+                        heartbeat: Bool = true) throws(VaultError) -> MachineLock {
+        let now = Timestamp.format(Date())
+        let me = Holder(host: hostName(), pid: getpid(), started: now, operation: operation, refreshed: now)
         let bytes = Array((try? JSONEncoder().encode(me)) ?? Data())
         for _ in 0..<3 {
             do {
-                if try store.putIfAbsent(name, bytes) { return MachineLock(name: name, store: store) }
+                if try store.putIfAbsent(name, bytes) { return MachineLock(name: name, store: store, holder: me, heartbeat: heartbeat) }
                 let existing = try store.get(name)
                 guard let holder = try? JSONDecoder().decode(Holder.self, from: Data(existing)) else {
                     throw VaultError.locked(machine: machine, holder: "unreadable lock object \(name)")
                 }
-                if holder.host == me.host && kill(holder.pid, 0) != 0 && errno == ESRCH {
-                    // The process that held it is gone: a crash left it behind.
+                if holder.isStale {
+                    // Its process is gone, or its host stopped refreshing it: a crash left it.
                     try store.delete(name)
                     continue
                 }
@@ -50,6 +85,8 @@ public struct MachineLock: Sendable {
     }
 
     public func release() {
+        stop.signal()
+        beating?.join()
         try? store.delete(name)
     }
 }
@@ -57,5 +94,5 @@ public struct MachineLock: Sendable {
 public func hostName() -> String {
     var buffer = [CChar](repeating: 0, count: 256)
     gethostname(&buffer, buffer.count)
-    return String(cString: buffer)
+    return String(decoding: buffer.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
 }

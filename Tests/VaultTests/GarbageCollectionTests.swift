@@ -157,3 +157,35 @@ func storedPackBytes(_ vault: String) throws -> UInt64 {
         #expect(try vault.check(readData: true).ok)
     }
 }
+
+@Suite struct LockHeartbeatTests {
+    func lock(host: String, started: Date, refreshed: Date?) -> [UInt8] {
+        let refreshedField = refreshed.map { #","refreshed":"\#(Timestamp.format($0))""# } ?? ""
+        return Array(#"{"host":"\#(host)","pid":1,"started":"\#(Timestamp.format(started))","operation":"backup"\#(refreshedField)}"#.utf8)
+    }
+
+    @Test func aLockWhoseHeartbeatStoppedIsTakenOverAndALongBackupThatBeatsIsNot() throws {
+        let f = Fixture()
+        defer { f.dir.remove() }
+        let vault = try f.create()
+        let store = LocalDirectoryStore(root: f.vaultPath)
+        let disk = try f.makeDisk("d.img", size: 1 << 20, seed: 5)
+        // Another host crashed an hour ago in the middle of a backup.
+        try store.put("locks/m", lock(host: "elsewhere", started: Date().addingTimeInterval(-7200), refreshed: Date().addingTimeInterval(-3600)))
+        _ = try vault.backup(BackupRequest(machine: "m", disks: [("os", .path(disk))]))
+        // Another host has been backing up for two days and is still alive.
+        try store.put("locks/m", lock(host: "elsewhere", started: Date().addingTimeInterval(-172_800), refreshed: Date()))
+        #expect { try vault.backup(BackupRequest(machine: "m", disks: [("os", .path(disk))])) } throws: { error in
+            guard case VaultError.locked = error else { return false }
+            return true
+        }
+        // ... and gc waits for it rather than taking its age for a crash.
+        try writeAt(disk, 0, randomBytes(seed: 6, count: 1 << 20))
+        _ = try vault.backup(BackupRequest(machine: "n", disks: [("os", .path(disk))]))
+        try writeAt(disk, 0, randomBytes(seed: 7, count: 1 << 20))
+        _ = try vault.backup(BackupRequest(machine: "n", disks: [("os", .path(disk))]))
+        try vault.setPolicy(RetentionPolicy(keepLast: 1), machine: "n")
+        _ = try vault.prune(machine: "n", dryRun: false)
+        #expect(try vault.collectGarbage().deferred)
+    }
+}
