@@ -80,22 +80,37 @@ public final class ChunkStore: Sendable {
         stale.withLock { $0 = true }
     }
 
+    /// A chunk or pack the cache names is not where it says: the cache may be out of date.
+    static func isStaleLocation(_ error: ChunkStoreError) -> Bool {
+        switch error {
+        case .store(.notFound), .missingChunk: return true
+        default: return false
+        }
+    }
+
+    /// Brings the table up to date now, or fails: a backup must not judge what to store from an
+    /// old table (a chunk it lists may have been deleted since).
+    public func reload() throws(ChunkStoreError) {
+        let fresh = try LocationTable.open(store: store, directory: cacheDirectory)
+        table.withLock { $0 = fresh }
+        stale.withLock { $0 = false }
+    }
+
     public func location(_ id: ChunkID) throws(ChunkStoreError) -> ChunkLocation? {
         try locations.lookup(id)
     }
 
     /// Reads one chunk and checks it against its id.
     public func read(_ id: ChunkID) throws(ChunkStoreError) -> [UInt8] {
-        do {
-            return try readOnce(id)
-        } catch {
-            // A chunk written, or a pack moved by garbage collection, since the cache was loaded.
-            switch error {
-            case .store(.notFound), .missingChunk:
-                refresh()
+        // A chunk written, or a pack moved by garbage collection, since the cache was loaded.
+        var attempt = 0
+        while true {
+            do {
                 return try readOnce(id)
-            default:
-                throw error
+            } catch {
+                guard attempt < 2, ChunkStore.isStaleLocation(error) else { throw error }
+                attempt += 1
+                try reload()
             }
         }
     }
@@ -148,16 +163,16 @@ public final class ChunkStore: Sendable {
     /// location cache reload once, so long-running readers keep working.
     public func readMany(_ ids: [ChunkID], scratch: ReadScratch, bypassCache: Bool = true,
                          destination: (Int) -> UnsafeMutableRawBufferPointer) throws(ChunkStoreError) {
-        do {
-            try readManyOnce(ids, scratch: scratch, bypassCache: bypassCache, destination: destination)
-        } catch {
-            // A chunk written, or a pack moved, since the cache was loaded: reload it once.
-            switch error {
-            case .store(.notFound), .missingChunk:
-                refresh()
-                try readManyOnce(ids, scratch: scratch, bypassCache: bypassCache, destination: destination)
-            default:
-                throw error
+        // A chunk written, or a pack moved, since the cache was loaded: reload it and retry
+        // (twice more: a reload during a garbage collection may still see a doomed copy).
+        var attempt = 0
+        while true {
+            do {
+                return try readManyOnce(ids, scratch: scratch, bypassCache: bypassCache, destination: destination)
+            } catch {
+                guard attempt < 2, ChunkStore.isStaleLocation(error) else { throw error }
+                attempt += 1
+                try reload()
             }
         }
     }

@@ -137,6 +137,8 @@ public final class LocationTable: Sendable {
         let names = Set(listing.map(\.name).filter(accept))
 
         var state = readState(directory)
+        // New files never reuse the numbers of the state on disk, even when rebuilding.
+        let lastGeneration = state?.generation ?? 0
         if let current = state, !Set(current.indexes).isSubset(of: names) {
             state = nil  // an index object it holds is gone: start again
         }
@@ -150,7 +152,7 @@ public final class LocationTable: Sendable {
             return try load(directory: directory, state: current)
         }
 
-        var generation = (state?.generation ?? 0) + 1
+        var generation = lastGeneration + 1
         var packs: [ChunkID] = []
         var count = 0
         var previousTable: String? = nil

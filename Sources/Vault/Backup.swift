@@ -126,7 +126,12 @@ extension Vault {
 
         let parent = try points(machine: request.machine).last
         // Chunks in packs that garbage collection is about to delete are stored again.
-        let writer = chunks.writer(lanes: max(1, ProcessInfo.processInfo.activeProcessorCount), avoiding: try packsPendingDeletion())
+        let avoiding = try packsPendingDeletion()
+        // Read after the lock and the plans: what gc deleted before them is gone from the table.
+        do {
+            try chunks.reload()
+        } catch { throw .chunks(error) }
+        let writer = chunks.writer(lanes: max(1, ProcessInfo.processInfo.activeProcessorCount), avoiding: avoiding)
         var disks: [PointDisk] = []
         var bytesRead: UInt64 = 0
         do {

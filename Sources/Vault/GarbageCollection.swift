@@ -45,17 +45,32 @@ extension Vault {
         return result
     }
 
+    /// Pending plans. A plan that cannot be read is an error, never "no plan": a backup that
+    /// missed one could reuse a chunk about to be deleted.
     private func plans() throws(VaultError) -> [(String, GCPlan)] {
+        var result: [(String, GCPlan)] = []
         do {
-            return try store.list(prefix: Vault.gcPrefix + "plan-").compactMap { object in
-                guard let plan = try? JSONDecoder().decode(GCPlan.self, from: Data(try store.get(object.name))) else { return nil }
-                return (object.name, plan)
-            }.sorted { $0.0 < $1.0 }
+            for object in try store.list(prefix: Vault.gcPrefix + "plan-") {
+                let bytes: [UInt8]
+                do {
+                    bytes = try store.get(object.name)
+                } catch {
+                    if case .notFound = error { continue }  // executed since the listing
+                    throw error
+                }
+                guard let plan = try? JSONDecoder().decode(GCPlan.self, from: Data(bytes)) else {
+                    throw VaultError.badManifest(object.name, "not a garbage collection plan")
+                }
+                result.append((object.name, plan))
+            }
+        } catch let error as VaultError {
+            throw error
         } catch let error as ObjectStoreError {
             throw .store(error)
         } catch {
-            return []
+            throw .invalidArgument("\(error)")
         }
+        return result.sorted { $0.0 < $1.0 }
     }
 
     /// Every chunk id a point needs: the nodes of its disk index trees and the slots' chunks.
@@ -220,9 +235,12 @@ extension Vault {
             report.seconds = Date().timeIntervalSince(started)
             return report
         }
-        let plan = GCPlan(created: Timestamp.format(now), packs: candidates.map(\.hex).sorted())
+        // Stamped when written, not when this run began: a backup that took its lock after this
+        // moment reads the plan; one that took it before holds the deletion back.
+        let written = Date()
+        let plan = GCPlan(created: Timestamp.format(written), packs: candidates.map(\.hex).sorted())
         let bytes = Array((try? JSONEncoder().encode(plan)) ?? Data())
-        let name = Vault.gcPrefix + "plan-" + Timestamp.format(now).filter { $0.isNumber } + "-" + ChunkID.sha256(bytes).hex.prefix(16)
+        let name = Vault.gcPrefix + "plan-" + Timestamp.format(written).filter { $0.isNumber } + "-" + ChunkID.sha256(bytes).hex.prefix(16)
         do {
             try store.put(name, bytes)
         } catch { throw .store(error) }
@@ -240,15 +258,21 @@ extension Vault {
     /// chosen to reuse a chunk from one of the plan's packs. A lock whose holder is gone (dead
     /// process, or no heartbeat for half an hour) does not count.
     private func blockedByBackups(_ plan: GCPlan) throws(VaultError) -> Bool {
-        guard let created = Timestamp.parse(plan.created) else { return false }
+        guard let created = Timestamp.parse(plan.created) else { return true }
         let locks: [ObjectInfo]
         do {
             locks = try store.list(prefix: "locks/")
         } catch { throw .store(error) }
         for lock in locks {
-            guard let bytes = try? store.get(lock.name),
-                  let holder = try? JSONDecoder().decode(MachineLock.Holder.self, from: Data(bytes)),
-                  let since = Timestamp.parse(holder.started) else { continue }
+            let bytes: [UInt8]
+            do {
+                bytes = try store.get(lock.name)
+            } catch {
+                if case .notFound = error { continue }  // released since the listing
+                return true  // unknown: wait rather than guess
+            }
+            guard let holder = try? JSONDecoder().decode(MachineLock.Holder.self, from: Data(bytes)),
+                  let since = Timestamp.parse(holder.started) else { return true }
             if since <= created.addingTimeInterval(1) && !holder.isStale { return true }
         }
         return false

@@ -68,7 +68,8 @@ public final class MachineLock: Sendable {
                 }
                 if holder.isStale {
                     // Its process is gone, or its host stopped refreshing it: a crash left it.
-                    try store.delete(name)
+                    // Deleted only if it is still the same lock (another taker may have won).
+                    if (try? store.get(name)) == existing { try store.delete(name) }
                     continue
                 }
                 throw VaultError.locked(machine: machine, holder: "\(holder.operation) by pid \(holder.pid) on \(holder.host) since \(holder.started)")
