@@ -62,22 +62,25 @@ public final class ChunkStore: Sendable {
         self.table = Mutex(try LocationTable.open(store: store, directory: cacheDirectory, accept: acceptIndex))
     }
 
-    /// Set when index objects were written since the table was loaded.
-    private let stale = Mutex(false)
+    /// Refreshes asked for, and the last one the loaded table answers: counters, so that a
+    /// refresh asked while a reload runs is not lost.
+    private let requested = Atomic<UInt64>(0)
+    private let answered = Atomic<UInt64>(0)
 
     /// The chunk locations known when the store was opened, brought up to date after a refresh
     /// on first use (a process that writes and exits never pays for the merge).
     public var locations: LocationTable {
-        if stale.withLock({ $0 }), let fresh = try? LocationTable.open(store: store, directory: cacheDirectory) {
+        let wanted = requested.load(ordering: .acquiring)
+        if wanted != answered.load(ordering: .acquiring), let fresh = try? LocationTable.open(store: store, directory: cacheDirectory) {
             table.withLock { $0 = fresh }
-            stale.withLock { $0 = false }
+            answered.store(wanted, ordering: .releasing)
         }
         return table.withLock { $0 }
     }
 
     /// Marks the table out of date: index objects were written (by this process or others).
     public func refresh() {
-        stale.withLock { $0 = true }
+        requested.add(1, ordering: .releasing)
     }
 
     /// A chunk or pack the cache names is not where it says: the cache may be out of date.
@@ -91,9 +94,10 @@ public final class ChunkStore: Sendable {
     /// Brings the table up to date now, or fails: a backup must not judge what to store from an
     /// old table (a chunk it lists may have been deleted since).
     public func reload() throws(ChunkStoreError) {
+        let wanted = requested.load(ordering: .acquiring)
         let fresh = try LocationTable.open(store: store, directory: cacheDirectory)
         table.withLock { $0 = fresh }
-        stale.withLock { $0 = false }
+        answered.store(wanted, ordering: .releasing)
     }
 
     public func location(_ id: ChunkID) throws(ChunkStoreError) -> ChunkLocation? {
