@@ -162,11 +162,11 @@ public final class ChunkStore: Sendable {
     }
 
     /// Reads many chunks, coalescing neighbours in the same pack into one read, and decodes each
-    /// (verified against its id) straight into `destination(i)`, which must be exactly the
-    /// chunk's length. A pack that has gone (garbage collection moved its chunks) makes the
+    /// (verified against its id) straight into `destination(i, rawLength)`, which must be exactly
+    /// `rawLength` bytes long. A pack that has gone (garbage collection moved its chunks) makes the
     /// location cache reload once, so long-running readers keep working.
     public func readMany(_ ids: [ChunkID], scratch: ReadScratch, bypassCache: Bool = true,
-                         destination: (Int) -> UnsafeMutableRawBufferPointer) throws(ChunkStoreError) {
+                         destination: (_ index: Int, _ rawLength: Int) -> UnsafeMutableRawBufferPointer) throws(ChunkStoreError) {
         // A chunk written, or a pack moved, since the cache was loaded: reload it and retry
         // (twice more: a reload during a garbage collection may still see a doomed copy).
         var attempt = 0
@@ -182,7 +182,7 @@ public final class ChunkStore: Sendable {
     }
 
     private func readManyOnce(_ ids: [ChunkID], scratch: ReadScratch, bypassCache: Bool,
-                              destination: (Int) -> UnsafeMutableRawBufferPointer) throws(ChunkStoreError) {
+                              destination: (_ index: Int, _ rawLength: Int) -> UnsafeMutableRawBufferPointer) throws(ChunkStoreError) {
         var located: [(index: Int, location: ChunkLocation)] = []
         located.reserveCapacity(ids.count)
         for (i, id) in ids.enumerated() {
@@ -221,7 +221,7 @@ public final class ChunkStore: Sendable {
                 let (index, location) = located[k]
                 let from = Int(UInt64(location.offset) - readStart)
                 let stored = UnsafeRawBufferPointer(rebasing: buffer[from..<(from + Int(location.storedLength))])
-                let target = destination(index)
+                let target = destination(index, Int(location.rawLength))
                 guard target.count == Int(location.rawLength) else {
                     throw .damagedChunk(ids[index], pack: PackFormat.objectName(pack), offset: location.offset,
                                         reason: "its length \(location.rawLength) does not fit its place (\(target.count) bytes)")
@@ -239,7 +239,7 @@ public final class ChunkStore: Sendable {
         for (i, id) in ids.enumerated() {
             guard let location = try location(id) else { throw ChunkStoreError.missingChunk(id) }
             let output = scratch.output(Int(location.rawLength))
-            try readMany([id], scratch: scratch) { _ in output }
+            try readMany([id], scratch: scratch) { _, _ in output }
             try visit(i, UnsafeRawBufferPointer(output))
         }
     }

@@ -143,23 +143,19 @@ public final class LocationTable: Sendable {
             state = nil  // an index object it holds is gone: start again
         }
         // A cache whose files are gone or damaged is rebuilt: it is only a cache.
-        if let current = state, (try? load(directory: directory, state: current)) == nil {
-            state = nil
-        }
+        let loaded = state.flatMap { try? load(directory: directory, state: $0) }
+        if loaded == nil { state = nil }
         let included = Set(state?.indexes ?? [])
         let missing = names.subtracting(included).sorted()
-        if let current = state, missing.isEmpty {
-            return try load(directory: directory, state: current)
-        }
+        if let loaded, missing.isEmpty { return loaded }
 
         var generation = lastGeneration + 1
         var packs: [ChunkID] = []
         var count = 0
         var previousTable: String? = nil
         var committedTable: String? = nil
-        if let current = state {
+        if let current = state, let old = loaded {
             committedTable = tablePath(directory, current.generation)
-            let old = try load(directory: directory, state: current)
             packs = old.packs
             count = old.count
             previousTable = tablePath(directory, current.generation)

@@ -90,19 +90,7 @@ public struct LocalDirectoryStore: ObjectStore {
     }
 
     public func read(_ name: String, at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws(ObjectStoreError) {
-        let target = try path(name)
-        let file: SystemFile
-        do {
-            file = try SystemFile.open(target, .readOnly)
-        } catch {
-            if error.errno == ENOENT { throw .notFound(name: name, store: root) }
-            throw .failed(error)
-        }
-        defer { file.close() }
-        let n: Int
-        do {
-            n = try file.read(into: buffer, at: offset)
-        } catch { throw .failed(error) }
+        let n = try readAvailable(name, at: offset, into: buffer, bypassCache: false)
         guard n == buffer.count else {
             throw .shortRead(name: name, offset: offset, wanted: buffer.count, got: n)
         }

@@ -115,7 +115,7 @@ extension Vault {
                     }
                     do {
                         let present = ids.indices.filter { !ids[$0].isZero }
-                        try chunks.readMany(present.map { ids[$0] }, scratch: scratch) { k in slotBuffer(present[k]) }
+                        try chunks.readMany(present.map { ids[$0] }, scratch: scratch) { k, _ in slotBuffer(present[k]) }
                         if writeHoles {
                             for i in ids.indices where ids[i].isZero { slotBuffer(i).initializeMemory(as: UInt8.self, repeating: 0) }
                             try file.writeUncached(UnsafeRawBufferPointer(rebasing: batch[0..<length]), at: base)

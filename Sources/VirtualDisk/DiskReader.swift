@@ -101,7 +101,7 @@ public final class DiskReader: Sendable {
             defer { scratches.withLock { if $0.count < 8 { $0.append(scratch) } } }
             do {
                 // Large reads skip the page cache: the kernel caches what it asked for anyway.
-                try chunks.readMany(whole.map { ids[$0] }, scratch: scratch, bypassCache: whole.count >= 4) { i in
+                try chunks.readMany(whole.map { ids[$0] }, scratch: scratch, bypassCache: whole.count >= 4) { i, _ in
                     UnsafeMutableRawBufferPointer(rebasing: buffer[span(whole[i]).target])
                 }
             } catch {
@@ -151,24 +151,20 @@ public final class DiskReader: Sendable {
     func fetch(_ ids: [ChunkID]) throws(VirtualDiskError) -> [(ChunkID, [UInt8])] {
         let scratch = scratches.withLock { $0.popLast() } ?? ReadScratch()
         defer { scratches.withLock { if $0.count < 8 { $0.append(scratch) } } }
-        var lengths: [Int] = []
+        // Decoded into one block of a slot per chunk (no chunk is longer than the vault's chunk
+        // size), then each chunk copied out for the cache; readMany says each one's length.
+        let slot = disk.chunkSize
+        var lengths = [Int](repeating: 0, count: ids.count)
         do {
-            for id in ids {
-                guard let location = try chunks.location(id) else { throw ChunkStoreError.missingChunk(id) }
-                lengths.append(Int(location.rawLength))
-            }
-            // Decoded into one block, then each chunk copied out for the cache.
-            var starts: [Int] = []
-            var total = 0
-            for length in lengths { starts.append(total); total += length }
-            let block = UnsafeMutableRawBufferPointer.allocate(byteCount: max(total, 1), alignment: 64)
+            let block = UnsafeMutableRawBufferPointer.allocate(byteCount: max(ids.count * slot, 1), alignment: 64)
             defer { block.deallocate() }
-            try chunks.readMany(ids, scratch: scratch, bypassCache: false) { i in
-                UnsafeMutableRawBufferPointer(rebasing: block[starts[i]..<(starts[i] + lengths[i])])
+            try chunks.readMany(ids, scratch: scratch, bypassCache: false) { i, length in
+                lengths[i] = length
+                return UnsafeMutableRawBufferPointer(rebasing: block[(i * slot)..<(i * slot + min(length, slot))])
             }
             var result: [(ChunkID, [UInt8])] = []
             for (i, id) in ids.enumerated() {
-                let chunk = UnsafeRawBufferPointer(rebasing: block[starts[i]..<(starts[i] + lengths[i])])
+                let chunk = UnsafeRawBufferPointer(rebasing: block[(i * slot)..<(i * slot + lengths[i])])
                 cache.put(id, chunk)
                 result.append((id, Array(chunk)))
             }
