@@ -103,45 +103,16 @@ public final class MountServer: Sendable {
         ops.lseek = { _, offset, whence, info in server()?.lseek(offset, whence, info) ?? off_t(-EIO) }
         ops.statfs = { _, st in server()?.statfs(st) ?? -EIO }
 
-        var arguments = ["lifeboat", "-o", "ro,default_permissions,fsname=lifeboat,subtype=lifeboat" + (options.allowOther ? ",allow_other" : "")]
-        var argv: [UnsafeMutablePointer<CChar>?] = arguments.indices.map { strdup(arguments[$0]) }
-        defer { for p in argv { free(p) } }
-        arguments.removeAll()
         let me = Unmanaged.passRetained(self)
         defer { me.release() }
-        let fuse: OpaquePointer? = argv.withUnsafeMutableBufferPointer { buffer in
-            var args = fuse_args(argc: Int32(buffer.count), argv: buffer.baseAddress, allocated: 0)
-            return lb_fuse_new(&args, &ops, me.toOpaque())
-        }
-        guard let fuse else { throw .fuse("cannot create the file system (bad options?)") }
-        defer { fuse_destroy(fuse) }
-        guard fuse_mount(fuse, mountpoint) == 0 else {
-            throw .fuse("cannot mount at \(mountpoint) (is /dev/fuse available, and are you allowed to mount?)")
-        }
-        fuseHandle.withLock { $0 = UInt(bitPattern: Int(bitPattern: UnsafeRawPointer(fuse))) }
-        // Background jobs start with SIGINT ignored, and libfuse only hooks signals left at
-        // SIG_DFL; a parent may also have blocked them.
-        var unblock = sigset_t()
-        sigemptyset(&unblock)
-        for s in [SIGINT, SIGTERM, SIGHUP] {
-            signal(s, SIG_DFL)
-            sigaddset(&unblock, s)
-        }
-        pthread_sigmask(SIG_UNBLOCK, &unblock, nil)
-        let session = fuse_get_session(fuse)
-        _ = fuse_set_signal_handlers(session)
-        ready()
-        let status = lb_fuse_loop_mt(fuse, options.threads)
-        fuse_remove_signal_handlers(session)
-        fuseHandle.withLock { $0 = 0 }
-        fuse_unmount(fuse)
-        if status < 0 { throw .fuse("the request loop failed (\(status))") }
+        try FuseSession.run(operations: &ops,
+                            options: "ro,default_permissions,fsname=lifeboat,subtype=lifeboat" + (options.allowOther ? ",allow_other" : ""),
+                            mountpoint: mountpoint, threads: options.threads, data: me.toOpaque(), handle: fuseHandle, ready: ready)
     }
 
     /// Ends the request loop (tests; the command line uses signals and umount).
     public func stop() {
-        let handle = fuseHandle.withLock { $0 }
-        if handle != 0, let fuse = OpaquePointer(bitPattern: handle) { fuse_exit(fuse) }
+        FuseSession.stop(fuseHandle)
     }
 
     // MARK: - Operations (return 0 or -errno)

@@ -177,6 +177,32 @@ public struct SystemFile: Sendable {
         guard fsync(fd) == 0 else { throw SystemError("flush", path: path) }
     }
 
+    /// fdatasync: the data and what is needed to read it back, without the timestamps.
+    public func syncData() throws(SystemError) {
+        guard fdatasync(fd) == 0 else { throw SystemError("flush", path: path) }
+    }
+
+    /// Deallocates a range, which then reads as zeros; the size stays. False when the
+    /// filesystem cannot (the caller writes zeros instead).
+    public func punchHole(at offset: UInt64, length: UInt64) throws(SystemError) -> Bool {
+        let FALLOC_FL_KEEP_SIZE: Int32 = 1, FALLOC_FL_PUNCH_HOLE: Int32 = 2
+        if lifeboat_fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off_t(offset), off_t(length)) == 0 { return true }
+        if errno == EOPNOTSUPP || errno == ENOSYS { return false }
+        throw SystemError("free bytes \(offset)-\(offset + length) of", path: path)
+    }
+
+    /// Takes an advisory lock on the whole file (flock); false when `wait` is false and another
+    /// open file holds it. Released by `unlock` or when the file is closed.
+    public func lock(exclusive: Bool, wait: Bool) throws(SystemError) -> Bool {
+        let operation = (exclusive ? LOCK_EX : LOCK_SH) | (wait ? 0 : LOCK_NB)
+        while flock(fd, operation) != 0 {
+            if errno == EINTR { continue }
+            if errno == EWOULDBLOCK { return false }
+            throw SystemError("lock", path: path)
+        }
+        return true
+    }
+
     public func truncate(to size: UInt64) throws(SystemError) {
         guard ftruncate(fd, off_t(size)) == 0 else { throw SystemError("resize", path: path) }
     }
@@ -263,3 +289,7 @@ public enum FileSystem {
         return cwd == "/" ? "/" + path : cwd + "/" + path
     }
 }
+
+// Glibc's module map does not export fallocate (it is a GNU extension).
+@_silgen_name("fallocate")
+func lifeboat_fallocate(_ fd: Int32, _ mode: Int32, _ offset: off_t, _ length: off_t) -> Int32

@@ -347,18 +347,9 @@ extension Vault {
                 reused += 1
                 continue
             }
-            var flags = ChunkFlags(raw: ChunkFlags.dataChunk | ChunkFlags.stored)
-            var storedBytes: [UInt8]
-            if let compressed = compressor?.compress(bytes) {
-                storedBytes = compressed
-                flags.raw = ChunkFlags.dataChunk | ChunkFlags.zstd
-            } else {
-                storedBytes = Array(bytes)
-            }
-            try writer.add(id: id, stored: storedBytes, rawLength: bytes.count, flags: flags, lane: lane)
+            stored += UInt64(try storeClaimed(id: id, bytes: bytes, writer: writer, compressor: compressor, lane: lane))
             fresh += 1
             newBytes += UInt64(bytes.count)
-            stored += UInt64(storedBytes.count)
         }
         counters.holeChunks.add(holes, ordering: .relaxed)
         counters.reusedChunks.add(reused, ordering: .relaxed)
@@ -368,6 +359,19 @@ extension Vault {
         counters.storedBytes.add(stored, ordering: .relaxed)
         return ids
     }
+}
+
+/// Compresses (when it pays) and adds a data chunk the caller has claimed; returns the bytes stored.
+func storeClaimed(id: ChunkID, bytes: UnsafeRawBufferPointer, writer: ChunkWriter, compressor: ChunkCompressor?,
+                  lane: Int) throws(ChunkStoreError) -> Int {
+    if let compressed = compressor?.compress(bytes) {
+        try writer.add(id: id, stored: compressed, rawLength: bytes.count,
+                       flags: ChunkFlags(raw: ChunkFlags.dataChunk | ChunkFlags.zstd), lane: lane)
+        return compressed.count
+    }
+    try writer.add(id: id, stored: bytes, rawLength: bytes.count,
+                   flags: ChunkFlags(raw: ChunkFlags.dataChunk | ChunkFlags.stored), lane: lane)
+    return bytes.count
 }
 
 // @unchecked: standard input is read by one thread only; files and devices with pread,

@@ -73,7 +73,7 @@ public struct PruneDecision: Codable, Sendable {
 /// count is reached, it keeps the oldest point too. Periods are taken in UTC.
 public enum Retention {
     public static func plan(_ points: [RecoveryPoint], policy: RetentionPolicy, now: Date,
-                            protected: [String: Date?] = [:]) -> [PruneDecision] {
+                            protected: [String: Date?] = [:], held: [String: String] = [:]) -> [PruneDecision] {
         var reasons: [String: String] = [:]
         let newestFirst = points.sorted { ($0.date, $0.created, $0.id) > ($1.date, $1.created, $1.id) }
 
@@ -127,6 +127,7 @@ public enum Retention {
             if let until = p.keepUntil.flatMap(Timestamp.parse), until > now, reasons[p.id] == nil {
                 reasons[p.id] = "keep-until \(p.keepUntil!)"
             }
+            if let holder = held[p.id] { reasons[p.id] = "held by \(holder)" }
         }
         return newestFirst.map {
             PruneDecision(machine: $0.machine, point: $0.id, time: $0.time, keep: reasons[$0.id] != nil, reason: reasons[$0.id] ?? "")
@@ -220,7 +221,17 @@ extension Vault {
                 decisions += points.reversed().map { PruneDecision(machine: name, point: $0.id, time: $0.time, keep: true, reason: "no policy") }
                 continue
             }
-            let plan = Retention.plan(points, policy: policy, now: now, protected: try protections(machine: name))
+            var plan = Retention.plan(points, policy: policy, now: now, protected: try protections(machine: name),
+                                      held: try holds(machine: name))
+            if !dryRun {
+                // Holds are read again just before deleting: a sandbox created since the plan
+                // keeps its base (its creator checks the point after writing the hold).
+                let late = try holds(machine: name)
+                plan = plan.map { d in
+                    guard !d.keep, let holder = late[d.point] else { return d }
+                    return PruneDecision(machine: d.machine, point: d.point, time: d.time, keep: true, reason: "held by \(holder)")
+                }
+            }
             decisions += plan
             if !dryRun {
                 for decision in plan where !decision.keep {

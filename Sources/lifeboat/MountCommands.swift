@@ -44,7 +44,8 @@ struct MountCommand: ParsableCommand {
         try report {
             guard let cache = parseSize(cacheSize), cache > 0 else { throw VaultError.invalidArgument("cannot read cache size \"\(cacheSize)\"") }
             if !foreground {
-                try daemonize()
+                try daemonize(["mount", mountpoint, "--cache-size", cacheSize, "--vault", vault.path] + (allowOther ? ["--allow-other"] : []),
+                              mountpoint: mountpoint, what: "the vault")
                 return
             }
             var options = MountOptions(mountpoint: mountpoint)
@@ -52,92 +53,96 @@ struct MountCommand: ParsableCommand {
             options.cacheBytes = cache
             let opened = try vault.open()
             let server = MountServer(vault: opened, options: options) { line in Terminal.error(line) }
-            let ready = readyFd
-            do {
-                try server.run(options) {
-                    if let ready {
-                        _ = "ok\n".withCString { write(ready, $0, 3) }
-                        close(ready)
-                    }
-                }
-            } catch {
-                if let ready {
-                    let message = "\((error as? LifeboatError)?.description ?? "\(error)")\n"
-                    _ = message.withCString { write(ready, $0, strlen($0)) }
-                    close(ready)
-                }
-                throw error
-            }
+            try reportReady(readyFd) { ready throws(MountError) in try server.run(options, ready: ready) }
         }
     }
+}
 
-    /// Starts this command again in the foreground, detached, and waits until it says the mount
-    /// is ready (or why it is not).
-    private func daemonize() throws {
-        var pipeFDs: [Int32] = [0, 0]
-        guard pipe(&pipeFDs) == 0 else { throw SystemError("create a pipe for", path: "mount") }
-        for fd in pipeFDs { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
-        let logDirectory = Defaults.stateDirectory + "/logs"
-        try? FileSystem.createDirectories(logDirectory)
-        // The real path, so that the server shows up as `lifeboat mount` in ps.
-        var pathBuffer = [CChar](repeating: 0, count: Int(PATH_MAX))
-        let length = readlink("/proc/self/exe", &pathBuffer, pathBuffer.count - 1)
-        let executable = length > 0 ? String(cString: pathBuffer) : "/proc/self/exe"
-        let arguments = [executable, "mount", mountpoint, "--foreground", "--ready-fd", "3",
-                         "--cache-size", cacheSize, "--vault", vault.path] + (allowOther ? ["--allow-other"] : [])
-        var actions = posix_spawn_file_actions_t()
-        posix_spawn_file_actions_init(&actions)
-        defer { posix_spawn_file_actions_destroy(&actions) }
-        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
-        posix_spawn_file_actions_addopen(&actions, 1, "/dev/null", O_WRONLY, 0)
-        posix_spawn_file_actions_addopen(&actions, 2, logDirectory + "/mount.log", O_WRONLY | O_CREAT | O_APPEND, 0o644)
-        // Both pipe ends close on exec; only this copy of the write end survives, as fd 3.
-        posix_spawn_file_actions_adddup2(&actions, pipeFDs[1], 3)
-        // Nothing else we hold open (a caller's pipes above all) may keep the server's parent
-        // waiting for an end of file.
-        if let open = try? FileSystem.list("/proc/self/fd") {
-            for fd in open.compactMap({ Int32($0) }) where fd > 3 && fd != pipeFDs[1] {
-                posix_spawn_file_actions_addclose(&actions, fd)
+/// Runs a server, telling a daemonising parent on `fd` (if any) "ok" once the mount is ready,
+/// or why it failed.
+func reportReady(_ fd: Int32?, _ serve: (@Sendable () -> Void) throws(MountError) -> Void) throws {
+    do {
+        try serve {
+            if let fd {
+                _ = "ok\n".withCString { write(fd, $0, 3) }
+                close(fd)
             }
         }
-        var attributes = posix_spawnattr_t()
-        posix_spawnattr_init(&attributes)
-        defer { posix_spawnattr_destroy(&attributes) }
-        // POSIX_SPAWN_SETSID (leave our session), SETSIGMASK and SETSIGDEF: whatever signals the
-        // caller blocks or ignores, the server must see SIGINT and SIGTERM to unmount cleanly.
-        posix_spawnattr_setflags(&attributes, Int16(0x80 | POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF))
-        var empty = sigset_t()
-        sigemptyset(&empty)
-        posix_spawnattr_setsigmask(&attributes, &empty)
-        var defaults = sigset_t()
-        sigemptyset(&defaults)
-        for signal in [SIGINT, SIGTERM, SIGHUP, SIGPIPE] { sigaddset(&defaults, signal) }
-        posix_spawnattr_setsigdefault(&attributes, &defaults)
-        var pid: pid_t = 0
-        let argv = arguments.map { strdup($0) } + [nil]
-        defer { for p in argv { free(p) } }
-        let status = posix_spawn(&pid, executable, &actions, &attributes, argv, environ)
-        close(pipeFDs[1])
-        defer { close(pipeFDs[0]) }
-        guard status == 0 else { throw SystemError("start the mount server for", path: mountpoint, errno: status) }
-        var answer = [UInt8]()
-        var buffer = [UInt8](repeating: 0, count: 512)
-        while true {
-            let n = buffer.withUnsafeMutableBytes { Glibc.read(pipeFDs[0], $0.baseAddress, $0.count) }
-            if n <= 0 { break }
-            answer += buffer[0..<n]
+    } catch {
+        if let fd {
+            let message = "\(error.description)\n"
+            _ = message.withCString { write(fd, $0, strlen($0)) }
+            close(fd)
         }
-        let text = String(decoding: answer, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
-        if text == "ok" {
-            print("mounted the vault at \(mountpoint) (server pid \(pid); `lifeboat umount \(mountpoint)` to stop)")
-            return
-        }
-        var exitStatus: Int32 = 0
-        waitpid(pid, &exitStatus, 0)
-        Terminal.error(text.isEmpty ? "the mount server stopped before the mount was ready; see \(logDirectory)/mount.log" : text)
-        let code = (exitStatus & 0x7f) == 0 ? (exitStatus >> 8) & 0xff : 1
-        throw ExitCode(code == 0 ? 1 : code)
+        throw error
     }
+}
+
+/// Starts this program again with `arguments` plus `--foreground --ready-fd 3`, detached, and
+/// waits until it says the mount is ready (or why it is not).
+func daemonize(_ arguments: [String], mountpoint: String, what: String) throws {
+    var pipeFDs: [Int32] = [0, 0]
+    guard pipe(&pipeFDs) == 0 else { throw SystemError("create a pipe for", path: "mount") }
+    for fd in pipeFDs { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
+    let logDirectory = Defaults.stateDirectory + "/logs"
+    try? FileSystem.createDirectories(logDirectory)
+    // The real path, so that the server shows up as `lifeboat mount` in ps.
+    var pathBuffer = [CChar](repeating: 0, count: Int(PATH_MAX))
+    let length = readlink("/proc/self/exe", &pathBuffer, pathBuffer.count - 1)
+    let executable = length > 0 ? String(cString: pathBuffer) : "/proc/self/exe"
+    let arguments = [executable] + arguments + ["--foreground", "--ready-fd", "3"]
+    var actions = posix_spawn_file_actions_t()
+    posix_spawn_file_actions_init(&actions)
+    defer { posix_spawn_file_actions_destroy(&actions) }
+    posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+    posix_spawn_file_actions_addopen(&actions, 1, "/dev/null", O_WRONLY, 0)
+    posix_spawn_file_actions_addopen(&actions, 2, logDirectory + "/mount.log", O_WRONLY | O_CREAT | O_APPEND, 0o644)
+    // Both pipe ends close on exec; only this copy of the write end survives, as fd 3.
+    posix_spawn_file_actions_adddup2(&actions, pipeFDs[1], 3)
+    // Nothing else we hold open (a caller's pipes above all) may keep the server's parent
+    // waiting for an end of file.
+    if let open = try? FileSystem.list("/proc/self/fd") {
+        for fd in open.compactMap({ Int32($0) }) where fd > 3 && fd != pipeFDs[1] {
+            posix_spawn_file_actions_addclose(&actions, fd)
+        }
+    }
+    var attributes = posix_spawnattr_t()
+    posix_spawnattr_init(&attributes)
+    defer { posix_spawnattr_destroy(&attributes) }
+    // POSIX_SPAWN_SETSID (leave our session), SETSIGMASK and SETSIGDEF: whatever signals the
+    // caller blocks or ignores, the server must see SIGINT and SIGTERM to unmount cleanly.
+    posix_spawnattr_setflags(&attributes, Int16(0x80 | POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF))
+    var empty = sigset_t()
+    sigemptyset(&empty)
+    posix_spawnattr_setsigmask(&attributes, &empty)
+    var defaults = sigset_t()
+    sigemptyset(&defaults)
+    for signal in [SIGINT, SIGTERM, SIGHUP, SIGPIPE] { sigaddset(&defaults, signal) }
+    posix_spawnattr_setsigdefault(&attributes, &defaults)
+    var pid: pid_t = 0
+    let argv = arguments.map { strdup($0) } + [nil]
+    defer { for p in argv { free(p) } }
+    let status = posix_spawn(&pid, executable, &actions, &attributes, argv, environ)
+    close(pipeFDs[1])
+    defer { close(pipeFDs[0]) }
+    guard status == 0 else { throw SystemError("start the mount server for", path: mountpoint, errno: status) }
+    var answer = [UInt8]()
+    var buffer = [UInt8](repeating: 0, count: 512)
+    while true {
+        let n = buffer.withUnsafeMutableBytes { Glibc.read(pipeFDs[0], $0.baseAddress, $0.count) }
+        if n <= 0 { break }
+        answer += buffer[0..<n]
+    }
+    let text = String(decoding: answer, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+    if text == "ok" {
+        print("mounted \(what) at \(mountpoint) (server pid \(pid); `lifeboat umount \(mountpoint)` to stop)")
+        return
+    }
+    var exitStatus: Int32 = 0
+    waitpid(pid, &exitStatus, 0)
+    Terminal.error(text.isEmpty ? "the mount server stopped before the mount was ready; see \(logDirectory)/mount.log" : text)
+    let code = (exitStatus & 0x7f) == 0 ? (exitStatus >> 8) & 0xff : 1
+    throw ExitCode(code == 0 ? 1 : code)
 }
 
 struct UmountCommand: ParsableCommand {

@@ -1,0 +1,49 @@
+import CFuse
+import Foundation
+import Glibc
+import Synchronization
+
+/// Mounting and running a high-level libfuse file system, for every server of this module.
+enum FuseSession {
+    /// Mounts, calls `ready` once the kernel mount exists, and serves until unmounted or
+    /// signalled. `handle` holds the session while it runs, for `stop`.
+    static func run(operations: inout fuse_operations, options: String, mountpoint: String, threads: UInt32,
+                    data: UnsafeMutableRawPointer, handle: borrowing Mutex<UInt>, ready: () -> Void) throws(MountError) {
+        let arguments = ["lifeboat", "-o", options]
+        var argv: [UnsafeMutablePointer<CChar>?] = arguments.map { strdup($0) }
+        defer { for p in argv { free(p) } }
+        let fuse: OpaquePointer? = argv.withUnsafeMutableBufferPointer { buffer in
+            var args = fuse_args(argc: Int32(buffer.count), argv: buffer.baseAddress, allocated: 0)
+            return lb_fuse_new(&args, &operations, data)
+        }
+        guard let fuse else { throw .fuse("cannot create the file system (bad options?)") }
+        defer { fuse_destroy(fuse) }
+        guard fuse_mount(fuse, mountpoint) == 0 else {
+            throw .fuse("cannot mount at \(mountpoint) (is /dev/fuse available, and are you allowed to mount?)")
+        }
+        handle.withLock { $0 = UInt(bitPattern: Int(bitPattern: UnsafeRawPointer(fuse))) }
+        // Background jobs start with SIGINT ignored, and libfuse only hooks signals left at
+        // SIG_DFL; a parent may also have blocked them.
+        var unblock = sigset_t()
+        sigemptyset(&unblock)
+        for s in [SIGINT, SIGTERM, SIGHUP] {
+            signal(s, SIG_DFL)
+            sigaddset(&unblock, s)
+        }
+        pthread_sigmask(SIG_UNBLOCK, &unblock, nil)
+        let session = fuse_get_session(fuse)
+        _ = fuse_set_signal_handlers(session)
+        ready()
+        let status = lb_fuse_loop_mt(fuse, threads)
+        fuse_remove_signal_handlers(session)
+        handle.withLock { $0 = 0 }
+        fuse_unmount(fuse)
+        if status < 0 { throw .fuse("the request loop failed (\(status))") }
+    }
+
+    /// Ends the request loop of a running session (tests; the command line uses signals and umount).
+    static func stop(_ handle: borrowing Mutex<UInt>) {
+        let value = handle.withLock { $0 }
+        if value != 0, let fuse = OpaquePointer(bitPattern: value) { fuse_exit(fuse) }
+    }
+}

@@ -1,0 +1,381 @@
+import CFuse
+import ChunkStore
+import Foundation
+import Glibc
+import Synchronization
+import SystemIO
+import Vault
+import VirtualDisk
+
+/// The read-write FUSE file system of one sandbox:
+///
+///     disks/<disk>.img     the disk, read-write (reads merge the overlay over the point)
+///     disks/<disk>.vhd     the same as a fixed VHD (the footer is read-only)
+///     point.json           the base point
+///     .lifeboat-freeze     opened by `sandbox promote` to freeze writes while it reads
+///
+/// It holds no chunk logic: reads and writes go to VirtualDisk's SandboxDisk.
+public final class SandboxServer: Sendable {
+    let sandbox: OpenSandbox
+    let started = Date()
+    let log: @Sendable (String) -> Void
+    private let footers: [String: [UInt8]]
+    private let pointJSON: [UInt8]
+    private let files = Mutex<[UInt64: SandboxFile]>([:])
+    private let nextHandle = Atomic<UInt64>(1)
+    private let fuseHandle = Mutex<UInt>(0)
+
+    enum SandboxFile: Sendable {
+        case disk(SandboxDisk, footer: [UInt8]?)
+        case bytes([UInt8])
+        case freeze([SandboxDisk], held: FreezeHold)
+
+        var isFreeze: Bool { if case .freeze = self { return true } else { return false } }
+    }
+
+    enum Node {
+        case root, disks
+        case disk(SandboxDisk, vhd: Bool)
+        case pointJSON
+        case freeze
+    }
+
+    public init(sandbox: OpenSandbox, log: @escaping @Sendable (String) -> Void) {
+        _ = lifeboat_mallopt(-8 /* M_ARENA_MAX */, 2)
+        self.sandbox = sandbox
+        self.log = log
+        var footers: [String: [UInt8]] = [:]
+        for disk in sandbox.disks {
+            // A sandbox's VHD identity differs from its point's: it is another disk.
+            footers[disk.name] = VHDFooter.make(diskSize: disk.size, time: sandbox.point.date,
+                                                identity: ChunkID.sha256(Array(("sandbox/" + sandbox.record.name + "/" + disk.name).utf8)).bytes)
+        }
+        self.footers = footers
+        self.pointJSON = MountNode.pointJSON(sandbox.point)
+    }
+
+    public func run(_ options: MountOptions, ready: () -> Void) throws(MountError) {
+        let mountpoint = FileSystem.absolute(options.mountpoint)
+        try Mounts.prepare(mountpoint)
+        var ops = fuse_operations()
+        ops.`init` = { conn, config in
+            if let config {
+                // Only this server writes the files, through the kernel: cached pages stay true.
+                config.pointee.kernel_cache = 1
+                config.pointee.entry_timeout = 60
+                config.pointee.attr_timeout = 60
+                config.pointee.nullpath_ok = 0
+            }
+            if let conn { conn.pointee.max_write = 1 << 20 }
+            return fuse_get_context()?.pointee.private_data
+        }
+        ops.getattr = { path, st, _ in sandboxServer()?.getattr(path, st) ?? -EIO }
+        ops.readdir = { path, buffer, filler, _, _, _ in sandboxServer()?.readdir(path, buffer, filler) ?? -EIO }
+        ops.open = { path, info in sandboxServer()?.open(path, info) ?? -EIO }
+        ops.read = { _, buffer, size, offset, info in sandboxServer()?.read(buffer, size, offset, info) ?? -EIO }
+        ops.write = { _, buffer, size, offset, info in sandboxServer()?.write(buffer, size, offset, info) ?? -EIO }
+        ops.flush = { _, info in sandboxServer()?.fsync(info) ?? -EIO }
+        ops.fsync = { _, _, info in sandboxServer()?.fsync(info) ?? -EIO }
+        ops.release = { _, info in sandboxServer()?.release(info) ?? 0 }
+        ops.lseek = { _, offset, whence, info in sandboxServer()?.lseek(offset, whence, info) ?? off_t(-EIO) }
+        ops.fallocate = { _, mode, offset, length, info in sandboxServer()?.fallocate(mode, offset, length, info) ?? -EIO }
+        ops.truncate = { path, size, _ in sandboxServer()?.truncate(path, size) ?? -EIO }
+        ops.utimens = { _, _, _ in 0 }  // times are the point's; touching is harmless
+        ops.statfs = { _, st in sandboxServer()?.statfs(st) ?? -EIO }
+
+        let me = Unmanaged.passRetained(self)
+        defer { me.release() }
+        sandbox.setMounted(mountpoint)
+        defer {
+            for disk in sandbox.disks {
+                do {
+                    try disk.flush()
+                } catch {
+                    log("sandbox \(sandbox.record.name): \(error.description)")
+                }
+            }
+            sandbox.setMounted(nil)
+        }
+        // Guest writes may wait on a freeze: enough threads that the freeze's own release and
+        // the reads always find one.
+        try FuseSession.run(operations: &ops,
+                            options: "rw,default_permissions,fsname=lifeboat-sandbox,subtype=lifeboat" + (options.allowOther ? ",allow_other" : ""),
+                            mountpoint: mountpoint, threads: max(options.threads, 32), data: me.toOpaque(), handle: fuseHandle, ready: ready)
+    }
+
+    public func stop() {
+        FuseSession.stop(fuseHandle)
+    }
+
+    // MARK: - Tree
+
+    private func resolve(_ path: UnsafePointer<CChar>?) -> Node? {
+        guard let path else { return nil }
+        let parts = String(cString: path).split(separator: "/").map(String.init)
+        switch parts.count {
+        case 0: return .root
+        case 1:
+            switch parts[0] {
+            case "disks": return .disks
+            case "point.json": return .pointJSON
+            case Sandboxes.freezeFile: return .freeze
+            default: return nil
+            }
+        case 2 where parts[0] == "disks":
+            for disk in sandbox.disks {
+                if parts[1] == disk.name + ".img" { return .disk(disk, vhd: false) }
+                if parts[1] == disk.name + ".vhd" { return .disk(disk, vhd: true) }
+            }
+            return nil
+        default: return nil
+        }
+    }
+
+    func getattr(_ path: UnsafePointer<CChar>?, _ st: UnsafeMutablePointer<stat>?) -> Int32 {
+        guard let st else { return -EINVAL }
+        guard let node = resolve(path) else { return -ENOENT }
+        st.pointee = stat()
+        st.pointee.st_uid = getuid()
+        st.pointee.st_gid = getgid()
+        switch node {
+        case .root, .disks:
+            st.pointee.st_mode = S_IFDIR | 0o755
+            st.pointee.st_nlink = 2
+        case .disk(let disk, let vhd):
+            st.pointee.st_mode = S_IFREG | 0o644
+            st.pointee.st_nlink = 1
+            st.pointee.st_size = off_t(disk.size) + (vhd ? off_t(VHDFooter.size) : 0)
+            st.pointee.st_blocks = blkcnt_t((disk.size + 511) / 512)
+            st.pointee.st_blksize = blksize_t(SandboxDisk.blockSize)
+        case .pointJSON:
+            st.pointee.st_mode = S_IFREG | 0o444
+            st.pointee.st_nlink = 1
+            st.pointee.st_size = off_t(pointJSON.count)
+        case .freeze:
+            st.pointee.st_mode = S_IFREG | 0o400
+            st.pointee.st_nlink = 1
+        }
+        let seconds = timespec(tv_sec: Int(sandbox.point.date.timeIntervalSince1970), tv_nsec: 0)
+        st.pointee.st_mtim = seconds
+        st.pointee.st_atim = seconds
+        st.pointee.st_ctim = seconds
+        return 0
+    }
+
+    func readdir(_ path: UnsafePointer<CChar>?, _ buffer: UnsafeMutableRawPointer?, _ filler: fuse_fill_dir_t?) -> Int32 {
+        guard let filler, let node = resolve(path) else { return -ENOENT }
+        let names: [String]
+        switch node {
+        case .root: names = ["disks", "point.json"]
+        case .disks: names = sandbox.disks.flatMap { [$0.name + ".img", $0.name + ".vhd"] }
+        default: return -ENOTDIR
+        }
+        for name in [".", ".."] + names {
+            if filler(buffer, name, nil, 0, fuse_fill_dir_flags(0)) != 0 { break }
+        }
+        return 0
+    }
+
+    func open(_ path: UnsafePointer<CChar>?, _ info: UnsafeMutablePointer<fuse_file_info>?) -> Int32 {
+        guard let info else { return -EINVAL }
+        guard let node = resolve(path) else { return -ENOENT }
+        let writing = info.pointee.flags & O_ACCMODE != O_RDONLY
+        let file: SandboxFile
+        switch node {
+        case .disk(let disk, let vhd):
+            file = .disk(disk, footer: vhd ? footers[disk.name] : nil)
+            info.pointee.keep_cache = 1
+        case .pointJSON:
+            if writing { return -EACCES }
+            file = .bytes(pointJSON)
+        case .freeze:
+            if writing { return -EACCES }
+            // Writes stop, and what was written is made durable, before the opener goes on.
+            for disk in sandbox.disks { disk.gate.freeze() }
+            for disk in sandbox.disks {
+                do {
+                    try disk.flush()
+                } catch {
+                    for d in sandbox.disks { d.gate.thaw() }
+                    log("sandbox \(sandbox.record.name): \(error.description)")
+                    return -EIO
+                }
+            }
+            file = .freeze(sandbox.disks, held: FreezeHold())
+            info.pointee.direct_io = 1
+        default:
+            return -EISDIR
+        }
+        let handle = nextHandle.add(1, ordering: .relaxed).oldValue
+        files.withLock { $0[handle] = file }
+        info.pointee.fh = handle
+        return 0
+    }
+
+    func release(_ info: UnsafeMutablePointer<fuse_file_info>?) -> Int32 {
+        guard let info else { return 0 }
+        let handle = info.pointee.fh
+        guard let file = files.withLock({ $0.removeValue(forKey: handle) }) else { return 0 }
+        if case .freeze(let disks, let held) = file, held.held.load(ordering: .acquiring) {
+            for disk in disks { disk.gate.thaw() }
+        }
+        return 0
+    }
+
+    private func file(_ info: UnsafeMutablePointer<fuse_file_info>?) -> SandboxFile? {
+        guard let info else { return nil }
+        let handle = info.pointee.fh
+        return files.withLock { $0[handle] }
+    }
+
+    func read(_ buffer: UnsafeMutablePointer<CChar>?, _ size: Int, _ offset: off_t,
+              _ info: UnsafeMutablePointer<fuse_file_info>?) -> Int32 {
+        guard let buffer, offset >= 0 else { return -EINVAL }
+        guard let file = file(info) else { return -EBADF }
+        let out = UnsafeMutableRawBufferPointer(start: UnsafeMutableRawPointer(buffer), count: size)
+        switch file {
+        case .bytes(let bytes):
+            guard offset < bytes.count else { return 0 }
+            let n = min(size, bytes.count - Int(offset))
+            bytes.withUnsafeBytes { out.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[Int(offset)..<(Int(offset) + n)])) }
+            return Int32(n)
+        case .freeze(let disks, let held):
+            // "frozen" while the freeze held from open to now; "expired" if writes had to go on.
+            if !disks.allSatisfy({ $0.gate.holds }) { held.held.store(false, ordering: .releasing) }
+            let holds = held.held.load(ordering: .acquiring)
+            let answer = Array((holds ? "frozen\n" : "expired\n").utf8)
+            guard offset < answer.count else { return 0 }
+            let n = min(size, answer.count - Int(offset))
+            answer.withUnsafeBytes { out.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[Int(offset)..<(Int(offset) + n)])) }
+            return Int32(n)
+        case .disk(let disk, let footer):
+            var done = 0
+            do {
+                if UInt64(offset) < disk.size { done = try disk.read(into: out, at: UInt64(offset)) }
+            } catch {
+                log("sandbox \(sandbox.record.name): \(error.description)")
+                return -EIO
+            }
+            if let footer, done < size {
+                let position = UInt64(offset) + UInt64(done)
+                if position >= disk.size && position < disk.size + UInt64(footer.count) {
+                    let from = Int(position - disk.size)
+                    let n = min(size - done, footer.count - from)
+                    footer.withUnsafeBytes {
+                        UnsafeMutableRawBufferPointer(rebasing: out[done..<(done + n)]).copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[from..<(from + n)]))
+                    }
+                    done += n
+                }
+            }
+            return Int32(done)
+        }
+    }
+
+    func write(_ buffer: UnsafePointer<CChar>?, _ size: Int, _ offset: off_t, _ info: UnsafeMutablePointer<fuse_file_info>?) -> Int32 {
+        guard let buffer, offset >= 0 else { return -EINVAL }
+        guard case .disk(let disk, let footer) = file(info) else { return -EBADF }
+        let position = UInt64(offset)
+        var length = size
+        if position + UInt64(size) > disk.size {
+            // The VHD footer is computed: rewriting it with the same bytes is fine, changing it is not.
+            guard let footer, position + UInt64(size) <= disk.size + UInt64(footer.count) else { return -ENOSPC }
+            let start = max(position, disk.size)
+            let same = (start..<(position + UInt64(size))).allSatisfy { p in
+                UInt8(bitPattern: buffer[Int(p - position)]) == footer[Int(p - disk.size)]
+            }
+            guard same else { return -EPERM }
+            length = position < disk.size ? Int(disk.size - position) : 0
+        }
+        do {
+            try disk.write(UnsafeRawBufferPointer(start: UnsafeRawPointer(buffer), count: length), at: position)
+        } catch {
+            log("sandbox \(sandbox.record.name): \(error.description)")
+            if case .system(let e) = error, e.errno == ENOSPC || e.errno == EDQUOT { return -ENOSPC }
+            return -EIO
+        }
+        return Int32(size)
+    }
+
+    func fsync(_ info: UnsafeMutablePointer<fuse_file_info>?) -> Int32 {
+        guard case .disk(let disk, _) = file(info) else { return 0 }
+        do {
+            try disk.flush()
+        } catch {
+            log("sandbox \(sandbox.record.name): \(error.description)")
+            return -EIO
+        }
+        return 0
+    }
+
+    func fallocate(_ mode: Int32, _ offset: off_t, _ length: off_t, _ info: UnsafeMutablePointer<fuse_file_info>?) -> Int32 {
+        guard case .disk(let disk, _) = file(info), offset >= 0, length >= 0 else { return -EBADF }
+        let keepSize: Int32 = 1, punchHole: Int32 = 2, zeroRange: Int32 = 0x10
+        if mode == 0 || mode == keepSize {
+            // Allocation: every byte of the disk already exists.
+            return UInt64(offset) + UInt64(length) <= disk.size ? 0 : -ENOSPC
+        }
+        guard mode & (punchHole | zeroRange) != 0 else { return -EOPNOTSUPP }
+        let end = min(UInt64(offset) + UInt64(length), disk.size)
+        guard UInt64(offset) < end else { return 0 }
+        do {
+            try disk.zero(at: UInt64(offset), length: end - UInt64(offset))
+        } catch {
+            log("sandbox \(sandbox.record.name): \(error.description)")
+            return -EIO
+        }
+        return 0
+    }
+
+    func truncate(_ path: UnsafePointer<CChar>?, _ size: off_t) -> Int32 {
+        guard let node = resolve(path) else { return -ENOENT }
+        guard case .disk(let disk, let vhd) = node else { return -EACCES }
+        // A disk's size is the point's: only a no-op resize (O_TRUNC of tools that check) is fine.
+        return UInt64(size) == disk.size + (vhd ? UInt64(VHDFooter.size) : 0) ? 0 : -EPERM
+    }
+
+    func lseek(_ offset: off_t, _ whence: Int32, _ info: UnsafeMutablePointer<fuse_file_info>?) -> off_t {
+        guard offset >= 0 else { return off_t(-EINVAL) }
+        guard case .disk(let disk, let footer) = file(info) else { return off_t(-EINVAL) }
+        let extra = UInt64(footer?.count ?? 0)
+        let total = disk.size + extra
+        let position = UInt64(offset)
+        guard position < total else { return off_t(-ENXIO) }
+        guard position < disk.size else { return whence == 3 ? offset : off_t(total) }
+        do {
+            switch whence {
+            case 3:
+                if let data = try disk.nextData(from: position) { return off_t(data) }
+                return extra > 0 ? off_t(disk.size) : off_t(-ENXIO)
+            case 4:
+                let hole = try disk.nextHole(from: position)
+                return hole == disk.size && extra > 0 ? off_t(total) : off_t(hole)
+            default:
+                return off_t(-EINVAL)
+            }
+        } catch {
+            log("sandbox \(sandbox.record.name): \(error.description)")
+            return off_t(-EIO)
+        }
+    }
+
+    func statfs(_ st: UnsafeMutablePointer<statvfs>?) -> Int32 {
+        guard let st else { return -EINVAL }
+        st.pointee = statvfs()
+        st.pointee.f_bsize = UInt(SandboxDisk.blockSize)
+        st.pointee.f_frsize = UInt(SandboxDisk.blockSize)
+        st.pointee.f_namemax = 255
+        return 0
+    }
+}
+
+/// Whether a freeze opened through `.lifeboat-freeze` still holds (it expires when writes
+/// could not wait any longer).
+final class FreezeHold: Sendable {
+    let held = Atomic<Bool>(true)
+}
+
+/// The server of the sandbox this callback serves.
+private func sandboxServer() -> SandboxServer? {
+    guard let data = fuse_get_context()?.pointee.private_data else { return nil }
+    return Unmanaged<SandboxServer>.fromOpaque(data).takeUnretainedValue()
+}

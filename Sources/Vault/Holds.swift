@@ -1,0 +1,62 @@
+import ChunkStore
+import Foundation
+import ObjectStore
+import SystemIO
+
+/// Holds keep a point from prune while something outside the vault depends on it: a sandbox
+/// over the point, on some host. Unlike a protection (the operator's), a hold belongs to its
+/// holder and goes away with it. Objects: `holds/<machine>/<point id>/<holder>`.
+extension Vault {
+    static let holdPrefix = "holds/"
+
+    public struct Hold: Codable, Sendable {
+        public var holder: String
+        public var host: String
+        public var created: String
+        public var purpose: String
+    }
+
+    /// Places a hold, then checks that the point is still there (a prune running at the same
+    /// time reads holds again just before it deletes).
+    public func hold(_ point: RecoveryPoint, holder: String, purpose: String) throws(VaultError) {
+        try validateName(holder, what: "holder")
+        let hold = Hold(holder: holder, host: hostName(), created: Timestamp.format(Date()), purpose: purpose)
+        let bytes = Array((try? JSONEncoder().encode(hold)) ?? Data())
+        do {
+            try store.put(Vault.holdPrefix + point.machine + "/" + point.id + "/" + holder, bytes)
+        } catch { throw .store(error) }
+        let present: Bool
+        do {
+            present = try store.size(RecoveryPoint.objectName(machine: point.machine, id: point.id)) != nil
+        } catch { throw .store(error) }
+        if !present {
+            try? store.delete(Vault.holdPrefix + point.machine + "/" + point.id + "/" + holder)
+            throw .unknownPoint(point.label, "it was removed (pruned) just now")
+        }
+    }
+
+    public func release(_ point: (machine: String, id: String), holder: String) throws(VaultError) {
+        do {
+            try store.delete(Vault.holdPrefix + point.machine + "/" + point.id + "/" + holder)
+        } catch { throw .store(error) }
+    }
+
+    /// Held points of a machine: point id -> who holds it ("sandbox test1 on host h").
+    public func holds(machine: String) throws(VaultError) -> [String: String] {
+        var result: [String: String] = [:]
+        do {
+            for object in try store.list(prefix: Vault.holdPrefix + machine + "/") {
+                let parts = object.name.split(separator: "/")
+                guard parts.count == 4 else { continue }
+                let description: String
+                if let bytes = try? store.get(object.name), let hold = try? JSONDecoder().decode(Hold.self, from: Data(bytes)) {
+                    description = "\(hold.purpose) on \(hold.host)"
+                } else {
+                    description = String(parts[3])  // unreadable: still a hold
+                }
+                result[String(parts[2])] = result[String(parts[2])].map { $0 + ", " + description } ?? description
+            }
+        } catch { throw .store(error) }
+        return result
+    }
+}

@@ -1,0 +1,461 @@
+import ChunkStore
+import Foundation
+import Synchronization
+import SystemIO
+import Vault
+
+public enum SandboxError: LifeboatError {
+    case unknown(String)
+    case exists(String)
+    case busy(String, why: String)
+    case damagedOverlay(path: String, why: String)
+    case pastEnd(disk: String, offset: UInt64, size: UInt64)
+    case freezeExpired(String)
+    case system(SystemError)
+    case vault(VaultError)
+    case disk(VirtualDiskError)
+
+    public var description: String {
+        switch self {
+        case .unknown(let name): return "no sandbox \(name) (see `lifeboat sandbox list`)"
+        case .exists(let name): return "a sandbox \(name) already exists"
+        case .busy(let name, let why): return "sandbox \(name) is busy: \(why)"
+        case .damagedOverlay(let path, let why): return "the sandbox overlay \(path) is damaged: \(why)"
+        case .pastEnd(let disk, let offset, let size): return "write at byte \(offset) is past the end of disk \(disk) (\(size) bytes)"
+        case .freezeExpired(let name): return "sandbox \(name) kept writing while it was being promoted (its writes cannot wait longer than \(Int(WriteGate.maximumWait)) s); stop the machine or try again"
+        case .system(let error): return error.description
+        case .vault(let error): return error.description
+        case .disk(let error): return error.description
+        }
+    }
+
+    public var kind: FailureKind {
+        switch self {
+        case .unknown: return .notFound
+        case .exists, .pastEnd: return .usage
+        case .busy, .freezeExpired: return .busy
+        case .damagedOverlay: return .damaged
+        case .system(let error): return error.kind
+        case .vault(let error): return error.kind
+        case .disk(let error): return error.kind
+        }
+    }
+}
+
+/// Lets writes through, or holds them while the overlay is read as one consistent image
+/// (promote of a running sandbox). A freeze never blocks writes for longer than `maximumWait`:
+/// a guest whose I/O hangs is worse than a promote that has to be retried.
+public final class WriteGate: @unchecked Sendable {
+    // @unchecked: the vars are read and written only while holding `condition`.
+    public static let maximumWait: TimeInterval = 60
+    private let condition = NSCondition()
+    private var writers = 0
+    private var frozen = false
+    private var expired = false
+
+    public init() {}
+
+    func enter() {
+        condition.lock()
+        defer { condition.unlock() }
+        let deadline = Date().addingTimeInterval(WriteGate.maximumWait)
+        while frozen {
+            if !condition.wait(until: deadline) && frozen {
+                frozen = false
+                expired = true
+                condition.broadcast()
+            }
+        }
+        writers += 1
+    }
+
+    func leave() {
+        condition.lock()
+        writers -= 1
+        if writers == 0 { condition.broadcast() }
+        condition.unlock()
+    }
+
+    /// Waits for other freezes and for writes in flight; new writes wait until `thaw`.
+    public func freeze() {
+        condition.lock()
+        defer { condition.unlock() }
+        while frozen { condition.wait() }
+        frozen = true
+        expired = false
+        while writers > 0 { condition.wait() }
+    }
+
+    /// Ends the freeze; false when it had expired (writes went on while it was held).
+    @discardableResult
+    public func thaw() -> Bool {
+        condition.lock()
+        defer { condition.unlock() }
+        let held = !expired
+        if frozen {
+            frozen = false
+            condition.broadcast()
+        }
+        expired = false
+        return held
+    }
+
+    /// True while a freeze holds (it has not expired).
+    public var holds: Bool {
+        condition.lock()
+        defer { condition.unlock() }
+        return frozen && !expired
+    }
+}
+
+/// The written blocks of an overlay: one bit per block, kept in memory and persisted (only
+/// the pages that changed) when the overlay is flushed.
+struct BlockMap {
+    static let headerSize = 4096
+    static let pageBytes = 4096
+    static let magic = Array("LBOVMAP1".utf8)
+
+    var words: [UInt64]
+    /// Map pages (of `pageBytes`) changed since the last flush.
+    var dirty = Set<Int>()
+    var count = 0
+
+    init(blocks: Int) {
+        words = [UInt64](repeating: 0, count: (blocks + 63) / 64)
+    }
+
+    func contains(_ block: Int) -> Bool {
+        words[block >> 6] & (1 << UInt64(block & 63)) != 0
+    }
+
+    mutating func insert(_ blocks: ClosedRange<Int>) {
+        for block in blocks {
+            let bit: UInt64 = 1 << UInt64(block & 63)
+            if words[block >> 6] & bit == 0 {
+                words[block >> 6] |= bit
+                count += 1
+                dirty.insert((block >> 6) * 8 / BlockMap.pageBytes)
+            }
+        }
+    }
+
+    /// The stored form of one page: words little-endian, so that byte j holds blocks 8j...8j+7.
+    func page(_ n: Int) -> [UInt8] {
+        let wordsPerPage = BlockMap.pageBytes / 8
+        let from = n * wordsPerPage
+        let to = min(words.count, from + wordsPerPage)
+        var bytes = [UInt8]()
+        bytes.reserveCapacity((to - from) * 8)
+        for w in words[from..<to] { withUnsafeBytes(of: w.littleEndian) { bytes += $0 } }
+        return bytes
+    }
+
+    static func header(blockSize: Int, diskSize: UInt64) -> [UInt8] {
+        var bytes = magic
+        withUnsafeBytes(of: UInt32(1).littleEndian) { bytes += $0 }
+        withUnsafeBytes(of: UInt32(blockSize).littleEndian) { bytes += $0 }
+        withUnsafeBytes(of: diskSize.littleEndian) { bytes += $0 }
+        return bytes + [UInt8](repeating: 0, count: headerSize - bytes.count)
+    }
+}
+
+/// A writable disk: a sparse data file and a block map over a point's disk. Reads merge the
+/// overlay's written blocks over the point; writes go to the overlay only (partial blocks are
+/// copied up first); the point is never written. Safe from many threads.
+///
+/// Durability: a write reaches the data file before its bit is set; `flush` (the guest's fsync)
+/// makes the data durable first and the map after, so a crash or power cut leaves every block
+/// either as flushed or as it was before, never a map bit over data that was not there.
+public final class SandboxDisk: Sendable {
+    public static let blockSize = 4096
+    public let name: String
+    public let base: DiskReader
+    public let gate = WriteGate()
+    private let data: SystemFile
+    private let mapFile: SystemFile
+    private let map: Mutex<BlockMap>
+    private let stripes: [NSLock] = (0..<64).map { _ in NSLock() }
+    private let flushing = Mutex<Void>(())
+
+    public var size: UInt64 { base.size }
+    public var blocks: Int { Int((base.size + UInt64(SandboxDisk.blockSize) - 1) / UInt64(SandboxDisk.blockSize)) }
+    /// Bytes of the disk the sandbox has written (whole blocks).
+    public var writtenBytes: UInt64 { UInt64(map.withLock { $0.count }) * UInt64(SandboxDisk.blockSize) }
+
+    /// Opens (creating when missing) the overlay files `<prefix>.data` and `<prefix>.map`.
+    public init(name: String, base: DiskReader, prefix: String) throws(SandboxError) {
+        self.name = name
+        self.base = base
+        let blockCount = Int((base.size + UInt64(SandboxDisk.blockSize) - 1) / UInt64(SandboxDisk.blockSize))
+        var loaded = BlockMap(blocks: blockCount)
+        do {
+            data = try SystemFile.open(prefix + ".data", .createOrOpen(permissions: 0o600))
+            mapFile = try SystemFile.open(prefix + ".map", .createOrOpen(permissions: 0o600))
+            if try data.size() != base.size { try data.truncate(to: base.size) }
+            let header = BlockMap.header(blockSize: SandboxDisk.blockSize, diskSize: base.size)
+            let mapBytes = loaded.words.count * 8
+            if try mapFile.size() == 0 {
+                try mapFile.truncate(to: UInt64(BlockMap.headerSize + mapBytes))
+                try mapFile.write(header, at: 0)
+                try mapFile.sync()
+            } else {
+                let stored = try mapFile.readAll(count: BlockMap.headerSize + mapBytes)
+                guard stored.count == BlockMap.headerSize + mapBytes, Array(stored[0..<header.count]) == header else {
+                    throw SandboxError.damagedOverlay(path: prefix + ".map", why: "its header does not match disk \(name) (\(base.size) bytes)")
+                }
+                stored.withUnsafeBytes { raw in
+                    for i in loaded.words.indices {
+                        loaded.words[i] = UInt64(littleEndian: raw.loadUnaligned(fromByteOffset: BlockMap.headerSize + i * 8, as: UInt64.self))
+                    }
+                }
+                loaded.count = loaded.words.reduce(0) { $0 + $1.nonzeroBitCount }
+            }
+        } catch let error as SandboxError {
+            throw error
+        } catch let error as SystemError {
+            throw .system(error)
+        } catch {
+            throw .damagedOverlay(path: prefix, why: "\(error)")
+        }
+        map = Mutex(loaded)
+    }
+
+    deinit {
+        data.close()
+        mapFile.close()
+    }
+
+    // MARK: - Reading
+
+    /// Reads up to `buffer.count` bytes at `offset`; fewer only at the end of the disk.
+    public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(SandboxError) -> Int {
+        guard offset < size else { return 0 }
+        let length = Int(min(UInt64(buffer.count), size - offset))
+        let end = offset + UInt64(length)
+        let bs = UInt64(SandboxDisk.blockSize)
+        let first = Int(offset / bs), last = Int((end - 1) / bs)
+        let written: [Bool] = map.withLock { m in (first...last).map { m.contains($0) } }
+        var block = first
+        while block <= last {
+            let inOverlay = written[block - first]
+            var runEnd = block
+            while runEnd < last && written[runEnd + 1 - first] == inOverlay { runEnd += 1 }
+            let from = max(offset, UInt64(block) * bs)
+            let to = min(end, UInt64(runEnd + 1) * bs)
+            let part = UnsafeMutableRawBufferPointer(rebasing: buffer[Int(from - offset)..<Int(to - offset)])
+            do {
+                if inOverlay {
+                    let n = try data.read(into: part, at: from)
+                    if n < part.count {
+                        throw SandboxError.damagedOverlay(path: data.path, why: "it ends at byte \(from + UInt64(n))")
+                    }
+                } else {
+                    _ = try base.read(into: part, at: from)
+                }
+            } catch let error as SandboxError {
+                throw error
+            } catch let error as SystemError {
+                throw .system(error)
+            } catch let error as VirtualDiskError {
+                throw .disk(error)
+            } catch {
+                throw .damagedOverlay(path: data.path, why: "\(error)")
+            }
+            block = runEnd + 1
+        }
+        return length
+    }
+
+    /// SEEK_DATA/SEEK_HOLE over the merged disk: a written block is data, even if it holds zeros.
+    public func nextData(from offset: UInt64) throws(SandboxError) -> UInt64? {
+        try scan(from: offset, wantData: true)
+    }
+
+    public func nextHole(from offset: UInt64) throws(SandboxError) -> UInt64 {
+        try scan(from: offset, wantData: false) ?? size
+    }
+
+    private func scan(from offset: UInt64, wantData: Bool) throws(SandboxError) -> UInt64? {
+        var position = offset
+        let bs = UInt64(SandboxDisk.blockSize)
+        while position < size {
+            let block = Int(position / bs)
+            if map.withLock({ $0.contains(block) }) {
+                if wantData { return position }
+                position = UInt64(block + 1) * bs
+                continue
+            }
+            // In the base: its next boundary, clipped to the next written block.
+            let baseNext: UInt64?
+            do {
+                baseNext = wantData ? try base.nextData(from: position) : try base.nextHole(from: position)
+            } catch { throw .disk(error) }
+            let nextWritten: UInt64? = map.withLock { m in
+                var b = block + 1
+                let limit = Int(((baseNext ?? size) + bs - 1) / bs)
+                while b < min(limit, blocks) {
+                    if m.contains(b) { return UInt64(b) * bs }
+                    b += 1
+                }
+                return nil
+            }
+            if let baseNext, nextWritten.map({ baseNext <= $0 }) ?? true { return min(baseNext, size) }
+            guard let nextWritten else { return wantData ? nil : size }
+            if wantData { return nextWritten }
+            position = nextWritten
+        }
+        return nil
+    }
+
+    // MARK: - Writing
+
+    /// Writes `buffer` at `offset` into the overlay.
+    public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws(SandboxError) {
+        guard !buffer.isEmpty else { return }
+        guard offset + UInt64(buffer.count) <= size else { throw .pastEnd(disk: name, offset: offset, size: size) }
+        gate.enter()
+        defer { gate.leave() }
+        let bs = UInt64(SandboxDisk.blockSize)
+        let end = offset + UInt64(buffer.count)
+        let first = Int(offset / bs), last = Int((end - 1) / bs)
+        let locks = Set((first...last).prefix(64).map { $0 % 64 }).sorted().map { stripes[$0] }
+        for lock in locks { lock.lock() }
+        defer { for lock in locks.reversed() { lock.unlock() } }
+
+        let spanStart = UInt64(first) * bs
+        let spanEnd = min(UInt64(last + 1) * bs, size)
+        do {
+            if offset == spanStart && end == spanEnd {
+                try data.write(buffer, at: offset)
+            } else {
+                // Copy-up: the partial blocks at either end are completed from what the disk
+                // holds now (the overlay or the point) before the whole blocks are written.
+                let span = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(spanEnd - spanStart), alignment: 4096)
+                defer { span.deallocate() }
+                if offset > spanStart {
+                    let headEnd = min(spanStart + bs, spanEnd)
+                    _ = try read(into: UnsafeMutableRawBufferPointer(rebasing: span[0..<Int(headEnd - spanStart)]), at: spanStart)
+                }
+                if end < spanEnd {
+                    let tailStart = max(spanStart, UInt64(last) * bs)
+                    if !(tailStart == spanStart && offset > spanStart) {
+                        _ = try read(into: UnsafeMutableRawBufferPointer(rebasing: span[Int(tailStart - spanStart)...]), at: tailStart)
+                    }
+                }
+                UnsafeMutableRawBufferPointer(rebasing: span[Int(offset - spanStart)..<Int(end - spanStart)]).copyMemory(from: buffer)
+                try data.write(UnsafeRawBufferPointer(span), at: spanStart)
+            }
+        } catch let error as SandboxError {
+            throw error
+        } catch let error as SystemError {
+            throw .system(error)
+        } catch {
+            throw .damagedOverlay(path: data.path, why: "\(error)")
+        }
+        map.withLock { $0.insert(first...last) }
+    }
+
+    /// Makes a range read as zeros (discard, fallocate PUNCH_HOLE or ZERO_RANGE): whole blocks are
+    /// freed in the data file, partial ones written with zeros.
+    public func zero(at offset: UInt64, length: UInt64) throws(SandboxError) {
+        guard length > 0 else { return }
+        guard offset + length <= size else { throw .pastEnd(disk: name, offset: offset, size: size) }
+        let bs = UInt64(SandboxDisk.blockSize)
+        let end = offset + length
+        let wholeStart = (offset + bs - 1) / bs * bs
+        let wholeEnd = end == size ? end : end / bs * bs
+        guard wholeStart < wholeEnd else {
+            return try writeZeros(at: offset, length: length)
+        }
+        if offset < wholeStart { try writeZeros(at: offset, length: wholeStart - offset) }
+        var punched = false
+        do throws(SystemError) {
+            gate.enter()
+            defer { gate.leave() }
+            punched = try data.punchHole(at: wholeStart, length: wholeEnd - wholeStart)
+            if punched { map.withLock { $0.insert(Int(wholeStart / bs)...Int((wholeEnd - 1) / bs)) } }
+        } catch {
+            throw .system(error)
+        }
+        if !punched { try writeZeros(at: wholeStart, length: wholeEnd - wholeStart) }
+        if wholeEnd < end { try writeZeros(at: wholeEnd, length: end - wholeEnd) }
+    }
+
+    private func writeZeros(at offset: UInt64, length: UInt64) throws(SandboxError) {
+        let piece = 1 << 20
+        let zeros = UnsafeMutableRawBufferPointer.allocate(byteCount: piece, alignment: 4096)
+        defer { zeros.deallocate() }
+        zeros.initializeMemory(as: UInt8.self, repeating: 0)
+        var done: UInt64 = 0
+        while done < length {
+            let n = Int(min(UInt64(piece), length - done))
+            try write(UnsafeRawBufferPointer(rebasing: zeros[0..<n]), at: offset + done)
+            done += UInt64(n)
+        }
+    }
+
+    /// Makes everything written so far durable: the data first, then the map pages that changed.
+    public func flush() throws(SandboxError) {
+        do throws(SystemError) {
+            try flushing.withLock { _ throws(SystemError) in
+                // The pages are taken before the data is synced: every bit in them belongs to a
+                // write that had reached the data file, so the sync covers it.
+                let pages: [(Int, [UInt8])] = map.withLock { m in
+                    let taken = m.dirty.sorted().map { ($0, m.page($0)) }
+                    m.dirty.removeAll()
+                    return taken
+                }
+                do throws(SystemError) {
+                    try data.syncData()
+                    for (n, bytes) in pages {
+                        try mapFile.write(bytes, at: UInt64(BlockMap.headerSize + n * BlockMap.pageBytes))
+                    }
+                    if !pages.isEmpty { try mapFile.syncData() }
+                } catch {
+                    map.withLock { m in for (n, _) in pages { m.dirty.insert(n) } }
+                    throw error
+                }
+            }
+        } catch {
+            throw .system(error)
+        }
+    }
+
+    // MARK: - Promote
+
+    /// The chunk-size slots holding at least one written block, ascending.
+    public func changedSlots(chunkSize: Int) -> [Int] {
+        let blocksPerSlot = max(1, chunkSize / SandboxDisk.blockSize)
+        return map.withLock { m in
+            var slots: [Int] = []
+            for (w, word) in m.words.enumerated() where word != 0 {
+                var bits = word
+                while bits != 0 {
+                    let block = w * 64 + bits.trailingZeroBitCount
+                    bits &= bits - 1
+                    let slot = block / blocksPerSlot
+                    if slots.last != slot { slots.append(slot) }
+                }
+            }
+            return slots
+        }
+    }
+}
+
+/// One disk of a sandbox as the changes a promote commits.
+public struct SandboxChanges: ChangedSlots {
+    public let disk: SandboxDisk
+    public let changedSlots: [Int]
+
+    public init(disk: SandboxDisk, chunkSize: Int) {
+        self.disk = disk
+        self.changedSlots = disk.changedSlots(chunkSize: chunkSize)
+    }
+
+    public func readSlot(_ slot: Int, into buffer: UnsafeMutableRawBufferPointer) throws -> Int {
+        let chunkSize = UInt64(disk.base.chunkSize)
+        let start = UInt64(slot) * chunkSize
+        let length = Int(min(chunkSize, disk.size - start))
+        return try disk.read(into: UnsafeMutableRawBufferPointer(rebasing: buffer[0..<length]), at: start)
+    }
+}

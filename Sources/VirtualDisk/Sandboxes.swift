@@ -1,0 +1,308 @@
+import ChunkStore
+import Foundation
+import Glibc
+import SystemIO
+import Vault
+
+/// What a sandbox is: its base point and disks. Stored as `sandbox.json` in its directory.
+public struct SandboxRecord: Codable, Sendable {
+    public struct Disk: Codable, Sendable {
+        public var name: String
+        public var size: UInt64
+    }
+
+    public var name: String
+    /// The id of the vault the base point is in.
+    public var vault: String
+    public var machine: String
+    public var point: String
+    public var pointTime: String
+    public var created: String
+    public var host: String
+    public var disks: [Disk]
+}
+
+public struct SandboxStatus: Codable, Sendable {
+    public struct Disk: Codable, Sendable {
+        public var name: String
+        public var size: UInt64
+        public var writtenBytes: UInt64
+    }
+
+    public var name: String
+    public var machine: String
+    public var point: String
+    public var pointTime: String
+    public var created: String
+    public var writtenBytes: UInt64
+    public var disks: [Disk]
+    /// Where its server has it mounted, if it runs.
+    public var mountpoint: String?
+    public var serverPID: Int32?
+}
+
+/// Where a running sandbox server says it is mounted (`mount.json`).
+struct SandboxMount: Codable {
+    var mountpoint: String
+    var pid: Int32
+}
+
+/// The sandboxes of this host over one vault, in the local state directory:
+/// `<state>/sandboxes/<name>/{sandbox.json, lock, mount.json, disks/<disk>.data, disks/<disk>.map}`.
+/// The vault holds only a hold object per sandbox, which keeps prune from removing its base.
+public final class Sandboxes: Sendable {
+    public let vault: Vault
+    public let directory: String
+    /// Name of the file a mounted sandbox serves at its root: opening it freezes writes and
+    /// flushes the overlay; closing it thaws; reading it says "frozen" or "expired".
+    public static let freezeFile = ".lifeboat-freeze"
+
+    public init(vault: Vault) {
+        self.vault = vault
+        self.directory = vault.stateDirectory + "/sandboxes"
+    }
+
+    func path(_ name: String) -> String { directory + "/" + name }
+
+    static func holder(_ name: String) -> String {
+        let host = hostName().map { c -> Character in c.isLetter || c.isNumber || c == "-" ? c : "_" }
+        return "sandbox.\(name).\(String(host).prefix(60))"
+    }
+
+    // MARK: - Catalog
+
+    /// A new sandbox over `point`: nothing is copied; the point is held against prune.
+    public func create(_ name: String, from point: RecoveryPoint) throws(SandboxError) -> SandboxRecord {
+        do {
+            try validateName(name, what: "sandbox")
+        } catch { throw .vault(error) }
+        let dir = path(name)
+        guard !FileSystem.exists(dir) else { throw .exists(name) }
+        let record = SandboxRecord(
+            name: name, vault: vault.config.id, machine: point.machine, point: point.id, pointTime: point.time,
+            created: Timestamp.format(Date()), host: hostName(),
+            disks: point.disks.map { SandboxRecord.Disk(name: $0.name, size: $0.size) })
+        do {
+            try vault.hold(point, holder: Sandboxes.holder(name), purpose: "sandbox \(name)")
+        } catch { throw .vault(error) }
+        do throws(SystemError) {
+            try FileSystem.createDirectories(dir + "/disks", permissions: 0o700)
+            let encoder = JSONEncoder()
+            encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+            let bytes = Array((try? encoder.encode(record)) ?? Data())
+            let temporary = dir + "/.sandbox.json.tmp"
+            let file = try SystemFile.open(temporary, .createOrOpen(permissions: 0o600))
+            defer { file.close() }
+            try file.truncate(to: 0)
+            try file.write(bytes, at: 0)
+            try file.sync()
+            try FileSystem.rename(temporary, to: dir + "/sandbox.json")
+            try FileSystem.syncDirectory(dir)
+        } catch {
+            try? vault.release((point.machine, point.id), holder: Sandboxes.holder(name))
+            try? FileManager.default.removeItem(atPath: dir)
+            throw .system(error)
+        }
+        return record
+    }
+
+    public func record(_ name: String) throws(SandboxError) -> SandboxRecord {
+        let file = path(name) + "/sandbox.json"
+        guard let data = FileManager.default.contents(atPath: file) else { throw .unknown(name) }
+        guard let record = try? JSONDecoder().decode(SandboxRecord.self, from: data) else {
+            throw .damagedOverlay(path: file, why: "not a sandbox record")
+        }
+        guard record.vault == vault.config.id else {
+            throw .busy(name, why: "it belongs to another vault (id \(record.vault)); use that vault")
+        }
+        return record
+    }
+
+    public func names() -> [String] {
+        ((try? FileSystem.list(directory)) ?? []).filter { FileSystem.exists(path($0) + "/sandbox.json") }.sorted()
+    }
+
+    public func status(_ name: String) throws(SandboxError) -> SandboxStatus {
+        let record = try record(name)
+        var disks: [SandboxStatus.Disk] = []
+        for disk in record.disks {
+            disks.append(SandboxStatus.Disk(name: disk.name, size: disk.size,
+                                            writtenBytes: Sandboxes.writtenBytes(mapPath: path(name) + "/disks/\(disk.name).map")))
+        }
+        let mount = mounted(name)
+        return SandboxStatus(name: name, machine: record.machine, point: record.point, pointTime: record.pointTime,
+                             created: record.created, writtenBytes: disks.reduce(0) { $0 + $1.writtenBytes }, disks: disks,
+                             mountpoint: mount?.mountpoint, serverPID: mount?.pid)
+    }
+
+    /// Written bytes from a map file as last flushed (a running server may hold a few more).
+    static func writtenBytes(mapPath: String) -> UInt64 {
+        guard let data = FileManager.default.contents(atPath: mapPath), data.count > BlockMap.headerSize else { return 0 }
+        var bits = 0
+        data.withUnsafeBytes { raw in
+            var i = BlockMap.headerSize
+            while i + 8 <= raw.count {
+                bits += raw.loadUnaligned(fromByteOffset: i, as: UInt64.self).nonzeroBitCount
+                i += 8
+            }
+        }
+        return UInt64(bits) * UInt64(SandboxDisk.blockSize)
+    }
+
+    /// The running server's mount, if one holds the sandbox's lock.
+    func mounted(_ name: String) -> SandboxMount? {
+        guard let lock = try? SystemFile.open(path(name) + "/lock", .createOrOpen(permissions: 0o600)) else { return nil }
+        defer { lock.close() }
+        if (try? lock.lock(exclusive: true, wait: false)) == true { return nil }  // nobody holds it
+        guard let data = FileManager.default.contents(atPath: path(name) + "/mount.json") else { return nil }
+        return try? JSONDecoder().decode(SandboxMount.self, from: data)
+    }
+
+    // MARK: - Using one
+
+    /// Opens a sandbox for exclusive use (its server, reset, cleanup, promote when not mounted).
+    public func open(_ name: String, cacheBytes: Int = 64 << 20) throws(SandboxError) -> OpenSandbox {
+        let record = try record(name)
+        let lock: SystemFile
+        do {
+            lock = try SystemFile.open(path(name) + "/lock", .createOrOpen(permissions: 0o600))
+            guard try lock.lock(exclusive: true, wait: false) else {
+                lock.close()
+                let where_ = mounted(name).map { " (mounted at \($0.mountpoint), server pid \($0.pid))" } ?? ""
+                throw SandboxError.busy(name, why: "another lifeboat process is using it\(where_)")
+            }
+        } catch let error as SandboxError {
+            throw error
+        } catch let error as SystemError {
+            throw .system(error)
+        } catch { throw .damagedOverlay(path: path(name), why: "\(error)") }
+        do {
+            let (point, disks) = try openDisks(record, cacheBytes: cacheBytes)
+            return OpenSandbox(record: record, point: point, disks: disks, directory: path(name), lock: lock)
+        } catch {
+            lock.close()
+            throw error
+        }
+    }
+
+    private func openDisks(_ record: SandboxRecord, cacheBytes: Int) throws(SandboxError) -> (RecoveryPoint, [SandboxDisk]) {
+        let point: RecoveryPoint
+        do {
+            point = try vault.point(record.machine + "@" + record.point)
+        } catch {
+            throw .vault(.unknownPoint("\(record.machine)@\(record.point)", "the base of sandbox \(record.name) is gone from the vault (\(error.description))"))
+        }
+        let cache = ChunkCache(capacityBytes: cacheBytes, slotSize: vault.config.chunkSize)
+        var disks: [SandboxDisk] = []
+        for disk in point.disks {
+            let base = DiskReader(point: point, disk: disk, chunks: vault.chunks, cache: cache)
+            disks.append(try SandboxDisk(name: disk.name, base: base, prefix: path(record.name) + "/disks/" + disk.name))
+        }
+        return (point, disks)
+    }
+
+    /// Throws away everything the sandbox wrote; it starts again from its point.
+    public func reset(_ name: String) throws(SandboxError) {
+        let sandbox = try open(name)
+        defer { sandbox.close() }
+        for disk in sandbox.record.disks {
+            for suffix in [".data", ".map"] {
+                let file = path(name) + "/disks/" + disk.name + suffix
+                if FileSystem.exists(file) {
+                    do {
+                        try FileSystem.remove(file)
+                    } catch { throw .system(error) }
+                }
+            }
+        }
+    }
+
+    /// Discards the sandbox: its overlay, its record and its hold on the point.
+    public func cleanup(_ name: String) throws(SandboxError) {
+        let sandbox = try open(name)
+        let record = sandbox.record
+        // Renamed away first: a crash from here on leaves no half-removed sandbox under its name.
+        let doomed = directory + "/.removing-\(name)-\(getpid())"
+        do {
+            try FileSystem.rename(path(name), to: doomed)
+        } catch {
+            sandbox.close()
+            throw .system(error)
+        }
+        sandbox.close()
+        try? FileManager.default.removeItem(atPath: doomed)
+        do {
+            try vault.release((record.machine, record.point), holder: Sandboxes.holder(name))
+        } catch { throw .vault(error) }
+    }
+
+    /// The sandbox's current state as a new crash-consistent point of its machine (deduplicated:
+    /// only the slots it wrote are read and stored). A mounted sandbox is frozen for the time
+    /// it takes: its writes wait (at most `WriteGate.maximumWait`), reads go on.
+    public func promote(_ name: String, progress: (DerivedProgress) -> Void = { _ in }) throws(SandboxError) -> BackupReport {
+        let record = try record(name)
+        if let mount = mounted(name) {
+            let freeze = Glibc.open(mount.mountpoint + "/" + Sandboxes.freezeFile, O_RDONLY | O_CLOEXEC)
+            guard freeze >= 0 else {
+                throw .system(SystemError("freeze the mounted sandbox through", path: mount.mountpoint + "/" + Sandboxes.freezeFile))
+            }
+            defer { Glibc.close(freeze) }
+            let (point, disks) = try openDisks(record, cacheBytes: 16 << 20)
+            let report = try commit(record, point: point, disks: disks, progress: progress)
+            var answer = [UInt8](repeating: 0, count: 16)
+            let n = answer.withUnsafeMutableBytes { Glibc.read(freeze, $0.baseAddress, $0.count) }
+            guard n > 0, String(decoding: answer[0..<n], as: UTF8.self).hasPrefix("frozen") else {
+                // The point is complete in the vault but may mix states: say so, do not hide it.
+                throw .freezeExpired("\(name) (point \(report.point.prefix(12)) was written but may not be consistent; remove it with prune or keep it knowingly)")
+            }
+            return report
+        }
+        let sandbox = try open(name, cacheBytes: 16 << 20)
+        defer { sandbox.close() }
+        return try commit(record, point: sandbox.point, disks: sandbox.disks, progress: progress)
+    }
+
+    private func commit(_ record: SandboxRecord, point: RecoveryPoint, disks: [SandboxDisk],
+                        progress: (DerivedProgress) -> Void) throws(SandboxError) -> BackupReport {
+        var changes: [String: any ChangedSlots] = [:]
+        for disk in disks { changes[disk.name] = SandboxChanges(disk: disk, chunkSize: vault.config.chunkSize) }
+        do {
+            return try vault.commit(derivedFrom: point, changes: changes, tags: ["sandbox-" + record.name], progress: progress)
+        } catch { throw .vault(error) }
+    }
+}
+
+/// A sandbox opened for exclusive use: its lock is held until `close`.
+public final class OpenSandbox: Sendable {
+    public let record: SandboxRecord
+    public let point: RecoveryPoint
+    public let disks: [SandboxDisk]
+    let directory: String
+    private let lock: SystemFile
+
+    init(record: SandboxRecord, point: RecoveryPoint, disks: [SandboxDisk], directory: String, lock: SystemFile) {
+        self.record = record
+        self.point = point
+        self.disks = disks
+        self.directory = directory
+        self.lock = lock
+    }
+
+    /// Says where the sandbox is served (nil: no longer).
+    public func setMounted(_ mountpoint: String?) {
+        let file = directory + "/mount.json"
+        guard let mountpoint else {
+            try? FileSystem.remove(file)
+            return
+        }
+        if let bytes = try? JSONEncoder().encode(SandboxMount(mountpoint: mountpoint, pid: getpid())) {
+            FileManager.default.createFile(atPath: file, contents: bytes)
+        }
+    }
+
+    /// Flushes every disk and releases the lock.
+    public func close() {
+        for disk in disks { try? disk.flush() }
+        lock.close()
+    }
+}
