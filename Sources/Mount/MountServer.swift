@@ -330,9 +330,10 @@ public enum Mounts {
     }
 
     /// A mount whose server died answers ENOTCONN ("Transport endpoint is not connected").
+    /// statfs always asks the server; a stat may be answered from the kernel's attribute cache.
     public static func isStale(_ path: String) -> Bool {
-        var st = stat()
-        return stat(path, &st) != 0 && errno == ENOTCONN
+        var st = statvfs()
+        return statvfs(path, &st) != 0 && errno == ENOTCONN
     }
 
     /// Checks the mount point; clears a stale mount left by a crashed server.

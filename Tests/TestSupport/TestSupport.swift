@@ -62,6 +62,23 @@ public func setSize(_ path: String, _ size: UInt64) throws {
     try file.truncate(to: size)
 }
 
+/// Where two byte sequences first differ (or where the shorter ends); nil when equal. Tests
+/// compare large buffers with this: a failed `#expect(a == b)` on megabytes makes the test
+/// library compute a diff that takes minutes.
+public func firstDifference<A: Collection<UInt8>, B: Collection<UInt8>>(_ a: A, _ b: B) -> Int? {
+    var i = 0
+    for (x, y) in zip(a, b) {
+        if x != y { return i }
+        i += 1
+    }
+    return a.count == b.count ? nil : i
+}
+
+/// SHA-256 of bytes, hex.
+public func sha256(bytes: [UInt8]) -> String {
+    Array(SHA256.hash(data: bytes)).hex
+}
+
 /// SHA-256 of a whole file, hex.
 public func sha256(file path: String) throws -> String {
     let file = try SystemFile.open(path, .readOnly)

@@ -7,7 +7,7 @@ import TestSupport
 @Suite(.serialized, .enabled(if: isRoot && FileSystem.exists("/dev/fuse"))) struct MountCommandTests {
     func mountPID(_ mountpoint: String) -> pid_t? {
         // "[l]" keeps the pattern from matching the shell that runs pgrep.
-        let out = shell("pgrep -f '[l]ifeboat mount \(mountpoint) --foreground'").stdout
+        let out = shell("pgrep -f '[l]ifeboat mount \(mountpoint) '").stdout
         return out.split(separator: "\n").first.flatMap { pid_t($0) }
     }
 
