@@ -17,6 +17,7 @@ let package = Package(
         // System-library shims: the C world stays here.
         .systemLibrary(name: "CZstd", pkgConfig: "libzstd", providers: [.apt(["libzstd-dev"])]),
         .systemLibrary(name: "CFuse", pkgConfig: "fuse3", providers: [.apt(["libfuse3-dev"])]),
+        .systemLibrary(name: "CExt2fs", pkgConfig: "ext2fs", providers: [.apt(["libext2fs-dev"])]),
 
         // Typed wrappers over the system calls every layer uses.
         .target(name: "SystemIO"),
@@ -24,6 +25,7 @@ let package = Package(
         .target(name: "ChunkStore", dependencies: ["SystemIO", "ObjectStore", "CZstd", crypto]),
         .target(name: "Vault", dependencies: ["SystemIO", "ObjectStore", "ChunkStore", crypto]),
         .target(name: "VirtualDisk", dependencies: ["SystemIO", "ChunkStore", "Vault"]),
+        .target(name: "GuestFiles", dependencies: ["SystemIO", "VirtualDisk", "CExt2fs"]),
         .target(name: "Mount", dependencies: ["SystemIO", "Vault", "VirtualDisk", "CFuse"]),
         .executableTarget(
             name: "lifeboat",
@@ -36,6 +38,7 @@ let package = Package(
         .testTarget(name: "ChunkStoreTests", dependencies: ["ChunkStore", "ObjectStore", "TestSupport"]),
         .testTarget(name: "VaultTests", dependencies: ["Vault", "ChunkStore", "ObjectStore", "TestSupport"]),
         .testTarget(name: "VirtualDiskTests", dependencies: ["VirtualDisk", "Vault", "TestSupport"]),
+        .testTarget(name: "GuestFilesTests", dependencies: ["GuestFiles", "VirtualDisk", "TestSupport"]),
         .testTarget(name: "MountTests", dependencies: ["Mount", "Vault", "VirtualDisk", "TestSupport"]),
         // Runs the built `lifeboat` binary against real images, as an operator would.
         .testTarget(name: "lifeboatTests", dependencies: ["lifeboat", "TestSupport"]),
