@@ -17,7 +17,9 @@ let package = Package(
         // System-library shims: the C world stays here.
         .systemLibrary(name: "CZstd", pkgConfig: "libzstd", providers: [.apt(["libzstd-dev"])]),
         .systemLibrary(name: "CFuse", pkgConfig: "fuse3", providers: [.apt(["libfuse3-dev"])]),
-        .systemLibrary(name: "CExt2fs", pkgConfig: "ext2fs", providers: [.apt(["libext2fs-dev"])]),
+        // libext2fs (Debian libext2fs-dev, LGPL-2): an I/O manager over Lifeboat's disk images and
+        // accessors for what the headers only offer as macros.
+        .target(name: "CExt2fs", linkerSettings: [.linkedLibrary("ext2fs"), .linkedLibrary("com_err")]),
 
         // Typed wrappers over the system calls every layer uses.
         .target(name: "SystemIO"),
@@ -25,11 +27,11 @@ let package = Package(
         .target(name: "ChunkStore", dependencies: ["SystemIO", "ObjectStore", "CZstd", crypto]),
         .target(name: "Vault", dependencies: ["SystemIO", "ObjectStore", "ChunkStore", crypto]),
         .target(name: "VirtualDisk", dependencies: ["SystemIO", "ChunkStore", "Vault"]),
-        .target(name: "GuestFiles", dependencies: ["SystemIO", "VirtualDisk", "CExt2fs"]),
+        .target(name: "GuestFiles", dependencies: ["SystemIO", "Vault", "VirtualDisk", "CExt2fs"]),
         .target(name: "Mount", dependencies: ["SystemIO", "Vault", "VirtualDisk", "CFuse"]),
         .executableTarget(
             name: "lifeboat",
-            dependencies: ["SystemIO", "Vault", "VirtualDisk", "Mount", .product(name: "ArgumentParser", package: "swift-argument-parser")]
+            dependencies: ["SystemIO", "Vault", "VirtualDisk", "GuestFiles", "Mount", .product(name: "ArgumentParser", package: "swift-argument-parser")]
         ),
 
         // Helpers shared by the test targets: temporary directories, generated data, processes.

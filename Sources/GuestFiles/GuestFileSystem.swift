@@ -9,8 +9,13 @@ public enum GuestFilesError: LifeboatError {
     case notADirectory(path: String)
     case notAFile(path: String)
     case tooManyLinks(path: String)
+    case ambiguous(what: String, choices: [String])
     case unsupported(volume: String, what: String)
     case disk(VirtualDiskError)
+    /// Restoring: the name exists in the target and --overwrite was not given.
+    case exists(path: String)
+    /// Restoring: the local side failed (permissions, space).
+    case local(SystemError)
 
     public var description: String {
         switch self {
@@ -19,8 +24,11 @@ public enum GuestFilesError: LifeboatError {
         case .notADirectory(let path): return "\(path): not a directory"
         case .notAFile(let path): return "\(path): not a regular file"
         case .tooManyLinks(let path): return "\(path): too many levels of symbolic links"
+        case .ambiguous(let what, let choices): return "\(what): \(choices.joined(separator: ", "))"
         case .unsupported(let volume, let what): return "\(volume): \(what) is not supported"
         case .disk(let error): return error.description
+        case .exists(let path): return "\(path) already exists (use --overwrite to replace it)"
+        case .local(let error): return error.description
         }
     }
 
@@ -28,8 +36,10 @@ public enum GuestFilesError: LifeboatError {
         switch self {
         case .corrupt: return .damaged
         case .notFound: return .notFound
-        case .notADirectory, .notAFile, .tooManyLinks, .unsupported: return .usage
+        case .notADirectory, .notAFile, .tooManyLinks, .unsupported, .ambiguous: return .usage
         case .disk(let error): return error.kind
+        case .exists: return .usage
+        case .local(let error): return error.kind
         }
     }
 }

@@ -106,6 +106,19 @@ public struct SystemFile: Sendable {
         }
     }
 
+    /// Writes at the current position (pipes, standard output).
+    public func writeSequential(_ buffer: UnsafeRawBufferPointer) throws(SystemError) {
+        var done = 0
+        while done < buffer.count {
+            let n = Glibc.write(fd, buffer.baseAddress! + done, buffer.count - done)
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw SystemError("write to", path: path)
+            }
+            done += n
+        }
+    }
+
     public func write(_ bytes: [UInt8], at offset: UInt64) throws(SystemError) {
         let result = bytes.withUnsafeBytes { raw in Result { () throws(SystemError) in try write(raw, at: offset) } }
         try result.get()

@@ -1,0 +1,258 @@
+import CExt2fs
+import Foundation
+import Synchronization
+import SystemIO
+import VirtualDisk
+
+/// ext2, ext3 and ext4 through libext2fs, reading from a disk image in user space (no loop
+/// device, no kernel mount). libext2fs is not thread-safe: every call holds the filesystem's
+/// lock. Directory listings are cached (a lookup in libext2fs scans the directory; a FUSE
+/// `ls -l` of 10 000 files would otherwise scan it 10 000 times).
+public final class Ext4FileSystem: GuestFileSystem, @unchecked Sendable {
+    // @unchecked: `fs` and the source are used only while holding `lock`.
+    public let kind: String
+    public let label: String?
+    public let rootInode: UInt64 = 2
+    /// The journal had transactions to replay when the image was taken (a crash-consistent
+    /// point); `replayed` says whether they were applied to what is shown.
+    public let neededRecovery: Bool
+    public private(set) var replayed = false
+    public let volume: String
+
+    private let source: SourceBox
+    private var fs: ext2_filsys?
+    private let lock = NSLock()
+    private var sourceStruct: UnsafeMutablePointer<lb_source>
+    private var directories: [UInt64: [GuestDirectoryEntry]] = [:]
+    private var directoryOrder: [UInt64] = []
+    private var nameIndex: [UInt64: [[UInt8]: Int]] = [:]
+
+    /// Reads the volume for libext2fs; remembers the first error for a clear message.
+    final class SourceBox: @unchecked Sendable {
+        let image: any DiskImage
+        var lastError: VirtualDiskError?
+        init(_ image: any DiskImage) { self.image = image }
+    }
+
+    /// True when the image holds an ext2/3/4 superblock (magic 0xEF53 at byte 1080).
+    public static func probe(_ image: any DiskImage) -> Bool {
+        guard let bytes = try? image.bytes(at: 1080, count: 2, what: "probe") else { return false }
+        return bytes == [0x53, 0xEF]
+    }
+
+    public init(image: any DiskImage, volume: String) throws(GuestFilesError) {
+        self.volume = volume
+        source = SourceBox(image)
+        sourceStruct = .allocate(capacity: 1)
+        sourceStruct.initialize(to: lb_source(read: { context, offset, buffer, length in
+            guard let context, let buffer else { return EINVAL }
+            let box = Unmanaged<SourceBox>.fromOpaque(context).takeUnretainedValue()
+            do throws(VirtualDiskError) {
+                let out = UnsafeMutableRawBufferPointer(start: buffer, count: Int(length))
+                let n = try box.image.read(into: out, at: offset)
+                // Past the volume's end: zeros, as a short device would give EIO; libext2fs
+                // asks only for blocks the superblock claims, so a short volume is damage.
+                if n < Int(length) {
+                    box.lastError = .outOfRange(disk: "filesystem volume", offset: offset + UInt64(n), size: box.image.size)
+                    return EIO
+                }
+                return 0
+            } catch {
+                box.lastError = error
+                return EIO
+            }
+        }, context: Unmanaged.passUnretained(source).toOpaque()))
+        var opened: ext2_filsys?
+        let status = lb_ext2fs_open(sourceStruct, &opened)
+        guard status == 0, let opened else {
+            sourceStruct.deallocate()
+            throw Ext4FileSystem.error(status, volume: volume, what: "cannot open the filesystem", source: source)
+        }
+        fs = opened
+        var name = [CChar](repeating: 0, count: 17)
+        lb_volume_label(opened, &name)
+        let text = String(cString: name)
+        label = text.isEmpty ? nil : text
+        neededRecovery = lb_needs_recovery(opened) != 0
+        let features = opened.pointee.super.pointee
+        if features.s_feature_incompat & 0x40 != 0 || features.s_feature_ro_compat & 0x8 != 0 {  // extents, huge_file
+            kind = "ext4"
+        } else if features.s_feature_compat & 0x4 != 0 {  // has_journal
+            kind = "ext3"
+        } else {
+            kind = "ext2"
+        }
+    }
+
+    deinit {
+        if let fs { ext2fs_close_free(&self.fs) ; _ = fs }
+        sourceStruct.deallocate()
+    }
+
+    static func error(_ code: errcode_t, volume: String, what: String, source: SourceBox) -> GuestFilesError {
+        if let disk = source.lastError { return .disk(disk) }
+        let message = String(cString: lb_error_message(code))
+        return .corrupt(volume: volume, what: "\(what): \(message)")
+    }
+
+    private func locked<T>(_ body: (ext2_filsys) throws(GuestFilesError) -> T) throws(GuestFilesError) -> T {
+        lock.lock()
+        defer { lock.unlock() }
+        guard let fs else { throw .corrupt(volume: volume, what: "the filesystem is closed") }
+        source.lastError = nil
+        return try body(fs)
+    }
+
+    private func checkInode(_ inode: UInt64, _ fs: ext2_filsys) throws(GuestFilesError) -> ext2_ino_t {
+        guard inode >= 1, inode <= UInt64(fs.pointee.super.pointee.s_inodes_count) else {
+            throw .corrupt(volume: volume, what: "inode \(inode) is out of range")
+        }
+        return ext2_ino_t(inode)
+    }
+
+    // MARK: - GuestFileSystem
+
+    public func stat(_ inode: UInt64) throws(GuestFilesError) -> GuestFileInfo {
+        try locked { (fs) throws(GuestFilesError) in
+            let raw = try readInode(inode, fs)
+            return Ext4FileSystem.info(inode, raw)
+        }
+    }
+
+    private func readInode(_ inode: UInt64, _ fs: ext2_filsys) throws(GuestFilesError) -> lb_inode {
+        let ino = try checkInode(inode, fs)
+        var raw = lb_inode()
+        let status = lb_read_inode(fs, ino, &raw)
+        guard status == 0 else { throw Ext4FileSystem.error(status, volume: volume, what: "inode \(inode)", source: source) }
+        return raw
+    }
+
+    static func type(mode: UInt32) -> GuestFileType {
+        switch mode & 0o170000 {
+        case 0o040000: return .directory
+        case 0o120000: return .symlink
+        case 0o020000: return .characterDevice
+        case 0o060000: return .blockDevice
+        case 0o010000: return .fifo
+        case 0o140000: return .socket
+        default: return .regular
+        }
+    }
+
+    static func info(_ inode: UInt64, _ raw: lb_inode) -> GuestFileInfo {
+        GuestFileInfo(
+            inode: inode, type: type(mode: raw.mode), permissions: raw.mode & 0o7777, uid: raw.uid, gid: raw.gid,
+            size: raw.size, links: raw.links,
+            accessed: GuestTime(seconds: raw.atime, nanoseconds: raw.atime_ns),
+            modified: GuestTime(seconds: raw.mtime, nanoseconds: raw.mtime_ns),
+            changed: GuestTime(seconds: raw.ctime, nanoseconds: raw.ctime_ns),
+            device: raw.device)
+    }
+
+    public func list(_ directory: UInt64) throws(GuestFilesError) -> [GuestDirectoryEntry] {
+        try locked { (fs) throws(GuestFilesError) in try listLocked(directory, fs) }
+    }
+
+    private func listLocked(_ directory: UInt64, _ fs: ext2_filsys) throws(GuestFilesError) -> [GuestDirectoryEntry] {
+        if let cached = directories[directory] { return cached }
+        let ino = try checkInode(directory, fs)
+        final class Collector {
+            var entries: [GuestDirectoryEntry] = []
+            var limitHit = false
+        }
+        let collector = Collector()
+        let status = withExtendedLifetime(collector) {
+            lb_list_directory(fs, ino, { context, name, length, inode, fileType in
+                guard let context, let name else { return 1 }
+                let c = Unmanaged<Collector>.fromOpaque(context).takeUnretainedValue()
+                // A directory of millions of entries is a crafted image, not a guest.
+                if c.entries.count >= 10_000_000 { c.limitHit = true; return 1 }
+                let bytes = Array(UnsafeRawBufferPointer(start: name, count: Int(max(0, length))))
+                let type: GuestFileType
+                switch fileType {
+                case 2: type = .directory
+                case 3: type = .characterDevice
+                case 4: type = .blockDevice
+                case 5: type = .fifo
+                case 6: type = .socket
+                case 7: type = .symlink
+                default: type = .regular
+                }
+                c.entries.append(GuestDirectoryEntry(name: bytes, inode: UInt64(inode), type: type))
+                return 0
+            }, Unmanaged.passUnretained(collector).toOpaque())
+        }
+        guard status == 0 else { throw Ext4FileSystem.error(status, volume: volume, what: "directory inode \(directory)", source: source) }
+        if collector.limitHit { throw .corrupt(volume: volume, what: "directory inode \(directory) has more than 10 million entries") }
+        var entries = collector.entries
+        // Old filesystems (no filetype feature) leave the type out of the entry.
+        if fs.pointee.super.pointee.s_feature_incompat & 0x2 == 0 {
+            for i in entries.indices {
+                if let raw = try? readInode(entries[i].inode, fs) { entries[i].type = Ext4FileSystem.type(mode: raw.mode) }
+            }
+        }
+        var index: [[UInt8]: Int] = [:]
+        for (i, entry) in entries.enumerated() where index[entry.name] == nil { index[entry.name] = i }
+        directories[directory] = entries
+        nameIndex[directory] = index
+        directoryOrder.append(directory)
+        var cachedEntries = directories.values.reduce(0) { $0 + $1.count }
+        while cachedEntries > 200_000, directoryOrder.count > 1 {
+            let evicted = directoryOrder.removeFirst()
+            cachedEntries -= directories[evicted]?.count ?? 0
+            directories[evicted] = nil
+            nameIndex[evicted] = nil
+        }
+        return entries
+    }
+
+    public func lookup(_ name: [UInt8], in directory: UInt64) throws(GuestFilesError) -> GuestDirectoryEntry? {
+        try locked { (fs) throws(GuestFilesError) in
+            let entries = try listLocked(directory, fs)
+            guard let i = nameIndex[directory]?[name] else { return nil }
+            return entries[i]
+        }
+    }
+
+    public func read(_ inode: UInt64, into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(GuestFilesError) -> Int {
+        guard !buffer.isEmpty else { return 0 }
+        return try locked { (fs) throws(GuestFilesError) in
+            let ino = try checkInode(inode, fs)
+            var got: UInt32 = 0
+            let status = lb_read_file(fs, ino, offset, buffer.baseAddress, UInt32(min(buffer.count, Int(UInt32.max))), &got)
+            guard status == 0 else { throw Ext4FileSystem.error(status, volume: volume, what: "reading inode \(inode) at byte \(offset)", source: source) }
+            return Int(got)
+        }
+    }
+
+    public func readlink(_ inode: UInt64) throws(GuestFilesError) -> [UInt8] {
+        let raw = try locked { (fs) throws(GuestFilesError) in try readInode(inode, fs) }
+        guard Ext4FileSystem.type(mode: raw.mode) == .symlink else { throw .corrupt(volume: volume, what: "inode \(inode) is not a symbolic link") }
+        guard raw.size <= 4096 else { throw .corrupt(volume: volume, what: "symbolic link inode \(inode) claims \(raw.size) bytes") }
+        if raw.fast_symlink != 0 {
+            return withUnsafeBytes(of: raw.inline_target) { Array($0.prefix(Int(raw.size))) }
+        }
+        var target = [UInt8](repeating: 0, count: Int(raw.size))
+        let n = try target.withMutableBytes { (out) throws(GuestFilesError) in try read(inode, into: out, at: 0) }
+        return Array(target.prefix(n))
+    }
+
+    public func extendedAttributes(_ inode: UInt64) throws(GuestFilesError) -> [(name: String, value: [UInt8])] {
+        try locked { (fs) throws(GuestFilesError) in
+            let ino = try checkInode(inode, fs)
+            final class Collector { var attributes: [(name: String, value: [UInt8])] = [] }
+            let collector = Collector()
+            let status = withExtendedLifetime(collector) {
+                lb_list_xattrs(fs, ino, { context, name, value, length in
+                    guard let context, let name else { return 1 }
+                    let c = Unmanaged<Collector>.fromOpaque(context).takeUnretainedValue()
+                    let bytes = value.map { Array(UnsafeRawBufferPointer(start: $0, count: Int(length))) } ?? []
+                    c.attributes.append((String(cString: name), bytes))
+                    return c.attributes.count > 10_000 ? 1 : 0
+                }, Unmanaged.passUnretained(collector).toOpaque())
+            }
+            guard status == 0 else { throw Ext4FileSystem.error(status, volume: volume, what: "extended attributes of inode \(inode)", source: source) }
+            return collector.attributes
+        }
+    }
+}
