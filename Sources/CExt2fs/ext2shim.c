@@ -230,3 +230,23 @@ void lb_volume_label(ext2_filsys fs, char *out) {
 }
 
 unsigned int lb_block_size(ext2_filsys fs) { return fs->blocksize; }
+
+static int uuid_is_null_shim(const unsigned char *uuid) {
+    for (int i = 0; i < 16; i++) if (uuid[i]) return 0;
+    return 1;
+}
+
+errcode_t lb_bmap(ext2_filsys fs, ext2_ino_t ino, unsigned long long logical, unsigned long long *physical) {
+    blk64_t result = 0;
+    errcode_t error = ext2fs_bmap2(fs, ino, NULL, NULL, 0, logical, NULL, &result);
+    *physical = result;
+    return error;
+}
+
+unsigned int lb_journal_inode(ext2_filsys fs) {
+    if (!ext2fs_has_feature_journal(fs->super)) return 0;
+    if (!uuid_is_null_shim(fs->super->s_journal_uuid)) return 0;
+    return fs->super->s_journal_inum;
+}
+
+int lb_has_fast_commit(ext2_filsys fs) { return ext2fs_has_feature_fast_commit(fs->super) ? 1 : 0; }

@@ -17,12 +17,14 @@ public final class Ext4FileSystem: GuestFileSystem, @unchecked Sendable {
     /// point); `replayed` says whether they were applied to what is shown.
     public let neededRecovery: Bool
     public private(set) var replayed = false
+    /// Why a needed replay could not be done (the files are then shown as on disk).
+    public private(set) var replayError: String?
     public let volume: String
 
     private let source: SourceBox
     private var fs: ext2_filsys?
     private let lock = NSLock()
-    private var sourceStruct: UnsafeMutablePointer<lb_source>
+    private let sourceStruct: UnsafeMutablePointer<lb_source>
     private var directories: [UInt64: [GuestDirectoryEntry]] = [:]
     private var directoryOrder: [UInt64] = []
     private var nameIndex: [UInt64: [[UInt8]: Int]] = [:]
@@ -40,40 +42,35 @@ public final class Ext4FileSystem: GuestFileSystem, @unchecked Sendable {
         return bytes == [0x53, 0xEF]
     }
 
-    public init(image: any DiskImage, volume: String) throws(GuestFilesError) {
+    /// Opens the filesystem; a journal left with committed transactions (a crash-consistent
+    /// point) is replayed in memory unless `replayJournal` is false.
+    public init(image: any DiskImage, volume: String, replayJournal: Bool = true) throws(GuestFilesError) {
         self.volume = volume
-        source = SourceBox(image)
-        sourceStruct = .allocate(capacity: 1)
-        sourceStruct.initialize(to: lb_source(read: { context, offset, buffer, length in
-            guard let context, let buffer else { return EINVAL }
-            let box = Unmanaged<SourceBox>.fromOpaque(context).takeUnretainedValue()
-            do throws(VirtualDiskError) {
-                let out = UnsafeMutableRawBufferPointer(start: buffer, count: Int(length))
-                let n = try box.image.read(into: out, at: offset)
-                // Past the volume's end: zeros, as a short device would give EIO; libext2fs
-                // asks only for blocks the superblock claims, so a short volume is damage.
-                if n < Int(length) {
-                    box.lastError = .outOfRange(disk: "filesystem volume", offset: offset + UInt64(n), size: box.image.size)
-                    return EIO
+        var (opened, box, raw) = try Ext4FileSystem.openRaw(image, volume: volume)
+        neededRecovery = lb_needs_recovery(opened) != 0
+        if neededRecovery && replayJournal {
+            do throws(GuestFilesError) {
+                let replay = try Ext4FileSystem.replay(opened, image: image, source: box, volume: volume)
+                if !replay.blocks.isEmpty {
+                    var closing: ext2_filsys? = opened
+                    ext2fs_close_free(&closing)
+                    raw.deallocate()
+                    (opened, box, raw) = try Ext4FileSystem.openRaw(
+                        RemappedImage(base: image, blockSize: Int(lb_block_size(opened)), blocks: replay.blocks), volume: volume)
                 }
-                return 0
+                replayed = true
             } catch {
-                box.lastError = error
-                return EIO
+                // Shown as on disk, and said so: better than nothing in a bad hour.
+                replayError = error.description
             }
-        }, context: Unmanaged.passUnretained(source).toOpaque()))
-        var opened: ext2_filsys?
-        let status = lb_ext2fs_open(sourceStruct, &opened)
-        guard status == 0, let opened else {
-            sourceStruct.deallocate()
-            throw Ext4FileSystem.error(status, volume: volume, what: "cannot open the filesystem", source: source)
         }
         fs = opened
+        source = box
+        sourceStruct = raw
         var name = [CChar](repeating: 0, count: 17)
         lb_volume_label(opened, &name)
         let text = String(cString: name)
         label = text.isEmpty ? nil : text
-        neededRecovery = lb_needs_recovery(opened) != 0
         let features = opened.pointee.super.pointee
         if features.s_feature_incompat & 0x40 != 0 || features.s_feature_ro_compat & 0x8 != 0 {  // extents, huge_file
             kind = "ext4"
@@ -84,8 +81,59 @@ public final class Ext4FileSystem: GuestFileSystem, @unchecked Sendable {
         }
     }
 
+    private static func openRaw(_ image: any DiskImage, volume: String) throws(GuestFilesError) -> (ext2_filsys, SourceBox, UnsafeMutablePointer<lb_source>) {
+        let box = SourceBox(image)
+        let raw = UnsafeMutablePointer<lb_source>.allocate(capacity: 1)
+        raw.initialize(to: lb_source(read: { context, offset, buffer, length in
+            guard let context, let buffer else { return EINVAL }
+            let box = Unmanaged<SourceBox>.fromOpaque(context).takeUnretainedValue()
+            do throws(VirtualDiskError) {
+                let out = UnsafeMutableRawBufferPointer(start: buffer, count: Int(length))
+                let n = try box.image.read(into: out, at: offset)
+                // libext2fs asks only for blocks the superblock claims: a short volume is damage.
+                if n < Int(length) {
+                    box.lastError = .outOfRange(disk: "filesystem volume", offset: offset + UInt64(n), size: box.image.size)
+                    return EIO
+                }
+                return 0
+            } catch {
+                box.lastError = error
+                return EIO
+            }
+        }, context: Unmanaged.passUnretained(box).toOpaque()))
+        var opened: ext2_filsys?
+        let status = lb_ext2fs_open(raw, &opened)
+        guard status == 0, let opened else {
+            raw.deallocate()
+            throw Ext4FileSystem.error(status, volume: volume, what: "cannot open the filesystem", source: box)
+        }
+        return (opened, box, raw)
+    }
+
+    private static func replay(_ fs: ext2_filsys, image: any DiskImage, source: SourceBox, volume: String) throws(GuestFilesError) -> JournalReplay {
+        let journal = lb_journal_inode(fs)
+        guard journal != 0 else { throw .unsupported(volume: volume, what: "replaying an external journal") }
+        let blockSize = Int(lb_block_size(fs))
+        return try JournalReplay.scan(
+            blockSize: blockSize,
+            read: { (offset, count) throws(GuestFilesError) in
+                do throws(VirtualDiskError) {
+                    return try image.bytes(at: offset, count: count, what: "journal")
+                } catch { throw .disk(error) }
+            },
+            journalBlock: { (logical) throws(GuestFilesError) in
+                var physical: UInt64 = 0
+                let status = lb_bmap(fs, journal, logical, &physical)
+                guard status == 0, physical != 0 else {
+                    throw Ext4FileSystem.error(status, volume: volume, what: "journal block \(logical) is not mapped", source: source)
+                }
+                return physical * UInt64(blockSize)
+            },
+            volume: volume)
+    }
+
     deinit {
-        if let fs { ext2fs_close_free(&self.fs) ; _ = fs }
+        if fs != nil { ext2fs_close_free(&fs) }
         sourceStruct.deallocate()
     }
 

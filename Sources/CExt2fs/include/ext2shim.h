@@ -45,4 +45,11 @@ int lb_needs_recovery(ext2_filsys fs);
 /// The volume label, NUL-terminated in `out` (17 bytes).
 void lb_volume_label(ext2_filsys fs, char *out);
 unsigned int lb_block_size(ext2_filsys fs);
+
+
+/// The physical block of a file's logical block (0 for a hole).
+errcode_t lb_bmap(ext2_filsys fs, ext2_ino_t ino, unsigned long long logical, unsigned long long *physical);
+/// The journal's inode (0 when external or none) and whether the journal is on another device.
+unsigned int lb_journal_inode(ext2_filsys fs);
+int lb_has_fast_commit(ext2_filsys fs);
 #endif
