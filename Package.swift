@@ -25,9 +25,10 @@ let package = Package(
         .target(name: "Vault", dependencies: ["SystemIO", "ObjectStore", "ChunkStore", crypto]),
         .target(name: "VirtualDisk", dependencies: ["SystemIO", "ChunkStore", "Vault"]),
         .target(name: "Mount", dependencies: ["SystemIO", "Vault", "VirtualDisk", "CFuse"]),
+        .target(name: "Sync", dependencies: ["SystemIO", "ChunkStore", "Vault", "VirtualDisk", crypto]),
         .executableTarget(
             name: "lifeboat",
-            dependencies: ["SystemIO", "Vault", "VirtualDisk", "Mount", .product(name: "ArgumentParser", package: "swift-argument-parser")]
+            dependencies: ["SystemIO", "Vault", "VirtualDisk", "Mount", "Sync", .product(name: "ArgumentParser", package: "swift-argument-parser")]
         ),
 
         // Helpers shared by the test targets: temporary directories, generated data, processes.
@@ -37,6 +38,7 @@ let package = Package(
         .testTarget(name: "VaultTests", dependencies: ["Vault", "ChunkStore", "ObjectStore", "TestSupport"]),
         .testTarget(name: "VirtualDiskTests", dependencies: ["VirtualDisk", "Vault", "TestSupport"]),
         .testTarget(name: "MountTests", dependencies: ["Mount", "Vault", "VirtualDisk", "TestSupport"]),
+        .testTarget(name: "SyncTests", dependencies: ["Sync", "Vault", "VirtualDisk", "CFuse", "TestSupport"]),
         // Runs the built `lifeboat` binary against real images, as an operator would.
         .testTarget(name: "lifeboatTests", dependencies: ["lifeboat", "TestSupport"]),
     ]
