@@ -95,7 +95,7 @@ public struct SyncEngine: Sendable {
     /// Bytes per journal batch and per read or write: a run of slots.
     public var batchBytes = 4 << 20
     /// A checkpoint (target flushed, progress recorded) at least this often.
-    public var checkpointBytes: UInt64 = 256 << 20
+    public var checkpointBytes: UInt64 = 64 << 20
 
     public init(stateDirectory: String) {
         self.stateDirectory = stateDirectory
@@ -242,7 +242,8 @@ public struct SyncEngine: Sendable {
 
     private func freeSpace() -> UInt64 {
         var st = statvfs()
-        var at = stateDirectory
+        // Where the journal goes: the sync directory may be a filesystem of its own.
+        var at = stateDirectory + "/sync"
         while !FileSystem.exists(at) && at != "/" && !at.isEmpty { at = FileSystem.parentDirectory(of: at) }
         guard statvfs(at, &st) == 0 else { return 0 }
         return UInt64(st.f_bavail) * UInt64(st.f_frsize)
