@@ -92,8 +92,10 @@ public struct SyncStatus: Codable, Sendable {
 /// every target lives in `<stateDirectory>/sync/<key>` (docs/FORMAT.md, "Sync journals").
 public struct SyncEngine: Sendable {
     public let stateDirectory: String
-    /// Bytes per journal batch and per read or write: a run of slots.
+    /// Bytes per read of the comparison pass, and per journal batch (journaled, flushed once,
+    /// then written) of the write pass.
     public var batchBytes = 4 << 20
+    public var writeBatchBytes = 16 << 20
     /// A checkpoint (target flushed, progress recorded) at least this often.
     public var checkpointBytes: UInt64 = 64 << 20
 
@@ -299,7 +301,7 @@ public struct SyncEngine: Sendable {
 
         // The batches, in slot order.
         var batches: [Batch] = []
-        let perBatch = regionSlots(source)
+        let perBatch = max(1, min(writeBatchBytes, batchBytes * 4) / chunkSize)
         if let differences {
             var i = 0
             while i < differences.count {
@@ -354,7 +356,8 @@ public struct SyncEngine: Sendable {
             }
         }
 
-        let workerCount = 2
+        // Without old contents to journal, the workers only wait for the vault and the target.
+        let workerCount = undo && !state.created ? 2 : 3
         let pool = (0..<workerCount).map { n in
             Worker(name: "sync-write-\(n)") {
                 let bufferSize = perBatch * chunkSize
