@@ -145,7 +145,7 @@ public struct SyncEngine: Sendable {
         var differences: [Difference]? = nil
         if mode == .delta {
             let comparison = Comparison(source: source, target: target, targetSize: oldSize,
-                                        regionSlots: regionSlots(source), workers: 3)
+                                        regionSlots: regionSlots(source), workers: 4)
             differences = try comparison.differences(from: 0) { done in
                 progress(SyncProgress(phase: .compare, bytesDone: done, bytesTotal: source.size))
             }
@@ -212,7 +212,7 @@ public struct SyncEngine: Sendable {
         var differences: [Difference]? = nil
         if state.mode == .delta {
             let size = try target.size()
-            let comparison = Comparison(source: source, target: target, targetSize: size, regionSlots: regionSlots(source), workers: 3)
+            let comparison = Comparison(source: source, target: target, targetSize: size, regionSlots: regionSlots(source), workers: 4)
             differences = try comparison.differences(from: first) { done in
                 progress(SyncProgress(phase: .compare, bytesDone: done, bytesTotal: source.size - resumedFrom))
             }
@@ -301,7 +301,7 @@ public struct SyncEngine: Sendable {
 
         // The batches, in slot order.
         var batches: [Batch] = []
-        let perBatch = max(1, min(writeBatchBytes, batchBytes * 4) / chunkSize)
+        let perBatch = max(1, writeBatchBytes / chunkSize)
         if let differences {
             var i = 0
             while i < differences.count {
@@ -441,7 +441,7 @@ public struct SyncEngine: Sendable {
         var verified = false
         if verify {
             let comparison = Comparison(source: source, target: target, targetSize: try target.size(),
-                                        regionSlots: regionSlots(source), workers: 3)
+                                        regionSlots: regionSlots(source), workers: 4)
             let mismatches = try comparison.differences(from: 0) { done in
                 progress(SyncProgress(phase: .verify, bytesDone: done, bytesTotal: source.size))
             }

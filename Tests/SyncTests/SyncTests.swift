@@ -147,6 +147,7 @@ final class FaultySource: SyncSource {
         let plain = try f.target("plain.img", holding: 0)
         var engineSmallBatches = engine
         engineSmallBatches.batchBytes = 256 << 10
+        engineSmallBatches.writeBatchBytes = 256 << 10
         engineSmallBatches.checkpointBytes = 1 << 20
         for target in [plain, larger, smaller] {
             for (mode, budget) in [(SyncMode.full, 9), (.delta, 2), (.full, 30)] {
@@ -211,6 +212,7 @@ final class FaultySource: SyncSource {
         let target = try f.target("t.img", holding: 0)
         var engine = f.engine
         engine.batchBytes = 256 << 10
+        engine.writeBatchBytes = 256 << 10
         #expect(throws: SyncError.self) {
             try engine.sync(FaultySource(try f.source(2), failAfterReads: 3), to: target, mode: .full, undo: false)
         }
@@ -268,6 +270,7 @@ final class FaultySource: SyncSource {
         // A rollback on a device writes zeros where a file would get holes.
         var small = f.engine
         small.batchBytes = 256 << 10
+        small.writeBatchBytes = 256 << 10
         #expect(throws: SyncError.self) {
             try small.sync(FaultySource(try f.source(0), failAfterReads: 6), to: larger, mode: .full)
         }
