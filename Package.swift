@@ -29,9 +29,10 @@ let package = Package(
         .target(name: "VirtualDisk", dependencies: ["SystemIO", "ChunkStore", "Vault"]),
         .target(name: "GuestFiles", dependencies: ["SystemIO", "Vault", "VirtualDisk", "CExt2fs"]),
         .target(name: "Mount", dependencies: ["SystemIO", "Vault", "VirtualDisk", "CFuse"]),
+        .target(name: "Sync", dependencies: ["SystemIO", "ChunkStore", "Vault", "VirtualDisk", crypto]),
         .executableTarget(
             name: "lifeboat",
-            dependencies: ["SystemIO", "Vault", "VirtualDisk", "GuestFiles", "Mount", .product(name: "ArgumentParser", package: "swift-argument-parser")]
+            dependencies: ["SystemIO", "Vault", "VirtualDisk", "GuestFiles", "Mount", "Sync", .product(name: "ArgumentParser", package: "swift-argument-parser")]
         ),
 
         // Helpers shared by the test targets: temporary directories, generated data, processes.
@@ -42,6 +43,7 @@ let package = Package(
         .testTarget(name: "VirtualDiskTests", dependencies: ["VirtualDisk", "Vault", "TestSupport"]),
         .testTarget(name: "GuestFilesTests", dependencies: ["GuestFiles", "VirtualDisk", "TestSupport"]),
         .testTarget(name: "MountTests", dependencies: ["Mount", "Vault", "VirtualDisk", "TestSupport"]),
+        .testTarget(name: "SyncTests", dependencies: ["Sync", "Vault", "VirtualDisk", "CFuse", "TestSupport"]),
         // Runs the built `lifeboat` binary against real images, as an operator would.
         .testTarget(name: "lifeboatTests", dependencies: ["lifeboat", "TestSupport"]),
     ]

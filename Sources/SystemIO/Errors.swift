@@ -11,6 +11,7 @@ public enum FailureKind: Sendable {
     case io             // a read or write failed (EIO and friends)
     case noSpace        // ENOSPC / EDQUOT
     case interrupted    // cancelled by a signal
+    case verification   // data written was read back and differs from what was meant
 }
 
 /// An error that can be told to an operator in one sentence.

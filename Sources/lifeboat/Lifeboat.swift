@@ -14,7 +14,7 @@ struct Lifeboat: ParsableCommand {
         /var/lib/lifeboat/state (root) or ~/.local/state/lifeboat.
 
         Exit codes: 0 success, 1 failure, 3 not found, 4 damaged data, 5 busy (locked),
-        6 no space left, 7 I/O error, 64 usage error, 130 interrupted.
+        6 no space left, 7 I/O error, 8 verification failed, 64 usage error, 130 interrupted.
 
         Example:
           lifeboat init
@@ -24,7 +24,8 @@ struct Lifeboat: ParsableCommand {
         """,
         version: "0.1.0",
         subcommands: [Init.self, Backup.self, Points.self, Show.self, Restore.self, Check.self, MountCommand.self, UmountCommand.self,
-                      Policy.self, Prune.self, Protect.self, Unprotect.self, GC.self, Stats.self, SandboxCommand.self, Ls.self, Cat.self, RestoreFiles.self]
+                      Policy.self, Prune.self, Protect.self, Unprotect.self, GC.self, Stats.self, SandboxCommand.self, SyncCommand.self,
+                      Ls.self, Cat.self, RestoreFiles.self]
     )
 }
 
@@ -58,6 +59,7 @@ func lifeboatExitCode(for kind: FailureKind) -> Int32 {
     case .busy: return 5
     case .noSpace: return 6
     case .io: return 7
+    case .verification: return 8
     case .interrupted: return 130
     }
 }

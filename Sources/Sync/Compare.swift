@@ -1,0 +1,92 @@
+import ChunkStore
+import Foundation
+import Synchronization
+import SystemIO
+
+/// A slot where the target differs from the source, found by the comparison pass.
+struct Difference: Sendable {
+    var slot: Int
+    /// The target's old bytes were all zero (journaled without payload).
+    var oldZero: Bool
+    /// SHA-256 of the old bytes: checked again when they are journaled.
+    var oldHash: ChunkID
+}
+
+/// The comparison pass of a delta sync (and of --verify): reads the target in large regions,
+/// several at once, and compares every slot with the source's chunk id (SHA-256; an all-zero
+/// slot has the zero id), or with the source's bytes where the id is not known. Regions of a
+/// file that are holes are not read.
+struct Comparison {
+    let source: any SyncSource
+    let target: Target
+    let targetSize: UInt64
+    let regionSlots: Int
+    let workers: Int
+
+    func differences(from first: Int, progress: @escaping @Sendable (UInt64) -> Void) throws(SyncError) -> [Difference] {
+        let count = source.slotCount
+        guard first < count else { return [] }
+        let chunkSize = source.chunkSize
+        let regions = BoundedQueue<Int>(capacity: workers * 2)
+        let found = Mutex<[Difference]>([])
+        let failure = Mutex<SyncError?>(nil)
+        let done = Atomic<UInt64>(0)
+        let source = self.source, target = self.target, targetSize = self.targetSize, regionSlots = self.regionSlots
+
+        let pool = (0..<workers).map { n in
+            Worker(name: "sync-compare-\(n)") {
+                let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: regionSlots * chunkSize, alignment: SystemFile.directAlignment)
+                let theirs = UnsafeMutableRawBufferPointer.allocate(byteCount: chunkSize, alignment: SystemFile.directAlignment)
+                defer { buffer.deallocate(); theirs.deallocate() }
+                var mine: [Difference] = []
+                while let start = regions.pop() {
+                    do throws(SyncError) {
+                        if Cancellation.requested { throw .interrupted(path: target.path, undo: target.undo) }
+                        let slots = start..<min(start + regionSlots, count)
+                        let ids = try source.ids(slots)
+                        let length = source.length(of: slots)
+                        let offset = UInt64(start) * UInt64(chunkSize)
+                        let hole = offset >= targetSize || target.isHole(at: offset, count: length, fileSize: targetSize)
+                        if !hole { try target.read(into: UnsafeMutableRawBufferPointer(rebasing: buffer[0..<length]), at: offset) }
+                        for (k, slot) in slots.enumerated() {
+                            let from = k * chunkSize
+                            let bytes = UnsafeRawBufferPointer(rebasing: buffer[from..<min(from + chunkSize, length)])
+                            let zero = hole || isAllZero(bytes)
+                            if let id = ids[k] {
+                                if id.isZero {
+                                    if !zero { mine.append(Difference(slot: slot, oldZero: false, oldHash: ChunkID.sha256(bytes))) }
+                                } else if zero {
+                                    mine.append(Difference(slot: slot, oldZero: true, oldHash: .zero))
+                                } else {
+                                    let hash = ChunkID.sha256(bytes)
+                                    if hash != id { mine.append(Difference(slot: slot, oldZero: false, oldHash: hash)) }
+                                }
+                            } else {
+                                // No id: compare with the source's bytes.
+                                let theirBytes = UnsafeMutableRawBufferPointer(rebasing: theirs[0..<bytes.count])
+                                try source.read(slot..<(slot + 1), into: theirBytes)
+                                let same = zero ? isAllZero(UnsafeRawBufferPointer(theirBytes))
+                                                : memcmp(bytes.baseAddress!, theirBytes.baseAddress!, bytes.count) == 0
+                                if !same { mine.append(Difference(slot: slot, oldZero: zero, oldHash: zero ? .zero : ChunkID.sha256(bytes))) }
+                            }
+                        }
+                        progress(done.add(UInt64(length), ordering: .relaxed).newValue)
+                    } catch {
+                        failure.withLock { if $0 == nil { $0 = error } }
+                        regions.close()
+                    }
+                }
+                found.withLock { $0.append(contentsOf: mine) }
+            }
+        }
+        var start = first
+        while start < count {
+            if !regions.push(start) { break }
+            start += regionSlots
+        }
+        regions.close()
+        for worker in pool { worker.join() }
+        if let error = failure.withLock({ $0 }) { throw error }
+        return found.withLock { $0 }.sorted { $0.slot < $1.slot }
+    }
+}

@@ -1,0 +1,271 @@
+import ChunkStore
+import Foundation
+import Glibc
+import Synchronization
+import SystemIO
+
+/// What the state directory knows about one target (`<state>/sync/<key>/state.json`, written
+/// atomically): the sync in progress or the last one. Local state, not vault format.
+public struct SyncState: Codable, Sendable {
+    public enum Phase: String, Codable, Sendable {
+        case running       // started, not finished: mid-sync
+        case complete      // the target holds the source's image
+        case rolledBack    // the target holds its pre-sync image again
+    }
+    public var format = 1
+    public var target: String
+    public var isDevice: Bool
+    public var identity: String
+    public var source: String        // resolvable again by --resume (MACHINE@POINT-ID)
+    public var sourceLabel: String
+    public var disk: String
+    public var mode: SyncMode
+    public var phase: Phase
+    /// False for --no-undo: the target is inconsistent until the sync completes.
+    public var undo: Bool
+    /// The sync created the target file: rolling back removes it.
+    public var created: Bool
+    public var oldSize: UInt64
+    public var newSize: UInt64
+    public var chunkSize: Int
+    public var journalBytesPlanned: UInt64
+    public var started: String
+    public var finished: String?
+}
+
+/// The undo journal (`<state>/sync/<key>/journal`, docs/FORMAT.md "Sync journals"): a header,
+/// then records appended in order. A data record holds the old bytes of a target range, made
+/// durable before the range is overwritten; a zero record says the range held only zeros; a
+/// checkpoint says every slot below its offset holds the new image and is durable. Each record
+/// carries the SHA-256 of its payload and a check of its header: a torn tail is ignored.
+final class UndoJournal: Sendable {
+    enum Kind: UInt8 {
+        case data = 1
+        case zero = 2
+        case checkpoint = 3
+    }
+
+    struct Record {
+        var kind: Kind
+        var offset: UInt64
+        var length: Int
+        /// Where the payload starts in the journal file (data records).
+        var payloadAt: UInt64
+    }
+
+    static let magic = Array("LBSYNCJ1".utf8)
+    static let recordMagic = Array("LBJR".utf8)
+    static let headerSize = 64
+    static let recordHeaderSize = 64
+
+    let file: SystemFile
+    private let end: Mutex<UInt64>
+
+    private init(file: SystemFile, end: UInt64) {
+        self.file = file
+        self.end = Mutex(end)
+    }
+
+    var path: String { file.path }
+    var size: UInt64 { end.withLock { $0 } }
+
+    /// A new, empty journal (replacing any old one), durable with its directory.
+    static func create(_ path: String, key: String) throws(SyncError) -> UndoJournal {
+        var header = magic
+        header.appendLE(UInt32(1))           // version
+        header.appendLE(UInt32(0))
+        header.append(contentsOf: Array(key.utf8).prefix(32))
+        while header.count < headerSize { header.append(0) }
+        do throws(SystemError) {
+            try FileSystem.remove(path)
+            let file = try SystemFile.open(path, .createExclusive(permissions: 0o600))
+            try file.write(header, at: 0)
+            try file.sync()
+            try FileSystem.syncDirectory(FileSystem.parentDirectory(of: path))
+            return UndoJournal(file: file, end: UInt64(headerSize))
+        } catch { throw .journal(error) }
+    }
+
+    /// Opens a journal and reads its records, up to the first torn or damaged one; later appends
+    /// go after the last good record.
+    /// `checkPayloads: false` (status) trusts payloads whose header is sound.
+    static func open(_ path: String, checkPayloads: Bool = true) throws(SyncError) -> (UndoJournal, [Record]) {
+        let file: SystemFile
+        do throws(SystemError) { file = try SystemFile.open(path, .readWrite) } catch { throw .journal(error) }
+        do throws(SyncError) {
+            let size: UInt64
+            do throws(SystemError) { size = try file.size() } catch { throw .journal(error) }
+            let header: [UInt8]
+            do throws(SystemError) { header = try file.readAll(count: headerSize) } catch { throw .journal(error) }
+            guard header.count == headerSize, Array(header[0..<8]) == magic else {
+                throw .damagedJournal(path: path, why: "it does not start with a Lifeboat sync journal header")
+            }
+            var records: [Record] = []
+            var at = UInt64(headerSize)
+            var payload = [UInt8]()
+            while at + UInt64(recordHeaderSize) <= size {
+                let head: [UInt8]
+                do throws(SystemError) { head = try file.readAll(from: at, count: recordHeaderSize) } catch { throw .journal(error) }
+                guard head.count == recordHeaderSize, let record = decodeHeader(head, at: at) else { break }
+                let (entry, digest) = record
+                if entry.kind == .data && !checkPayloads {
+                    guard entry.payloadAt + UInt64(entry.length) <= size else { break }
+                    at = entry.payloadAt + UInt64(entry.length)
+                } else if entry.kind == .data {
+                    guard entry.payloadAt + UInt64(entry.length) <= size else { break }
+                    if payload.count < entry.length { payload = [UInt8](repeating: 0, count: entry.length) }
+                    let n: Int
+                    do throws(SystemError) {
+                        n = try payload.withMutableBytes { (raw) throws(SystemError) -> Int in
+                            try file.read(into: UnsafeMutableRawBufferPointer(rebasing: raw[0..<entry.length]), at: entry.payloadAt)
+                        }
+                    } catch { throw .journal(error) }
+                    guard n == entry.length,
+                          payload.withUnsafeBytes({ ChunkID.sha256(UnsafeRawBufferPointer(rebasing: $0[0..<entry.length])) }) == digest else { break }
+                    at = entry.payloadAt + UInt64(entry.length)
+                } else {
+                    at += UInt64(recordHeaderSize)
+                }
+                records.append(entry)
+            }
+            return (UndoJournal(file: file, end: at), records)
+        } catch {
+            file.close()
+            throw error
+        }
+    }
+
+    /// magic(4) kind(1) pad(3) offset(8) length(4) pad(4) sha256(32) check(8): 64 bytes.
+    static func encodeHeader(kind: Kind, offset: UInt64, length: Int, digest: ChunkID) -> [UInt8] {
+        var head = recordMagic
+        head.append(kind.rawValue)
+        head.append(contentsOf: [0, 0, 0])
+        head.appendLE(offset)
+        head.appendLE(UInt32(length))
+        head.appendLE(UInt32(0))
+        digest.append(to: &head)
+        let check = ChunkID.sha256(head)
+        head.appendLE(check.w0)
+        return head
+    }
+
+    private static func decodeHeader(_ head: [UInt8], at: UInt64) -> (Record, ChunkID)? {
+        guard Array(head[0..<4]) == recordMagic, let kind = Kind(rawValue: head[4]) else { return nil }
+        let check = ChunkID.sha256(Array(head[0..<56]))
+        return head.withUnsafeBytes { raw -> (Record, ChunkID)? in
+            guard raw.loadLE(UInt64.self, at: 56) == check.w0 else { return nil }
+            let offset = raw.loadLE(UInt64.self, at: 8)
+            let length = Int(raw.loadLE(UInt32.self, at: 16))
+            let digest = ChunkID(raw, at: 24)
+            return (Record(kind: kind, offset: offset, length: length, payloadAt: at + UInt64(recordHeaderSize)), digest)
+        }
+    }
+
+    /// Appends encoded records and makes them durable before returning.
+    func append(_ bytes: [UInt8], durable: Bool = true) throws(SyncError) {
+        guard !bytes.isEmpty else { return }
+        try end.withLock { (end: inout UInt64) throws(SyncError) in
+            do throws(SystemError) {
+                try file.write(bytes, at: end)
+                if durable, fdatasync(file.fd) != 0 { throw SystemError("flush", path: file.path) }
+            } catch { throw .journal(error) }
+            end += UInt64(bytes.count)
+        }
+    }
+
+    func checkpoint(_ offset: UInt64) throws(SyncError) {
+        try append(UndoJournal.encodeHeader(kind: .checkpoint, offset: offset, length: 0, digest: .zero))
+    }
+
+    /// Drops everything after the last good record (a torn tail), so appends continue cleanly.
+    func truncateToEnd() throws(SyncError) {
+        let at = size
+        do throws(SystemError) {
+            try file.truncate(to: at)
+            try file.sync()
+        } catch { throw .journal(error) }
+    }
+
+    func readPayload(_ record: Record, into buffer: UnsafeMutableRawBufferPointer) throws(SyncError) {
+        do throws(SystemError) {
+            let n = try file.read(into: UnsafeMutableRawBufferPointer(rebasing: buffer[0..<record.length]), at: record.payloadAt)
+            guard n == record.length else { throw SystemError("read the payload at byte \(record.payloadAt) of", path: path, errno: EIO) }
+        } catch { throw .journal(error) }
+    }
+
+    func close() { file.close() }
+}
+
+/// A target's directory in the state directory: its state and its undo journal.
+struct SyncStateDirectory {
+    let path: String
+
+    init(stateDirectory: String, key: String) {
+        path = stateDirectory + "/sync/" + key
+    }
+
+    var statePath: String { path + "/state.json" }
+    var journalPath: String { path + "/journal" }
+
+    func load() throws(SyncError) -> SyncState? {
+        guard FileSystem.exists(statePath) else { return nil }
+        guard let data = FileManager.default.contents(atPath: statePath) else {
+            throw .journal(SystemError("read", path: statePath))
+        }
+        do {
+            return try JSONDecoder().decode(SyncState.self, from: data)
+        } catch {
+            throw .damagedJournal(path: statePath, why: "it is not a sync state record")
+        }
+    }
+
+    /// Temporary name, fsync, rename, fsync of the directory.
+    func save(_ state: SyncState) throws(SyncError) {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
+        let bytes = Array((try? encoder.encode(state)) ?? Data())
+        let temporary = statePath + ".tmp"
+        do throws(SystemError) {
+            try FileSystem.createDirectories(path, permissions: 0o700)
+            try FileSystem.remove(temporary)
+            let file = try SystemFile.open(temporary, .createExclusive(permissions: 0o600))
+            do throws(SystemError) {
+                try file.write(bytes, at: 0)
+                try file.sync()
+            } catch {
+                file.close()
+                throw error
+            }
+            file.close()
+            try FileSystem.rename(temporary, to: statePath)
+            try FileSystem.syncDirectory(path)
+        } catch { throw .journal(error) }
+    }
+
+    func removeJournal() throws(SyncError) {
+        do throws(SystemError) {
+            try FileSystem.remove(journalPath)
+            try FileSystem.syncDirectory(path)
+        } catch { throw .journal(error) }
+    }
+
+    /// The state directory entry recorded for `path` when the target itself is gone (a file
+    /// created by a sync that was rolled back).
+    static func find(stateDirectory: String, canonicalPath: String) -> (SyncStateDirectory, SyncState)? {
+        let root = stateDirectory + "/sync"
+        guard let names = try? FileSystem.list(root) else { return nil }
+        var matches: [(SyncStateDirectory, SyncState)] = []
+        for name in names {
+            let dir = SyncStateDirectory(path: root + "/" + name)
+            if let state = try? dir.load(), state.target == canonicalPath { matches.append((dir, state)) }
+        }
+        // An unfinished sync first, else the latest.
+        return matches.max { a, b in
+            (a.1.phase == .running ? 1 : 0, a.1.started) < (b.1.phase == .running ? 1 : 0, b.1.started)
+        }
+    }
+
+    private init(path: String) {
+        self.path = path
+    }
+}

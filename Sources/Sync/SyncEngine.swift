@@ -1,0 +1,535 @@
+import ChunkStore
+import Foundation
+import Glibc
+import Synchronization
+import SystemIO
+import Vault
+
+public enum SyncMode: String, Codable, Sendable {
+    /// Compare the target with the source's chunk ids; write only slots that differ.
+    case delta
+    /// Write every slot without comparing.
+    case full
+}
+
+/// What a sync is about to do, reported before the target is touched.
+public struct SyncPlan: Codable, Sendable {
+    public var target: String
+    public var source: String
+    public var mode: SyncMode
+    public var size: UInt64
+    /// Delta: bytes of the slots that differ (known after the comparison pass); full: the size.
+    public var differingBytes: UInt64
+    /// Bytes of old contents the undo journal will hold (0 with --no-undo).
+    public var journalBytes: UInt64
+    public var journalDirectory: String
+    public var freeBytes: UInt64
+    public var resumedFrom: UInt64?
+    public var warnings: [String]
+}
+
+public struct SyncProgress: Sendable {
+    public enum Phase: String, Sendable { case compare, write, verify, rollback }
+    public var phase: Phase
+    public var bytesDone: UInt64
+    public var bytesTotal: UInt64
+}
+
+public struct SyncReport: Codable, Sendable {
+    public var source: String
+    public var disk: String
+    public var target: String
+    public var mode: SyncMode
+    public var size: UInt64
+    /// Bytes of the disk this run covered (all of it, or from the resumed checkpoint).
+    public var processedBytes: UInt64
+    /// Bytes of slots that already held the source's bytes (delta).
+    public var matchedBytes: UInt64
+    /// Bytes of the slots written (data fetched from the vault, or zeros).
+    public var transferredBytes: UInt64
+    /// Bytes written to the target (holes punched in a file write nothing).
+    public var writtenBytes: UInt64
+    /// Bytes of old contents kept in the undo journal.
+    public var journalBytes: UInt64
+    public var undo: Bool
+    public var resumed: Bool
+    public var created: Bool
+    public var verified: Bool
+    public var seconds: Double
+    public var warnings: [String]
+}
+
+public struct RollbackReport: Codable, Sendable {
+    public var target: String
+    public var source: String
+    public var restoredBytes: UInt64
+    public var removed: Bool
+    public var seconds: Double
+}
+
+public struct SyncStatus: Codable, Sendable {
+    public enum Condition: String, Codable, Sendable {
+        case consistent
+        case midSync = "mid-sync"
+        case inconsistent
+        case rolledBack = "rolled-back"
+    }
+    public var target: String
+    public var condition: Condition
+    public var source: String?
+    public var disk: String?
+    public var mode: SyncMode?
+    /// Bytes of the disk known to hold the new image (the last checkpoint).
+    public var progressBytes: UInt64?
+    public var size: UInt64?
+    public var journalBytes: UInt64?
+    public var started: String?
+    public var finished: String?
+}
+
+/// Syncs virtual disks onto targets (files, block devices) so that, whatever happens, the target
+/// can be brought back to exactly its old image or forward to exactly the new one. The state of
+/// every target lives in `<stateDirectory>/sync/<key>` (docs/FORMAT.md, "Sync journals").
+public struct SyncEngine: Sendable {
+    public let stateDirectory: String
+    /// Bytes per read of the comparison pass, and per journal batch (journaled, flushed once,
+    /// then written) of the write pass.
+    public var batchBytes = 4 << 20
+    public var writeBatchBytes = 16 << 20
+    /// A checkpoint (target flushed, progress recorded) at least this often.
+    public var checkpointBytes: UInt64 = 64 << 20
+
+    public init(stateDirectory: String) {
+        self.stateDirectory = stateDirectory
+    }
+
+    // MARK: - Sync
+
+    public func sync(_ source: any SyncSource, to path: String, mode: SyncMode, verify: Bool = false, undo: Bool = true,
+                     plan: (SyncPlan) -> Void = { _ in },
+                     progress: @escaping @Sendable (SyncProgress) -> Void = { _ in }) throws(SyncError) -> SyncReport {
+        let started = Date()
+        var created = false
+        var identity = try TargetIdentity.of(path)
+        if let identity {
+            let dir = SyncStateDirectory(stateDirectory: stateDirectory, key: identity.key)
+            if let state = try dir.load(), state.phase == .running, state.undo || undo {
+                throw .unfinished(path: identity.path, source: state.sourceLabel, undo: state.undo)
+            }
+        } else {
+            // A new file: created empty, then grown sparse; rolling back removes it.
+            do throws(SystemError) {
+                let file = try SystemFile.open(path, .createExclusive(permissions: 0o644))
+                file.close()
+                try FileSystem.syncDirectory(FileSystem.parentDirectory(of: FileSystem.absolute(path)))
+            } catch { throw .target(error) }
+            created = true
+            identity = try TargetIdentity.of(path)
+        }
+        guard let identity else { throw .target(SystemError("open", path: path, errno: ENOENT)) }
+        let dir = SyncStateDirectory(stateDirectory: stateDirectory, key: identity.key)
+        let target = try Target(path: identity.path, isDevice: identity.isDevice, undo: undo)
+        defer { target.close() }
+
+        let oldSize = try target.size()
+        var warnings: [String] = []
+        if identity.isDevice {
+            guard oldSize >= source.size else { throw .targetTooSmall(path: identity.path, size: oldSize, needed: source.size) }
+            if oldSize > source.size {
+                warnings.append("block device \(identity.path) holds \(oldSize) bytes, the disk \(source.size): the last \(oldSize - source.size) bytes are left as they are")
+            }
+        }
+
+        // Delta: compare first, which gives the exact list of slots to write and so the exact
+        // size of the journal.
+        var differences: [Difference]? = nil
+        if mode == .delta {
+            let comparison = Comparison(source: source, target: target, targetSize: oldSize,
+                                        regionSlots: regionSlots(source), workers: 4)
+            differences = try comparison.differences(from: 0) { done in
+                progress(SyncProgress(phase: .compare, bytesDone: done, bytesTotal: source.size))
+            }
+        }
+        var state = SyncState(target: identity.path, isDevice: identity.isDevice, identity: identity.id,
+                              source: source.resumeSpec, sourceLabel: source.label, disk: source.diskName, mode: mode,
+                              phase: .running, undo: undo, created: created, oldSize: created ? 0 : oldSize,
+                              newSize: identity.isDevice ? oldSize : source.size, chunkSize: source.chunkSize,
+                              journalBytesPlanned: 0, started: Timestamp.format(started), finished: nil)
+        let journalBytes = undo ? journalEstimate(source: source, target: target, oldSize: oldSize, created: created,
+                                                  mode: mode, differences: differences, from: 0) : 0
+        state.journalBytesPlanned = journalBytes
+        let free = freeSpace()
+        let differing = differences.map { $0.reduce(UInt64(0)) { $0 + UInt64(source.length(of: $1.slot..<($1.slot + 1))) } } ?? source.size
+        plan(SyncPlan(target: identity.path, source: source.label, mode: mode, size: source.size, differingBytes: differing,
+                      journalBytes: journalBytes, journalDirectory: dir.path, freeBytes: free, resumedFrom: nil, warnings: warnings))
+        if undo && journalBytes + journalSlack(source) > free {
+            if created { try? FileSystem.remove(identity.path) }
+            throw .journalTooLarge(needed: journalBytes, available: free, directory: stateDirectory + "/sync")
+        }
+
+        // From here on the target may change: the journal and the state record come first.
+        do throws(SystemError) { try FileSystem.createDirectories(dir.path, permissions: 0o700) } catch { throw .journal(error) }
+        let journal = try UndoJournal.create(dir.journalPath, key: identity.key)
+        defer { journal.close() }
+        try dir.save(state)
+
+        var report = try execute(source: source, target: target, state: state, dir: dir, journal: journal, journaled: [],
+                                 from: 0, differences: differences, fresh: created, verify: verify, progress: progress)
+        report.created = created
+        report.warnings = warnings
+        report.seconds = Date().timeIntervalSince(started)
+        return report
+    }
+
+    // MARK: - Resume
+
+    /// Finishes an interrupted sync from its last checkpoint. `resolve` finds the source again
+    /// from what the state recorded (MACHINE@POINT-ID and the disk name).
+    public func resume(_ path: String, resolve: (_ spec: String, _ disk: String) throws(SyncError) -> any SyncSource,
+                       verify: Bool = false, plan: (SyncPlan) -> Void = { _ in },
+                       progress: @escaping @Sendable (SyncProgress) -> Void = { _ in }) throws(SyncError) -> SyncReport {
+        let started = Date()
+        guard let identity = try TargetIdentity.of(path) else { throw .nothingToResume(TargetIdentity.canonicalPath(path)) }
+        let dir = SyncStateDirectory(stateDirectory: stateDirectory, key: identity.key)
+        guard let state = try dir.load(), state.phase == .running else { throw .nothingToResume(identity.path) }
+        let source = try resolve(state.source, state.disk)
+        guard source.size == state.newSize || state.isDevice, source.chunkSize == state.chunkSize else {
+            throw .sourceMismatch(target: identity.path, why: "\(state.source) disk \(state.disk) is not the disk the sync started with")
+        }
+        let (journal, records) = try UndoJournal.open(dir.journalPath)
+        defer { journal.close() }
+        try journal.truncateToEnd()
+        var journaled = Set<UInt64>()
+        var checkpoint: UInt64 = 0
+        for record in records {
+            if record.kind == .checkpoint { checkpoint = record.offset } else { journaled.insert(record.offset) }
+        }
+        let target = try Target(path: identity.path, isDevice: identity.isDevice, undo: state.undo)
+        defer { target.close() }
+        let resumedFrom = checkpoint
+        let first = Int(checkpoint / UInt64(source.chunkSize))
+
+        var differences: [Difference]? = nil
+        if state.mode == .delta {
+            let size = try target.size()
+            let comparison = Comparison(source: source, target: target, targetSize: size, regionSlots: regionSlots(source), workers: 4)
+            differences = try comparison.differences(from: first) { done in
+                progress(SyncProgress(phase: .compare, bytesDone: done, bytesTotal: source.size - resumedFrom))
+            }
+        }
+        let journalBytes = state.undo ? journalEstimate(source: source, target: target, oldSize: try target.size(), created: state.created,
+                                                        mode: state.mode, differences: differences, from: first, skipping: journaled) : 0
+        let differing = differences.map { $0.reduce(UInt64(0)) { $0 + UInt64(source.length(of: $1.slot..<($1.slot + 1))) } } ?? (source.size - checkpoint)
+        let free = freeSpace()
+        plan(SyncPlan(target: identity.path, source: source.label, mode: state.mode, size: source.size, differingBytes: differing,
+                      journalBytes: journalBytes, journalDirectory: dir.path, freeBytes: free, resumedFrom: checkpoint, warnings: []))
+        if state.undo && journalBytes + journalSlack(source) > free {
+            throw .journalTooLarge(needed: journalBytes, available: free, directory: stateDirectory + "/sync")
+        }
+        var report = try execute(source: source, target: target, state: state, dir: dir, journal: journal, journaled: journaled,
+                                 from: first, differences: differences, fresh: false, verify: verify, progress: progress)
+        report.resumed = true
+        report.created = state.created
+        report.seconds = Date().timeIntervalSince(started)
+        return report
+    }
+
+    // MARK: - The write pass
+
+    private func regionSlots(_ source: any SyncSource) -> Int { max(1, batchBytes / source.chunkSize) }
+
+    private func journalSlack(_ source: any SyncSource) -> UInt64 {
+        UInt64(8 << 20) + UInt64(source.slotCount) * UInt64(UndoJournal.recordHeaderSize)
+    }
+
+    private func freeSpace() -> UInt64 {
+        var st = statvfs()
+        // Where the journal goes: the sync directory may be a filesystem of its own.
+        var at = stateDirectory + "/sync"
+        while !FileSystem.exists(at) && at != "/" && !at.isEmpty { at = FileSystem.parentDirectory(of: at) }
+        guard statvfs(at, &st) == 0 else { return 0 }
+        return UInt64(st.f_bavail) * UInt64(st.f_frsize)
+    }
+
+    /// Bytes of old contents the journal will hold: delta, the non-zero slots that differ; full,
+    /// every slot that holds data (a file's holes cost nothing); plus a file's tail beyond the
+    /// disk when the file shrinks.
+    private func journalEstimate(source: any SyncSource, target: Target, oldSize: UInt64, created: Bool, mode: SyncMode,
+                                 differences: [Difference]?, from first: Int, skipping journaled: Set<UInt64> = []) -> UInt64 {
+        if created { return 0 }
+        let chunkSize = UInt64(source.chunkSize)
+        var bytes: UInt64 = 0
+        if let differences {
+            for d in differences where !d.oldZero && !journaled.contains(UInt64(d.slot) * chunkSize) {
+                bytes += UInt64(source.length(of: d.slot..<(d.slot + 1)))
+            }
+        } else {
+            for region in target.dataRegions(from: UInt64(first) * chunkSize, to: min(oldSize, source.size)) {
+                bytes += region.end - region.start
+            }
+        }
+        if !target.isDevice && oldSize > source.size {
+            for region in target.dataRegions(from: source.size, to: oldSize) { bytes += region.end - region.start }
+        }
+        return bytes
+    }
+
+    /// A batch of slots written together: journaled, flushed, then written.
+    private struct Batch: Sendable {
+        var runs: [Range<Int>]
+        var differences: [Difference]?
+        var first: Int { runs[0].lowerBound }
+    }
+
+    private func execute(source: any SyncSource, target: Target, state: SyncState, dir: SyncStateDirectory, journal: UndoJournal,
+                         journaled: Set<UInt64>, from first: Int, differences: [Difference]?, fresh: Bool, verify: Bool,
+                         progress: @escaping @Sendable (SyncProgress) -> Void) throws(SyncError) -> SyncReport {
+        let chunkSize = source.chunkSize
+        let slotCount = source.slotCount
+        let undo = state.undo
+        let isDevice = target.isDevice
+        let path = target.path
+
+        // A file is given the disk's size; the tail it loses is journaled first.
+        if !isDevice {
+            let current = try target.size()
+            if current > source.size && undo {
+                try journalTail(target: target, journal: journal, from: source.size, to: current, skipping: journaled)
+            }
+            if current != source.size { try target.resize(to: source.size) }
+        }
+
+        // The batches, in slot order.
+        var batches: [Batch] = []
+        let perBatch = max(1, writeBatchBytes / chunkSize)
+        if let differences {
+            var i = 0
+            while i < differences.count {
+                var runs: [Range<Int>] = []
+                var members: [Difference] = []
+                while i < differences.count && members.count < perBatch {
+                    let d = differences[i]
+                    if let last = runs.last, last.upperBound == d.slot {
+                        runs[runs.count - 1] = last.lowerBound..<(d.slot + 1)
+                    } else {
+                        runs.append(d.slot..<(d.slot + 1))
+                    }
+                    members.append(d)
+                    i += 1
+                }
+                batches.append(Batch(runs: runs, differences: members))
+            }
+        } else {
+            var slot = first
+            while slot < slotCount {
+                let end = min(slot + perBatch, slotCount)
+                batches.append(Batch(runs: [slot..<end], differences: nil))
+                slot = end
+            }
+        }
+        let totalBytes = batches.reduce(UInt64(0)) { sum, b in sum + b.runs.reduce(UInt64(0)) { $0 + UInt64(source.length(of: $1)) } }
+
+        let queue = BoundedQueue<Int>(capacity: 4)
+        let failure = Mutex<SyncError?>(nil)
+        let written = Atomic<UInt64>(0)
+        let transferred = Atomic<UInt64>(0)
+        let journalBytes = Atomic<UInt64>(0)
+        // Which batches are done, and the checkpoint: everything below it is written.
+        struct Done { var finished: Set<Int> = []; var next = 0; var lastCheckpoint: UInt64 = 0 }
+        let done = Mutex(Done())
+        let checkpointLock = Mutex(())
+        let checkpointEvery = checkpointBytes
+        let allBatches = batches
+        let diskSize = source.size
+
+        /// The offset below which every batch is done.
+        @Sendable func safeOffset(_ next: Int) -> UInt64 {
+            next < allBatches.count ? UInt64(allBatches[next].first) * UInt64(chunkSize) : diskSize
+        }
+        @Sendable func checkpoint() throws(SyncError) {
+            try checkpointLock.withLock { (_: inout ()) throws(SyncError) in
+                let offset = done.withLock { safeOffset($0.next) }
+                // The target first: a checkpoint must never claim bytes that are not durable.
+                try target.dataSync()
+                try journal.checkpoint(offset)
+                done.withLock { $0.lastCheckpoint = max($0.lastCheckpoint, offset) }
+            }
+        }
+
+        // Without old contents to journal, the workers only wait for the vault and the target.
+        let workerCount = undo && !state.created ? 2 : 3
+        let pool = (0..<workerCount).map { n in
+            Worker(name: "sync-write-\(n)") {
+                let bufferSize = perBatch * chunkSize
+                let old = UnsafeMutableRawBufferPointer.allocate(byteCount: bufferSize, alignment: SystemFile.directAlignment)
+                let new = UnsafeMutableRawBufferPointer.allocate(byteCount: bufferSize, alignment: SystemFile.directAlignment)
+                let zeros = UnsafeMutableRawBufferPointer.allocate(byteCount: min(bufferSize, 1 << 20), alignment: SystemFile.directAlignment)
+                zeros.initializeMemory(as: UInt8.self, repeating: 0)
+                defer { old.deallocate(); new.deallocate(); zeros.deallocate() }
+                while let index = queue.pop() {
+                    let batch = allBatches[index]
+                    do throws(SyncError) {
+                        if Cancellation.requested { throw .interrupted(path: path, undo: undo) }
+                        // A file this sync created has no old contents: rolling back removes it.
+                        if undo && !state.created {
+                            let bytes = try undoRecords(batch, source: source, target: target, buffer: old, skipping: journaled)
+                            try journal.append(bytes.records)
+                            journalBytes.add(bytes.payload, ordering: .relaxed)
+                        }
+                        for run in batch.runs {
+                            let length = source.length(of: run)
+                            let buffer = UnsafeMutableRawBufferPointer(rebasing: new[0..<length])
+                            try source.read(run, into: buffer)
+                            let base = UInt64(run.lowerBound) * UInt64(chunkSize)
+                            if isDevice {
+                                try target.write(UnsafeRawBufferPointer(buffer), at: base)
+                                written.add(UInt64(length), ordering: .relaxed)
+                                transferred.add(UInt64(length), ordering: .relaxed)
+                                continue
+                            }
+                            // A file: data runs written, zero runs punched (or left as holes in a new file).
+                            var k = 0
+                            let slots = run.count
+                            func slotRange(_ k: Int) -> Range<Int> { (k * chunkSize)..<min((k + 1) * chunkSize, length) }
+                            while k < slots {
+                                let zero = isAllZero(UnsafeRawBufferPointer(rebasing: buffer[slotRange(k)]))
+                                var j = k + 1
+                                while j < slots && isAllZero(UnsafeRawBufferPointer(rebasing: buffer[slotRange(j)])) == zero { j += 1 }
+                                let from = slotRange(k).lowerBound, to = slotRange(j - 1).upperBound
+                                if zero {
+                                    if !fresh {
+                                        let n = try target.zero(at: base + UInt64(from), count: to - from, zeros: UnsafeRawBufferPointer(zeros))
+                                        written.add(n, ordering: .relaxed)
+                                        transferred.add(UInt64(to - from), ordering: .relaxed)
+                                    }
+                                } else {
+                                    try target.write(UnsafeRawBufferPointer(rebasing: buffer[from..<to]), at: base + UInt64(from))
+                                    written.add(UInt64(to - from), ordering: .relaxed)
+                                    transferred.add(UInt64(to - from), ordering: .relaxed)
+                                }
+                                k = j
+                            }
+                        }
+                        let (advanced, offset) = done.withLock { d -> (Bool, UInt64) in
+                            d.finished.insert(index)
+                            while d.finished.contains(d.next) { d.finished.remove(d.next); d.next += 1 }
+                            let offset = safeOffset(d.next)
+                            return (offset >= d.lastCheckpoint + checkpointEvery, offset)
+                        }
+                        progress(SyncProgress(phase: .write, bytesDone: min(offset, diskSize), bytesTotal: diskSize))
+                        if advanced { try checkpoint() }
+                    } catch {
+                        failure.withLock { if $0 == nil { $0 = error } }
+                        queue.close()
+                    }
+                }
+            }
+        }
+        for index in batches.indices {
+            if !queue.push(index) { break }
+        }
+        queue.close()
+        for worker in pool { worker.join() }
+
+        if let error = failure.withLock({ $0 }) {
+            // Record how far the sync got (best effort: the target may be what failed).
+            try? checkpoint()
+            throw error
+        }
+        try target.dataSync()
+
+        var verified = false
+        if verify {
+            let comparison = Comparison(source: source, target: target, targetSize: try target.size(),
+                                        regionSlots: regionSlots(source), workers: 4)
+            let mismatches = try comparison.differences(from: 0) { done in
+                progress(SyncProgress(phase: .verify, bytesDone: done, bytesTotal: source.size))
+            }
+            if let firstBad = mismatches.first {
+                // Resume must look at every slot again.
+                try journal.checkpoint(0)
+                throw .verificationFailed(path: path, offset: UInt64(firstBad.slot) * UInt64(chunkSize), slots: mismatches.count)
+            }
+            verified = true
+        }
+        try journal.checkpoint(diskSize)
+        var finished = state
+        finished.phase = .complete
+        finished.finished = Timestamp.format(Date())
+        try dir.save(finished)
+        try dir.removeJournal()
+
+        let processed = source.size - UInt64(first) * UInt64(chunkSize)
+        let moved = transferred.load(ordering: .relaxed)
+        return SyncReport(source: source.label, disk: source.diskName, target: path, mode: state.mode, size: source.size,
+                          processedBytes: processed,
+                          matchedBytes: differences == nil ? 0 : processed - min(processed, totalBytes),
+                          transferredBytes: moved, writtenBytes: written.load(ordering: .relaxed),
+                          journalBytes: journalBytes.load(ordering: .relaxed), undo: undo, resumed: false, created: false,
+                          verified: verified, seconds: 0, warnings: [])
+    }
+
+    /// The undo records of a batch: each slot's old bytes (or a zero record), read from the
+    /// target now. Slots journaled by an earlier run of this sync are skipped: their old
+    /// bytes are already kept, and the target may now hold part of the new ones.
+    private func undoRecords(_ batch: Batch, source: any SyncSource, target: Target, buffer: UnsafeMutableRawBufferPointer,
+                             skipping journaled: Set<UInt64>) throws(SyncError) -> (records: [UInt8], payload: UInt64) {
+        let chunkSize = source.chunkSize
+        var records: [UInt8] = []
+        var payload: UInt64 = 0
+        var differenceAt: [Int: Difference] = [:]
+        if let differences = batch.differences { for d in differences { differenceAt[d.slot] = d } }
+        for run in batch.runs {
+            let length = source.length(of: run)
+            let base = UInt64(run.lowerBound) * UInt64(chunkSize)
+            let known = run.allSatisfy { differenceAt[$0]?.oldZero == true || journaled.contains(UInt64($0) * UInt64(chunkSize)) }
+            let hole = known || target.isHole(at: base, count: length, fileSize: source.size)
+            if !hole { try target.read(into: UnsafeMutableRawBufferPointer(rebasing: buffer[0..<length]), at: base) }
+            for (k, slot) in run.enumerated() {
+                let offset = UInt64(slot) * UInt64(chunkSize)
+                if journaled.contains(offset) { continue }
+                let from = k * chunkSize
+                let bytes = UnsafeRawBufferPointer(rebasing: buffer[from..<min(from + chunkSize, length)])
+                let zero = hole || differenceAt[slot]?.oldZero == true || isAllZero(bytes)
+                if zero {
+                    records += UndoJournal.encodeHeader(kind: .zero, offset: offset, length: bytes.count, digest: .zero)
+                    continue
+                }
+                let hash = ChunkID.sha256(bytes)
+                if let expected = differenceAt[slot], expected.oldHash != hash {
+                    throw .targetChanged(path: target.path, offset: offset)
+                }
+                records += UndoJournal.encodeHeader(kind: .data, offset: offset, length: bytes.count, digest: hash)
+                records.append(contentsOf: bytes)
+                payload += UInt64(bytes.count)
+            }
+        }
+        return (records, payload)
+    }
+
+    /// Journals a file's bytes from `start` to `end` (its tail beyond the disk) before the file
+    /// is shrunk; holes and zeros cost nothing (the rollback's resize brings them back).
+    private func journalTail(target: Target, journal: UndoJournal, from start: UInt64, to end: UInt64,
+                             skipping journaled: Set<UInt64>) throws(SyncError) {
+        let piece = 1 << 20
+        var buffer = [UInt8](repeating: 0, count: piece)
+        for region in target.dataRegions(from: start, to: end) {
+            var at = region.start
+            while at < region.end {
+                let n = Int(min(UInt64(piece), region.end - at))
+                if !journaled.contains(at) {
+                    try buffer.withMutableBytes { (raw) throws(SyncError) in
+                        try target.read(into: UnsafeMutableRawBufferPointer(rebasing: raw[0..<n]), at: at)
+                    }
+                    let slice = Array(buffer[0..<n])
+                    if !slice.withUnsafeBytes({ isAllZero($0) }) {
+                        var record = UndoJournal.encodeHeader(kind: .data, offset: at, length: n, digest: ChunkID.sha256(slice))
+                        record += slice
+                        try journal.append(record)
+                    }
+                }
+                at += UInt64(n)
+            }
+        }
+    }
+}

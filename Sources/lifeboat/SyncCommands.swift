@@ -1,0 +1,176 @@
+import ArgumentParser
+import Foundation
+import SystemIO
+import Sync
+import Vault
+
+struct SyncCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "sync",
+        abstract: "Write a point's disk onto a file or block device (failback), journaled.",
+        discussion: """
+        delta (the default) reads the target, compares every chunk slot with the point's chunk
+        id and writes only the slots that differ; full writes every slot without comparing.
+        Before a slot is overwritten its old contents are kept in an undo journal in the state
+        directory, so an interrupted or failed sync can always be finished (--resume) or undone
+        (--rollback); a new sync onto a target with an unfinished one is refused until one of
+        the two is chosen. `lifeboat sync status TARGET` tells which state a target is in.
+
+        Examples:
+          lifeboat sync web01@latest --disk os --to /dev/vg0/web01-os
+          lifeboat sync web01@-1 --disk os --to /srv/web01-os.img --mode full --verify
+          lifeboat sync --resume /dev/vg0/web01-os
+          lifeboat sync --rollback /dev/vg0/web01-os
+          lifeboat sync status /dev/vg0/web01-os
+        """,
+        subcommands: [SyncStart.self, SyncStatusCommand.self],
+        defaultSubcommand: SyncStart.self)
+}
+
+struct SyncStart: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "start",
+        abstract: "Sync a point's disk onto a target, or resume or roll back an unfinished sync.",
+        discussion: """
+        `lifeboat sync SOURCE ...` runs this command; `start` may be omitted.
+        """)
+
+    @OptionGroup var vault: VaultOptions
+
+    @Argument(help: "The point (MACHINE@latest, MACHINE@-N, MACHINE@TIME, MACHINE@ID).")
+    var source: String?
+
+    @Option(help: "The disk to sync (may be omitted when the point has one disk).")
+    var disk: String?
+
+    @Option(help: ArgumentHelp("The target file (created sparse if missing) or block device.", valueName: "path"))
+    var to: String?
+
+    @Option(help: ArgumentHelp("delta: write only the slots that differ; full: write every slot.", valueName: "mode"))
+    var mode: String = "delta"
+
+    @Flag(help: "Re-read the target afterwards and compare every slot with the source.")
+    var verify = false
+
+    @Flag(help: "Keep no undo journal (when it cannot fit): the target is inconsistent until the sync completes.")
+    var noUndo = false
+
+    @Option(help: ArgumentHelp("Finish the unfinished sync of this target.", valueName: "target"))
+    var resume: String?
+
+    @Option(help: ArgumentHelp("Undo the unfinished sync of this target: put back its old image.", valueName: "target"))
+    var rollback: String?
+
+    @Flag(help: "Print a JSON summary on standard output.")
+    var json = false
+
+    func run() throws {
+        try report {
+            let engine = SyncEngine(stateDirectory: Defaults.stateDirectory)
+            installInterruptHandlers()
+            if let rollback {
+                guard source == nil && resume == nil && to == nil else {
+                    throw SyncError.invalidArgument("--rollback TARGET takes no source, --to or --resume")
+                }
+                let line = ProgressLine("rollback")
+                let result = try engine.rollback(rollback) { p in line.update(done: p.bytesDone, total: p.bytesTotal) }
+                line.finish()
+                if json { printJSON(result); return }
+                if result.removed {
+                    print("rolled back \(result.target): the sync from \(result.source) created it, so it was removed")
+                } else {
+                    print("rolled back \(result.target) to its image before the sync from \(result.source): \(formatBytes(result.restoredBytes)) put back in \(String(format: "%.1f", result.seconds)) s")
+                }
+                return
+            }
+            let line = ProgressLine("sync")
+            let progress: @Sendable (SyncProgress) -> Void = { p in
+                line.update(done: p.bytesDone, total: p.bytesTotal, label: p.phase.rawValue)
+            }
+            let result: SyncReport
+            if let resume {
+                guard source == nil && to == nil else { throw SyncError.invalidArgument("--resume TARGET takes no source or --to") }
+                let opened = try vault.open()
+                result = try engine.resume(resume, resolve: { (spec, disk) throws(SyncError) in
+                    let point: RecoveryPoint
+                    do throws(VaultError) { point = try opened.point(spec) } catch { throw .source(error) }
+                    return try PointSource(vault: opened, point: point, disk: disk)
+                }, verify: verify, plan: { showPlan($0, line) }, progress: progress)
+            } else {
+                guard let source else { throw SyncError.invalidArgument("sync needs a SOURCE point (or --resume / --rollback TARGET)") }
+                guard let to else { throw SyncError.invalidArgument("sync needs a target: --to PATH") }
+                guard let syncMode = SyncMode(rawValue: mode) else { throw SyncError.invalidArgument("--mode is delta or full, not \"\(mode)\"") }
+                let opened = try vault.open()
+                let point = try opened.point(source)
+                let name: String
+                if let disk {
+                    name = disk
+                } else if point.disks.count == 1 {
+                    name = point.disks[0].name
+                } else {
+                    throw VaultError.invalidArgument("point \(point.label) has disks \(point.disks.map(\.name).joined(separator: ", ")): choose one with --disk")
+                }
+                let pointSource = try PointSource(vault: opened, point: point, disk: name)
+                result = try engine.sync(pointSource, to: to, mode: syncMode, verify: verify, undo: !noUndo,
+                                         plan: { showPlan($0, line) }, progress: progress)
+            }
+            line.finish()
+            for warning in result.warnings where !json { Terminal.warning(warning) }
+            if json { printJSON(result); return }
+            let rate = Double(result.processedBytes) / max(result.seconds, 0.001)
+            print("synced \(result.source) disk \(result.disk) to \(result.target) (\(result.mode.rawValue)\(result.resumed ? ", resumed" : "")\(result.verified ? ", verified" : "")): processed \(formatBytes(result.processedBytes)), matched \(formatBytes(result.matchedBytes)), transferred \(formatBytes(result.transferredBytes)), written \(formatBytes(result.writtenBytes)), journal \(formatBytes(result.journalBytes)); \(String(format: "%.1f", result.seconds)) s (\(formatBytes(UInt64(rate)))/s)")
+        }
+    }
+
+    private func showPlan(_ plan: SyncPlan, _ line: ProgressLine) {
+        line.finish()
+        for warning in plan.warnings { Terminal.warning(warning) }
+        guard !json else { return }
+        let what = plan.mode == .delta ? "\(formatBytes(plan.differingBytes)) differ" : "\(formatBytes(plan.differingBytes)) to write"
+        let journal = noUndo && plan.resumedFrom == nil
+            ? "no undo journal (--no-undo)"
+            : "undo journal \(formatBytes(plan.journalBytes)) in \(plan.journalDirectory) (\(formatBytes(plan.freeBytes)) free)"
+        Terminal.write("lifeboat: \(what); \(journal)\n")
+    }
+}
+
+struct SyncStatusCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "status",
+        abstract: "Say whether a target is consistent, mid-sync, or rolled back.",
+        discussion: """
+        Example:
+          lifeboat sync status /dev/vg0/web01-os --json
+        """)
+
+    @Argument(help: "The target file or block device.")
+    var target: String
+
+    @Flag(help: "Print JSON.")
+    var json = false
+
+    func run() throws {
+        try report {
+            let status = try SyncEngine(stateDirectory: Defaults.stateDirectory).status(target)
+            if json { printJSON(status); return }
+            let source = status.source.map { "\($0) disk \(status.disk ?? "?")" } ?? ""
+            switch status.condition {
+            case .consistent:
+                if status.source == nil {
+                    print("\(status.target): consistent (no sync recorded)")
+                } else {
+                    print("\(status.target): consistent: synced from \(source) (\(status.mode?.rawValue ?? "")), finished \(status.finished ?? "?")")
+                }
+            case .midSync:
+                print("\(status.target): mid-sync from \(source) (\(status.mode?.rawValue ?? "")), started \(status.started ?? "?"), \(formatBytes(status.progressBytes ?? 0)) of \(formatBytes(status.size ?? 0)) done, undo journal \(formatBytes(status.journalBytes ?? 0))")
+                print("  finish it: lifeboat sync --resume \(status.target)")
+                print("  undo it:   lifeboat sync --rollback \(status.target)")
+            case .inconsistent:
+                print("\(status.target): INCONSISTENT: a sync from \(source) without undo journal (--no-undo) did not finish, \(formatBytes(status.progressBytes ?? 0)) of \(formatBytes(status.size ?? 0)) done")
+                print("  finish it: lifeboat sync --resume \(status.target)")
+            case .rolledBack:
+                print("\(status.target): rolled back: the sync from \(source) was undone \(status.finished ?? "?"); the target holds its old image")
+            }
+        }
+    }
+}

@@ -1,0 +1,151 @@
+import CFuse
+import Foundation
+import Glibc
+import Synchronization
+import Sync
+import SystemIO
+import Testing
+import TestSupport
+import Vault
+
+/// A one-file FUSE filesystem (`/disk.img`, backed by a plain file) that fails writes touching
+/// chosen byte ranges with EIO, as a failing disk would.
+final class FaultyDisk: Sendable {
+    let backing: SystemFile
+    let mountpoint: String
+    let failing = Mutex<[Range<UInt64>]>([])
+    private let finished = DispatchSemaphore(value: 0)
+    private let handle = Mutex<UInt>(0)
+
+    var image: String { mountpoint + "/disk.img" }
+
+    init(backing path: String, at mountpoint: String) throws {
+        backing = try SystemFile.open(path, .readWrite)
+        self.mountpoint = mountpoint
+        try FileSystem.createDirectories(mountpoint)
+        var ops = fuse_operations()
+        ops.getattr = { path, st, _ in faultyDisk()?.getattr(path, st) ?? -EIO }
+        ops.readdir = { _, buffer, filler, _, _, _ in
+            for name in [".", "..", "disk.img"] { _ = filler?(buffer, name, nil, 0, fuse_fill_dir_flags(0)) }
+            return 0
+        }
+        ops.open = { path, _ in path.map { String(cString: $0) } == "/disk.img" ? 0 : -ENOENT }
+        ops.read = { _, buffer, size, offset, _ in faultyDisk()?.read(buffer, size, offset) ?? -EIO }
+        ops.write = { _, buffer, size, offset, _ in faultyDisk()?.write(buffer, size, offset) ?? -EIO }
+        ops.truncate = { _, size, _ in faultyDisk()?.truncate(size) ?? -EIO }
+        ops.fsync = { _, _, _ in 0 }
+        ops.`init` = { _, _ in fuse_get_context()?.pointee.private_data }
+
+        var arguments = ["faulty-disk"]
+        var argv: [UnsafeMutablePointer<CChar>?] = arguments.indices.map { strdup(arguments[$0]) }
+        defer { for p in argv { free(p) } }
+        arguments.removeAll()
+        let me = Unmanaged.passUnretained(self).toOpaque()
+        let fuse: OpaquePointer? = argv.withUnsafeMutableBufferPointer { buffer in
+            var args = fuse_args(argc: Int32(buffer.count), argv: buffer.baseAddress, allocated: 0)
+            return lb_fuse_new(&args, &ops, me)
+        }
+        guard let fuse else { throw SyncTestError.failed("fuse_new") }
+        guard fuse_mount(fuse, mountpoint) == 0 else {
+            fuse_destroy(fuse)
+            throw SyncTestError.failed("fuse_mount")
+        }
+        handle.withLock { $0 = UInt(bitPattern: Int(bitPattern: UnsafeRawPointer(fuse))) }
+        let finished = self.finished
+        let address = UInt(bitPattern: Int(bitPattern: UnsafeRawPointer(fuse)))
+        Thread {
+            let fuse = OpaquePointer(bitPattern: address)!
+            _ = lb_fuse_loop_mt(fuse, 4)
+            fuse_unmount(fuse)
+            fuse_destroy(fuse)
+            finished.signal()
+        }.start()
+    }
+
+    func stop() {
+        if let fuse = OpaquePointer(bitPattern: handle.withLock({ $0 })) { fuse_exit(fuse) }
+        _ = umount2(mountpoint, Int32(MNT_DETACH))
+        _ = finished.wait(timeout: .now() + 10)
+        backing.close()
+    }
+
+    func getattr(_ path: UnsafePointer<CChar>?, _ st: UnsafeMutablePointer<stat>?) -> Int32 {
+        guard let path, let st else { return -EINVAL }
+        st.pointee = stat()
+        switch String(cString: path) {
+        case "/":
+            st.pointee.st_mode = S_IFDIR | 0o755
+            st.pointee.st_nlink = 2
+        case "/disk.img":
+            st.pointee.st_mode = S_IFREG | 0o644
+            st.pointee.st_nlink = 1
+            st.pointee.st_size = off_t((try? backing.size()) ?? 0)
+        default:
+            return -ENOENT
+        }
+        return 0
+    }
+
+    func read(_ buffer: UnsafeMutablePointer<CChar>?, _ size: Int, _ offset: off_t) -> Int32 {
+        guard let buffer else { return -EINVAL }
+        let n = try? backing.read(into: UnsafeMutableRawBufferPointer(start: buffer, count: size), at: UInt64(offset))
+        return n.map { Int32($0) } ?? -EIO
+    }
+
+    func write(_ buffer: UnsafePointer<CChar>?, _ size: Int, _ offset: off_t) -> Int32 {
+        guard let buffer else { return -EINVAL }
+        let range = UInt64(offset)..<(UInt64(offset) + UInt64(size))
+        if failing.withLock({ $0.contains { $0.overlaps(range) } }) { return -EIO }
+        do {
+            try backing.write(UnsafeRawBufferPointer(start: buffer, count: size), at: UInt64(offset))
+        } catch { return -EIO }
+        return Int32(size)
+    }
+
+    func truncate(_ size: off_t) -> Int32 {
+        (try? backing.truncate(to: UInt64(size))) != nil ? 0 : -EIO
+    }
+}
+
+enum SyncTestError: Error {
+    case failed(String)
+}
+
+private func faultyDisk() -> FaultyDisk? {
+    guard let data = fuse_get_context()?.pointee.private_data else { return nil }
+    return Unmanaged<FaultyDisk>.fromOpaque(data).takeUnretainedValue()
+}
+
+@Suite(.serialized, .enabled(if: isRoot && FileSystem.exists("/dev/fuse"))) struct FaultyDiskTests {
+    @Test func anIOErrorOnTheTargetGivesAClearErrorAndRollsBack() throws {
+        let f = try SyncFixture()
+        defer { f.dir.remove() }
+        let backing = try f.target("backing.img", holding: 0)
+        let disk = try FaultyDisk(backing: backing, at: f.dir.file("mnt"))
+        defer { disk.stop() }
+        let bad: UInt64 = (6 << 20) + 8192
+        disk.failing.withLock { $0 = [bad..<(bad + 1)] }
+        do throws(SyncError) {
+            _ = try f.engine.sync(try f.source(2), to: disk.image, mode: .full)
+            Issue.record("the sync must fail on the bad block")
+        } catch {
+            #expect(error.kind == .io)
+            #expect(error.description.contains(disk.image) && error.description.contains("Input/output error"))
+            // The byte is where the failing write request started: at most one request before.
+            let words = error.description.split(separator: " ")
+            let at = words.firstIndex(of: "byte").flatMap { UInt64(words[$0 + 1].dropLast()) } ?? 0
+            #expect(at <= bad && at + (1 << 20) > bad, "\(error.description)")
+            #expect(error.description.contains("--rollback"))
+        }
+        #expect(try f.engine.status(disk.image).condition == .midSync)
+        // While the fault lasts the rollback fails too, and keeps the journal.
+        #expect(throws: SyncError.self) { try f.engine.rollback(disk.image) }
+        #expect(try f.engine.status(disk.image).condition == .midSync)
+        disk.failing.withLock { $0 = [] }
+        _ = try f.engine.rollback(disk.image)
+        #expect(try sha256(file: disk.image) == f.hashes[0])
+        // And a delta sync through the same (now healthy) filesystem works.
+        _ = try f.engine.sync(try f.source(2), to: disk.image, mode: .delta, verify: true)
+        #expect(try sha256(file: backing) == f.hashes[2])
+    }
+}

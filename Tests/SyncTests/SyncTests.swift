@@ -1,0 +1,320 @@
+import ChunkStore
+import Foundation
+import Glibc
+import ObjectStore
+import Synchronization
+import Sync
+import SystemIO
+import Testing
+import TestSupport
+import Vault
+
+/// A vault with three points of one disk (12 MiB + 5000 bytes: random data, holes, a short last
+/// slot) and the images they were made from.
+struct SyncFixture {
+    let dir = TemporaryDirectory("sync")
+    let vault: Vault
+    /// The disk's image at day 0, 1 and 2.
+    var days: [String] = []
+    var hashes: [String] = []
+    static let size: UInt64 = (12 << 20) + 5000
+
+    init() throws {
+        vault = try Vault.create(store: LocalDirectoryStore(root: dir.file("vault")), stateDirectory: dir.file("state"))
+        var random = SeededBytes(seed: 7)
+        let image = dir.file("disk.img")
+        try setSize(image, SyncFixture.size)
+        try writeAt(image, 0, random.bytes(5 << 20))          // 5 MiB data, then a hole
+        try writeAt(image, 9 << 20, random.bytes(2 << 20))
+        try writeAt(image, SyncFixture.size - 3000, random.bytes(3000))
+        for day in 0..<3 {
+            if day > 0 {
+                // A day's changes: scattered 4 KiB blocks, a zeroed MiB, new data in the hole.
+                for _ in 0..<20 { try writeAt(image, random.next() % (SyncFixture.size - 4096), random.bytes(4096)) }
+                try writeAt(image, UInt64(day) << 20, [UInt8](repeating: 0, count: 1 << 20))
+                try writeAt(image, UInt64(5 + day) << 20, random.bytes(300_000))
+            }
+            let copy = dir.file("day\(day).img")
+            #expect(shell("cp --sparse=always \(image) \(copy)").status == 0)
+            days.append(copy)
+            hashes.append(try sha256(file: copy))
+            _ = try vault.backup(BackupRequest(machine: "m", disks: [("os", .path(image))],
+                                               time: Timestamp.parse("2026-03-0\(day + 1)T00:00:00Z")))
+        }
+    }
+
+    var engine: SyncEngine { SyncEngine(stateDirectory: dir.file("state")) }
+
+    func source(_ day: Int) throws(SyncError) -> PointSource {
+        try resolve("m@2026-03-0\(day + 1)T00:00:00Z", "os") as! PointSource
+    }
+
+    /// A copy of day `day`'s image as a target.
+    func target(_ name: String, holding day: Int) throws -> String {
+        let path = dir.file(name)
+        #expect(shell("cp --sparse=always \(days[day]) \(path)").status == 0)
+        return path
+    }
+
+    func resolve(_ spec: String, _ disk: String) throws(SyncError) -> any SyncSource {
+        let point: RecoveryPoint
+        do throws(VaultError) { point = try vault.point(spec) } catch { throw .source(error) }
+        return try PointSource(vault: vault, point: point, disk: disk)
+    }
+}
+
+/// A source that fails (as a damaged vault would) once `budget` reads are spent, or hands out
+/// wrong bytes for one slot: for interrupted syncs and verification failures.
+final class FaultySource: SyncSource {
+    let base: any SyncSource
+    let reads = Atomic<Int>(0)
+    let budget: Int
+    let corruptSlot: Int?
+
+    init(_ base: any SyncSource, failAfterReads budget: Int = .max, corruptSlot: Int? = nil) {
+        self.base = base
+        self.budget = budget
+        self.corruptSlot = corruptSlot
+    }
+
+    var label: String { base.label }
+    var resumeSpec: String { base.resumeSpec }
+    var diskName: String { base.diskName }
+    var size: UInt64 { base.size }
+    var chunkSize: Int { base.chunkSize }
+    func ids(_ slots: Range<Int>) throws(SyncError) -> [ChunkID?] { try base.ids(slots) }
+    func read(_ slots: Range<Int>, into buffer: UnsafeMutableRawBufferPointer) throws(SyncError) {
+        if reads.add(1, ordering: .relaxed).newValue > budget { throw .invalidArgument("injected source failure") }
+        try base.read(slots, into: buffer)
+        if let corruptSlot, slots.contains(corruptSlot) {
+            buffer[(corruptSlot - slots.lowerBound) * chunkSize] ^= 0xff
+        }
+    }
+}
+
+@Suite(.serialized) struct SyncTests {
+    @Test func deltaAndFullOntoFilesGiveTheImageExactly() throws {
+        let f = try SyncFixture()
+        defer { f.dir.remove() }
+        let engine = f.engine
+        // delta onto the older points, full and delta onto new files.
+        for (old, new) in [(0, 2), (1, 2), (2, 0), (0, 1)] {
+            let target = try f.target("t\(old)\(new).img", holding: old)
+            let report = try engine.sync(try f.source(new), to: target, mode: .delta)
+            #expect(try sha256(file: target) == f.hashes[new])
+            #expect(report.matchedBytes + report.transferredBytes == SyncFixture.size)
+            #expect(report.transferredBytes < SyncFixture.size / 2, "a day's changes are small")
+            #expect(report.journalBytes <= report.transferredBytes)
+            #expect(try engine.status(target).condition == .consistent)
+        }
+        for mode in [SyncMode.full, .delta] {
+            let target = f.dir.file("new-\(mode).img")
+            let report = try engine.sync(try f.source(1), to: target, mode: mode, verify: true)
+            #expect(report.created && report.verified && report.journalBytes == 0)
+            #expect(try sha256(file: target) == f.hashes[1])
+            // Zero slots stay holes: the image has about 7 MiB of data.
+            #expect(allocatedBytes(target) < 9 << 20)
+        }
+        // Random bytes, larger (shrunk to the disk) and smaller (grown) files.
+        let random = f.dir.file("random.img")
+        try writeAt(random, 0, randomBytes(seed: 9, count: Int(SyncFixture.size)))
+        let larger = try f.target("larger.img", holding: 0)
+        try writeAt(larger, SyncFixture.size + 100_000, randomBytes(seed: 10, count: 200_000))
+        let smaller = f.dir.file("smaller.img")
+        try writeAt(smaller, 0, randomBytes(seed: 11, count: 3 << 20))
+        for target in [random, larger, smaller] {
+            for mode in [SyncMode.delta, .full] {
+                let report = try engine.sync(try f.source(mode == .delta ? 2 : 1), to: target, mode: mode, verify: true)
+                #expect(report.verified)
+                #expect(try sha256(file: target) == f.hashes[mode == .delta ? 2 : 1])
+                #expect(fileSize(target) == SyncFixture.size)
+            }
+        }
+        // A sync onto a target that already holds the point writes nothing.
+        let same = try engine.sync(try f.source(1), to: random, mode: .delta)
+        #expect(same.writtenBytes == 0 && same.matchedBytes == SyncFixture.size)
+    }
+
+    @Test func anInterruptedSyncRollsBackOrResumesExactly() throws {
+        let f = try SyncFixture()
+        defer { f.dir.remove() }
+        let engine = f.engine
+        // Larger and smaller files too: rollback restores the old size and the lost tail.
+        let larger = try f.target("larger.img", holding: 0)
+        try writeAt(larger, SyncFixture.size + 100_000, randomBytes(seed: 10, count: 200_000))
+        let smaller = f.dir.file("smaller.img")
+        try writeAt(smaller, 0, randomBytes(seed: 11, count: 3 << 20))
+        let plain = try f.target("plain.img", holding: 0)
+        var engineSmallBatches = engine
+        engineSmallBatches.batchBytes = 256 << 10
+        engineSmallBatches.writeBatchBytes = 256 << 10
+        engineSmallBatches.checkpointBytes = 1 << 20
+        for target in [plain, larger, smaller] {
+            for (mode, budget) in [(SyncMode.full, 9), (.delta, 2), (.full, 30)] {
+                let oldHash = try sha256(file: target), oldSize = fileSize(target)
+                #expect(throws: SyncError.self) {
+                    try engineSmallBatches.sync(FaultySource(try f.source(2), failAfterReads: budget), to: target, mode: mode)
+                }
+                #expect(try engine.status(target).condition == .midSync)
+                // A new sync is refused until the interrupted one is resumed or rolled back.
+                do throws(SyncError) {
+                    _ = try engine.sync(try f.source(1), to: target, mode: .delta)
+                    Issue.record("a sync over an unfinished one must be refused")
+                } catch {
+                    #expect(error.description.contains("--resume") && error.description.contains("--rollback"))
+                }
+                _ = try engine.rollback(target)
+                #expect(try sha256(file: target) == oldHash)
+                #expect(fileSize(target) == oldSize)
+                #expect(try engine.status(target).condition == .rolledBack)
+
+                #expect(throws: SyncError.self) {
+                    try engineSmallBatches.sync(FaultySource(try f.source(2), failAfterReads: budget), to: target, mode: mode)
+                }
+                let resumed = try engine.resume(target, resolve: f.resolve, verify: true)
+                #expect(resumed.resumed && resumed.verified)
+                #expect(try sha256(file: target) == f.hashes[2])
+                #expect(try engine.status(target).condition == .consistent)
+                // Back to the start for the next round.
+                _ = try engine.sync(try f.source(0), to: target, mode: .delta)
+                if target == plain { #expect(try sha256(file: target) == f.hashes[0]) }
+            }
+        }
+        // A new file: rollback removes it.
+        let fresh = f.dir.file("fresh.img")
+        #expect(throws: SyncError.self) {
+            try engineSmallBatches.sync(FaultySource(try f.source(2), failAfterReads: 5), to: fresh, mode: .full)
+        }
+        _ = try engine.rollback(fresh)
+        #expect(!FileSystem.exists(fresh))
+        #expect(try engine.status(fresh).condition == .rolledBack)
+    }
+
+    @Test func verificationFailureHasItsOwnKindAndKeepsTheJournal() throws {
+        let f = try SyncFixture()
+        defer { f.dir.remove() }
+        let target = try f.target("t.img", holding: 0)
+        do throws(SyncError) {
+            _ = try f.engine.sync(FaultySource(try f.source(2), corruptSlot: 3), to: target, mode: .full, verify: true)
+            Issue.record("verification must fail")
+        } catch {
+            #expect(error.kind == .verification)
+            #expect(error.description.contains("verification failed") && error.description.contains("byte \(3 * 65536)"))
+        }
+        #expect(try f.engine.status(target).condition == .midSync)
+        _ = try f.engine.rollback(target)
+        #expect(try sha256(file: target) == f.hashes[0])
+    }
+
+    @Test func noUndoSkipsTheJournalAndMarksTheTargetInconsistent() throws {
+        let f = try SyncFixture()
+        defer { f.dir.remove() }
+        let target = try f.target("t.img", holding: 0)
+        var engine = f.engine
+        engine.batchBytes = 256 << 10
+        engine.writeBatchBytes = 256 << 10
+        #expect(throws: SyncError.self) {
+            try engine.sync(FaultySource(try f.source(2), failAfterReads: 3), to: target, mode: .full, undo: false)
+        }
+        #expect(try engine.status(target).condition == .inconsistent)
+        #expect(throws: SyncError.self) { try engine.rollback(target) }
+        let report = try engine.resume(target, resolve: f.resolve)
+        #expect(report.journalBytes == 0)
+        #expect(try sha256(file: target) == f.hashes[2])
+        #expect(try engine.status(target).condition == .consistent)
+    }
+
+    @Test func aBackupOfTheSyncedTargetStoresOnlyChangedChunks() throws {
+        let f = try SyncFixture()
+        defer { f.dir.remove() }
+        let target = try f.target("t.img", holding: 0)
+        _ = try f.engine.sync(try f.source(2), to: target, mode: .delta)
+        let same = try f.vault.backup(BackupRequest(machine: "m", disks: [("os", .path(target))]))
+        #expect(same.chunksNew == 0)
+        // The machine runs on: two 4 KiB writes in different slots, two new chunks.
+        try writeAt(target, 100 << 10, randomBytes(seed: 20, count: 4096))
+        try writeAt(target, 3 << 20, randomBytes(seed: 21, count: 4096))
+        let changed = try f.vault.backup(BackupRequest(machine: "m", disks: [("os", .path(target))]))
+        #expect(changed.chunksNew == 2)
+    }
+
+    @Test(.enabled(if: isRoot)) func loopBlockDevices() throws {
+        let f = try SyncFixture()
+        defer { f.dir.remove() }
+        var devices: [String] = []
+        defer { for d in devices { _ = shell("losetup -d \(d)") } }
+        func loop(_ name: String, size: UInt64, holding day: Int?) throws -> String {
+            let file = try day.map { try f.target(name, holding: $0) } ?? f.dir.file(name)
+            try setSize(file, size)
+            let device = shell("losetup -f --show \(file)").stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+            #expect(device.hasPrefix("/dev/loop"))
+            devices.append(device)
+            return device
+        }
+        func head(_ device: String) -> String {
+            shell("head -c \(SyncFixture.size) \(device) | sha256sum").stdout.prefix(64).description
+        }
+        let exact = try loop("exact", size: (SyncFixture.size + 511) / 512 * 512, holding: 0)
+        var report = try f.engine.sync(try f.source(2), to: exact, mode: .delta, verify: true)
+        #expect(head(exact) == f.hashes[2])
+        #expect(report.transferredBytes < SyncFixture.size / 2)
+        report = try f.engine.sync(try f.source(1), to: exact, mode: .full)
+        #expect(head(exact) == f.hashes[1])
+        // Larger: allowed, with a warning; the tail is left alone.
+        let larger = try loop("larger", size: 20 << 20, holding: nil)
+        try writeAt(larger, 19 << 20, [UInt8](repeating: 0xab, count: 4096))
+        report = try f.engine.sync(try f.source(2), to: larger, mode: .delta)
+        #expect(report.warnings.count == 1)
+        #expect(head(larger) == f.hashes[2])
+        #expect(try SystemFile.open(larger, .readOnly).readAll(from: 19 << 20, count: 1) == [0xab])
+        // A rollback on a device writes zeros where a file would get holes.
+        var small = f.engine
+        small.batchBytes = 256 << 10
+        small.writeBatchBytes = 256 << 10
+        #expect(throws: SyncError.self) {
+            try small.sync(FaultySource(try f.source(0), failAfterReads: 6), to: larger, mode: .full)
+        }
+        _ = try f.engine.rollback(larger)
+        #expect(head(larger) == f.hashes[2])
+        // Smaller: refused.
+        let tiny = try loop("tiny", size: 8 << 20, holding: nil)
+        do throws(SyncError) {
+            _ = try f.engine.sync(try f.source(2), to: tiny, mode: .full)
+            Issue.record("a device smaller than the disk must be refused")
+        } catch {
+            guard case .targetTooSmall = error else { Issue.record("\(error)"); return }
+        }
+    }
+
+    @Test(.enabled(if: isRoot)) func aFullFilesystemGivesAClearErrorAndRollsBack() throws {
+        let f = try SyncFixture()
+        defer { f.dir.remove() }
+        let mnt = f.dir.file("small")
+        try FileSystem.createDirectories(mnt)
+        #expect(shell("mount -t tmpfs -o size=10m lifeboat-test \(mnt)").status == 0)
+        defer { _ = umount2(mnt, Int32(MNT_DETACH)) }
+        // The target holds day 0 (about 7 MiB of data); the filesystem then has little room.
+        // The new image is random everywhere: 12 MiB of data.
+        let random = f.dir.file("random.img")
+        try writeAt(random, 0, randomBytes(seed: 31, count: Int(SyncFixture.size)))
+        _ = try f.vault.backup(BackupRequest(machine: "big", disks: [("os", .path(random))]))
+        let big = try f.resolve("big@latest", "os")
+        let target = mnt + "/t.img"
+        #expect(shell("cp --sparse=always \(f.days[0]) \(target) && dd if=/dev/zero of=\(mnt)/filler bs=64k count=40 status=none").status == 0)
+        let filler = randomBytes(seed: 30, count: 64 << 10)
+        var i: UInt64 = 0
+        while (try? writeAt(mnt + "/filler", 40 * 65536 + i * 65536, filler)) != nil { i += 1 }
+        let oldHash = try sha256(file: target)
+        do throws(SyncError) {
+            _ = try f.engine.sync(big, to: target, mode: .delta)
+            Issue.record("the sync must fail on a full filesystem")
+        } catch {
+            #expect(error.kind == .noSpace)
+            #expect(error.description.contains(target) && error.description.contains("at byte ") && error.description.contains("No space left"))
+            #expect(error.description.contains("--rollback"))
+        }
+        #expect(try f.engine.status(target).condition == .midSync)
+        _ = try f.engine.rollback(target)
+        #expect(try sha256(file: target) == oldHash)
+    }
+}
