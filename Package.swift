@@ -28,7 +28,7 @@ let package = Package(
         .target(name: "Vault", dependencies: ["SystemIO", "ObjectStore", "ChunkStore", crypto]),
         .target(name: "VirtualDisk", dependencies: ["SystemIO", "ChunkStore", "Vault"]),
         .target(name: "GuestFiles", dependencies: ["SystemIO", "Vault", "VirtualDisk", "CExt2fs"]),
-        .target(name: "Mount", dependencies: ["SystemIO", "Vault", "VirtualDisk", "CFuse"]),
+        .target(name: "Mount", dependencies: ["SystemIO", "Vault", "VirtualDisk", "GuestFiles", "CFuse"]),
         .target(name: "Sync", dependencies: ["SystemIO", "ChunkStore", "Vault", "VirtualDisk", crypto]),
         .executableTarget(
             name: "lifeboat",

@@ -2,6 +2,7 @@ import CFuse
 import ChunkStore
 import Foundation
 import Glibc
+import GuestFiles
 import Synchronization
 import SystemIO
 import Vault
@@ -49,6 +50,8 @@ public enum MountError: LifeboatError {
 enum OpenFile: Sendable {
     case disk(DiskReader, footer: [UInt8]?)
     case bytes([UInt8])
+    /// A file inside a guest filesystem (`<disk>.files/...`).
+    case guest(any GuestFileSystem, inode: UInt64, size: UInt64)
 }
 
 /// The read-only FUSE file system of a vault: the tree of MountNode, file contents from
@@ -57,6 +60,7 @@ public final class MountServer: Sendable {
     let vault: Vault
     let catalog: PointCatalog
     let cache: ChunkCache
+    let guests: GuestTree
     let started = Date()
     let log: @Sendable (String) -> Void
     private let readers = Mutex<[String: DiskReader]>([:])
@@ -72,6 +76,15 @@ public final class MountServer: Sendable {
         self.log = log
         self.catalog = PointCatalog(vault: vault, log: log)
         self.cache = ChunkCache(capacityBytes: options.cacheBytes, slotSize: vault.config.chunkSize)
+        self.guests = GuestTree(vault: vault, cache: cache, log: log)
+    }
+
+    /// The components of a raw path after `machines/<machine>/<time>/disks/<disk>.files`, as
+    /// bytes (guest names need not be UTF-8).
+    private func guestTarget(_ path: UnsafePointer<CChar>, _ point: RecoveryPoint, _ disk: PointDisk) -> Result<GuestTree.Target, Errno> {
+        let bytes = Array(UnsafeRawBufferPointer(start: path, count: strlen(path)))
+        let components = bytes.split(separator: 47, omittingEmptySubsequences: true).dropFirst(5).map(Array.init)
+        return guests.resolve(point, disk, components)
     }
 
     // MARK: - Running
@@ -84,7 +97,11 @@ public final class MountServer: Sendable {
         _ = catalog.current  // the first listing, before the kernel may ask for it
 
         var ops = fuse_operations()
-        ops.`init` = { _, config in
+        ops.`init` = { conn, config in
+            // Always READDIRPLUS: `ls -l` reads a whole directory before it stats the entries,
+            // and the adaptive mode would fall back to plain READDIR after the first batch,
+            // costing a lookup per entry (10 000 files: a second).
+            if let conn { conn.pointee.want &= ~UInt32(1 << 14) }  // FUSE_CAP_READDIRPLUS_AUTO
             if let config {
                 config.pointee.kernel_cache = 1       // points are immutable: keep pages across opens
                 config.pointee.entry_timeout = 1      // but points come and go
@@ -95,7 +112,7 @@ public final class MountServer: Sendable {
             return fuse_get_context()?.pointee.private_data
         }
         ops.getattr = { path, st, _ in server()?.getattr(path, st) ?? -EIO }
-        ops.readdir = { path, buffer, filler, _, _, _ in server()?.readdir(path, buffer, filler) ?? -EIO }
+        ops.readdir = { path, buffer, filler, _, _, flags in server()?.readdir(path, buffer, filler, plus: flags.rawValue & 1 != 0) ?? -EIO }
         ops.open = { path, info in server()?.open(path, info) ?? -EIO }
         ops.read = { _, buffer, size, offset, info in server()?.read(buffer, size, offset, info) ?? -EIO }
         ops.release = { _, info in server()?.release(info) ?? 0 }
@@ -156,6 +173,11 @@ public final class MountServer: Sendable {
             st.pointee.st_nlink = 1
             st.pointee.st_size = off_t(target.utf8.count)
             time = when
+        case .files(let point, let disk, _):
+            switch guestTarget(path, point, disk) {
+            case .success(let target): return guests.getattr(target, time: point.date, st)
+            case .failure(let e): return -e.code
+            }
         }
         let seconds = timespec(tv_sec: Int(time.timeIntervalSince1970), tv_nsec: 0)
         st.pointee.st_mtim = seconds
@@ -164,9 +186,15 @@ public final class MountServer: Sendable {
         return 0
     }
 
-    func readdir(_ path: UnsafePointer<CChar>?, _ buffer: UnsafeMutableRawPointer?, _ filler: fuse_fill_dir_t?) -> Int32 {
+    func readdir(_ path: UnsafePointer<CChar>?, _ buffer: UnsafeMutableRawPointer?, _ filler: fuse_fill_dir_t?, plus: Bool) -> Int32 {
         let snapshot = catalog.current
         guard let path, let filler, let node = MountNode.resolve(String(cString: path), in: snapshot) else { return -ENOENT }
+        if case .files(let point, let disk, _) = node {
+            switch guestTarget(path, point, disk) {
+            case .success(let target): return guests.readdir(target, buffer, filler, plus: plus, time: point.date)
+            case .failure(let e): return -e.code
+            }
+        }
         guard let names = node.children(in: snapshot) else { return -ENOTDIR }
         for name in [".", ".."] + names {
             if filler(buffer, name, nil, 0, fuse_fill_dir_flags(0)) != 0 { break }
@@ -194,6 +222,16 @@ public final class MountServer: Sendable {
             file = .disk(reader, footer: footer)
         case .pointJSON(_, let bytes):
             file = .bytes(bytes)
+        case .files(let point, let disk, _):
+            guard let path else { return -ENOENT }
+            switch guestTarget(path, point, disk) {
+            case .success(.entry(let fs, let entry)):
+                guard entry.type == .regular else { return entry.type == .directory ? -EISDIR : -EACCES }
+                guard let info = try? fs.stat(entry.inode) else { return -EIO }
+                file = .guest(fs, inode: entry.inode, size: info.size)
+            case .success(.volumes): return -EISDIR
+            case .failure(let e): return -e.code
+            }
         case .link:
             return -ELOOP
         default:
@@ -225,6 +263,8 @@ public final class MountServer: Sendable {
             let n = min(size, bytes.count - Int(offset))
             bytes.withUnsafeBytes { out.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[Int(offset)..<(Int(offset) + n)])) }
             return Int32(n)
+        case .guest(let fs, let inode, _):
+            return guests.read(fs, inode: inode, into: out, at: UInt64(offset))
         case .disk(let reader, let footer):
             var done = 0
             do {
@@ -259,6 +299,7 @@ public final class MountServer: Sendable {
         var footer = 0
         switch file {
         case .bytes(let bytes): size = UInt64(bytes.count)
+        case .guest(_, _, let guestSize): size = guestSize
         case .disk(let r, let f):
             reader = r
             footer = f?.count ?? 0
@@ -290,6 +331,16 @@ public final class MountServer: Sendable {
     func readlink(_ path: UnsafePointer<CChar>?, _ buffer: UnsafeMutablePointer<CChar>?, _ size: Int) -> Int32 {
         guard let buffer, size > 0 else { return -EINVAL }
         guard let node = node(path) else { return -ENOENT }
+        if case .files(let point, let disk, _) = node, let path {
+            switch guestTarget(path, point, disk).flatMap({ guests.readlink($0) }) {
+            case .success(let target):
+                let n = min(target.count, size - 1)
+                for i in 0..<n { buffer[i] = CChar(bitPattern: target[i]) }
+                buffer[n] = 0
+                return 0
+            case .failure(let e): return -e.code
+            }
+        }
         guard case .link(let target, _) = node else { return -EINVAL }
         let bytes = Array(target.utf8.prefix(size - 1))
         for (i, b) in bytes.enumerated() { buffer[i] = CChar(bitPattern: b) }

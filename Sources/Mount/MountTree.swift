@@ -5,6 +5,7 @@ import Vault
 ///
 ///     machines/<machine>/<point time>/disks/<disk>.img   the raw disk
 ///     machines/<machine>/<point time>/disks/<disk>.vhd   the same as a fixed VHD
+///     machines/<machine>/<point time>/disks/<disk>.files/<volume>/...   the files inside (GuestFiles)
 ///     machines/<machine>/<point time>/point.json         the point's metadata
 ///     machines/<machine>/latest -> <point time>
 ///     by-id/<point id> -> ../machines/<machine>/<point time>
@@ -15,6 +16,8 @@ enum MountNode {
     case point(RecoveryPoint)
     case disks(RecoveryPoint)
     case disk(RecoveryPoint, PointDisk, vhd: Bool)
+    /// `<disk>.files` and below: the volumes of the disk, then paths inside one.
+    case files(RecoveryPoint, PointDisk, rest: [String])
     case pointJSON(RecoveryPoint, [UInt8])
     case link(String, time: Date)
     case byID
@@ -39,8 +42,11 @@ enum MountNode {
                 return parts.count == 4 ? .pointJSON(point, pointJSON(point)) : nil
             case "disks":
                 if parts.count == 4 { return .disks(point) }
-                guard parts.count == 5 else { return nil }
                 let name = parts[4]
+                for disk in point.disks {
+                    if name == disk.name + ".files" { return .files(point, disk, rest: Array(parts[5...])) }
+                }
+                guard parts.count == 5 else { return nil }
                 for disk in point.disks {
                     if name == disk.name + ".img" { return .disk(point, disk, vhd: false) }
                     if name == disk.name + ".vhd" { return .disk(point, disk, vhd: true) }
@@ -66,7 +72,7 @@ enum MountNode {
         case .machines: return snapshot.machines.keys.sorted()
         case .machine(_, let points): return points.map(\.name) + (points.isEmpty ? [] : ["latest"])
         case .point: return ["disks", "point.json"]
-        case .disks(let point): return point.disks.flatMap { [$0.name + ".img", $0.name + ".vhd"] }
+        case .disks(let point): return point.disks.flatMap { [$0.name + ".img", $0.name + ".vhd", $0.name + ".files"] }
         case .byID: return snapshot.byID.keys.sorted()
         default: return nil
         }
