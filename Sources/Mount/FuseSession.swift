@@ -9,7 +9,7 @@ enum FuseSession {
     /// signalled. `handle` holds the session while it runs, for `stop`.
     static func run(operations: inout fuse_operations, options: String, mountpoint: String, threads: UInt32,
                     data: UnsafeMutableRawPointer, handle: borrowing Mutex<UInt>, ready: () -> Void) throws(MountError) {
-        let arguments = ["lifeboat", "-o", options]
+        let arguments = ["lifeboat", "-o", options] + (getenv("LIFEBOAT_FUSE_DEBUG") != nil ? ["-d"] : [])
         var argv: [UnsafeMutablePointer<CChar>?] = arguments.map { strdup($0) }
         defer { for p in argv { free(p) } }
         let fuse: OpaquePointer? = argv.withUnsafeMutableBufferPointer { buffer in
