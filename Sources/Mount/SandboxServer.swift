@@ -66,7 +66,12 @@ public final class SandboxServer: Sendable {
                 config.pointee.attr_timeout = 60
                 config.pointee.nullpath_ok = 0
             }
-            if let conn { conn.pointee.max_write = 1 << 20 }
+            if let conn {
+                conn.pointee.max_write = 1 << 20
+                // The kernel keeps written pages and sends them in the background, as for any
+                // file; fsync writes them back before it reaches us, so flushes keep their meaning.
+                if conn.pointee.capable & UInt32(1 << 16) != 0 { conn.pointee.want |= UInt32(1 << 16) }  // FUSE_CAP_WRITEBACK_CACHE
+            }
             return fuse_get_context()?.pointee.private_data
         }
         ops.getattr = { path, st, _ in sandboxServer()?.getattr(path, st) ?? -EIO }

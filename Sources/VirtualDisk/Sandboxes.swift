@@ -242,6 +242,13 @@ public final class Sandboxes: Sendable {
     public func promote(_ name: String, progress: (DerivedProgress) -> Void = { _ in }) throws(SandboxError) -> BackupReport {
         let record = try record(name)
         if let mount = mounted(name) {
+            // Pages the kernel still holds (the mount caches writes) go to the server first;
+            // then the freeze stops new writes and flushes the overlay.
+            let root = Glibc.open(mount.mountpoint, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+            if root >= 0 {
+                _ = lifeboat_syncfs(root)
+                Glibc.close(root)
+            }
             let freeze = Glibc.open(mount.mountpoint + "/" + Sandboxes.freezeFile, O_RDONLY | O_CLOEXEC)
             guard freeze >= 0 else {
                 throw .system(SystemError("freeze the mounted sandbox through", path: mount.mountpoint + "/" + Sandboxes.freezeFile))
@@ -306,3 +313,7 @@ public final class OpenSandbox: Sendable {
         lock.close()
     }
 }
+
+// Glibc's module map leaves out syncfs (a GNU extension).
+@_silgen_name("syncfs")
+func lifeboat_syncfs(_ fd: Int32) -> Int32
