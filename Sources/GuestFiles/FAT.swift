@@ -202,15 +202,12 @@ public final class FATFileSystem: GuestFileSystem {
             extents = map.runs.map { (geometry.clusterOffset($0.physical), Int($0.count) * geometry.clusterSize) }
         }
         var parser = FATDirectoryParser(width: geometry.width)
-        var total: UInt64 = 0
         for extent in extents where !parser.ended {
             let bytes: [UInt8]
             do { bytes = try image.bytes(at: extent.offset, count: extent.length, what: volume) } catch { throw .disk(error) }
             parser.parse(bytes, at: extent.offset)
-            total += UInt64(extent.length)
         }
-        if cluster != 0 { total = extents.reduce(0) { $0 + UInt64($1.length) } }
-        return parser.directory(bytes: total)
+        return parser.directory(bytes: extents.reduce(0) { $0 + UInt64($1.length) })
     }
 
     // MARK: Cluster chains

@@ -109,7 +109,8 @@ public enum LVM {
             problems.append("metadata area header at byte \(area.offset) fails its checksum")
             return []
         }
-        guard header.le64(at: 24) == area.offset, let size = header.le64(at: 32), size > 512, size <= area.size || area.size == 0 else {
+        guard header.le64(at: 24) == area.offset, let size = header.le64(at: 32), size > 512, size <= area.size || area.size == 0,
+              size <= image.size - area.offset else {
             problems.append("metadata area header at byte \(area.offset) disagrees with the label")
             return []
         }
