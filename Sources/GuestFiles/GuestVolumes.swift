@@ -22,15 +22,55 @@ public enum GuestVolumes {
     /// The volumes of a disk that hold a filesystem Lifeboat reads, and what was seen but
     /// skipped (damaged tables, unknown filesystems) as warnings.
     public static func find(in disk: any DiskImage) -> (volumes: [GuestVolume], warnings: [String]) {
-        // Partition tables and LVM come next; for now a filesystem on the whole disk.
+        var candidates: [GuestVolume] = []
+        var warnings: [String] = []
+        do {
+            let table = try PartitionTable.read(from: disk)
+            warnings += table.warnings
+            for p in table.partitions {
+                candidates.append(GuestVolume(name: "p\(p.number)", image: p.image(on: disk),
+                                              summary: "\(p.scheme.rawValue.uppercased()) partition \(p.number)"))
+            }
+        } catch {
+            warnings.append("partition table: \(error.description)")
+        }
+        if candidates.isEmpty {
+            candidates.append(GuestVolume(name: "disk", image: disk, summary: "whole disk"))
+        }
         var volumes: [GuestVolume] = []
-        if probe(disk) != nil { volumes.append(GuestVolume(name: "disk", image: disk, summary: "whole disk")) }
-        return (volumes, [])
+        for candidate in candidates {
+            if LVM.probe(candidate.image) {
+                do {
+                    guard let group = try LVM.volumeGroup(on: candidate.image, name: candidate.name) else { continue }
+                    for lv in group.logicalVolumes where lv.visible {
+                        let name = "\(group.name)/\(lv.name)"
+                        if let why = lv.unsupported {
+                            warnings.append("LVM volume \(name) on \(candidate.name): \(why)")
+                            continue
+                        }
+                        do {
+                            let image = try group.image(of: lv, on: candidate.image)
+                            if probe(image) != nil {
+                                volumes.append(GuestVolume(name: name, image: image, summary: "LVM logical volume \(name) on \(candidate.name)"))
+                            }
+                        } catch {
+                            warnings.append("LVM volume \(name) on \(candidate.name): \(error.description)")
+                        }
+                    }
+                } catch {
+                    warnings.append("LVM physical volume on \(candidate.name): \(error.description)")
+                }
+                continue
+            }
+            if probe(candidate.image) != nil { volumes.append(candidate) }
+        }
+        return (volumes, warnings)
     }
 
     /// The filesystem kind a volume holds, if Lifeboat can read it.
     public static func probe(_ image: any DiskImage) -> String? {
         if Ext4FileSystem.probe(image) { return "ext" }
+        if FATFileSystem.probe(image) { return "fat" }
         return nil
     }
 
@@ -38,6 +78,7 @@ public enum GuestVolumes {
     public static func open(_ volume: GuestVolume, label: String) throws(GuestFilesError) -> any GuestFileSystem {
         switch probe(volume.image) {
         case "ext": return try Ext4FileSystem(image: volume.image, volume: label)
+        case "fat": return try FATFileSystem(volume.image, volume: label)
         default: throw .unsupported(volume: label, what: "the filesystem on \(volume.summary)")
         }
     }
