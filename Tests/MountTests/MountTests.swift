@@ -90,7 +90,7 @@ struct MountFixture {
         try writeAt(tree + "/zeros-and-text.log", 0, Array(String(repeating: "all is well\n", count: 20000).utf8))
         let disk = dir.file(name)
         let part = dir.file(name + "-part")
-        guard shell("truncate -s 64M \(disk) && sgdisk -q -n 1:2048:0 -t 1:8300 \(disk) && truncate -s 62M \(part) && mkfs.ext4 -q -F -d \(tree) \(part) && dd if=\(part) of=\(disk) bs=1M seek=1 conv=notrunc,sparse status=none && rm \(part)").status == 0 else {
+        guard shell("truncate -s 64M \(disk) && sgdisk -n 1:2048:0 -t 1:8300 \(disk) >/dev/null && truncate -s 62M \(part) && mkfs.ext4 -q -F -d \(tree) \(part) && dd if=\(part) of=\(disk) bs=1M seek=1 conv=notrunc,sparse status=none && rm \(part)").status == 0 else {
             throw MountTestError.failed("cannot build the ext4 image")
         }
         return disk

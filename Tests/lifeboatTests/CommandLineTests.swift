@@ -79,7 +79,7 @@ struct CLI {
         try writeAt(tree + "/data.bin", 0, random.bytes(3 << 20))
         let disk = cli.dir.file("disk.img")
         let part = cli.dir.file("part.img")
-        #expect(shell("truncate -s 64M \(disk) && sgdisk -q -n 1:2048:0 -t 1:8300 \(disk)").status == 0)
+        #expect(shell("truncate -s 64M \(disk) && sgdisk -n 1:2048:0 -t 1:8300 \(disk) >/dev/null").status == 0)
         #expect(shell("truncate -s 62M \(part) && mkfs.ext4 -q -F -d \(tree) \(part)").status == 0)
         #expect(shell("dd if=\(part) of=\(disk) bs=1M seek=1 conv=notrunc,sparse status=none").status == 0)
 
