@@ -76,3 +76,44 @@ import TestSupport
         #expect(shell("grep -q ' \(mnt) ' /proc/self/mountinfo").status != 0, "the dead mount is gone")
     }
 }
+
+/// The files inside a point's disk, through the mount: a GPT with a FAT and an ext4 partition.
+@Suite(.serialized, .enabled(if: isRoot && FileSystem.exists("/dev/fuse"))) struct MountFilesTests {
+    @Test func guestFilesAppearUnderDotFiles() throws {
+        let cli = CLI()
+        let mnt = cli.dir.file("mnt")
+        defer {
+            shell("umount -l \(mnt) 2>/dev/null")
+            cli.dir.remove()
+        }
+        let d = cli.dir.path
+        let made = shell("""
+            set -e; cd \(d); mkdir -p tree/etc tree/big
+            echo '10.0.0.1 web01' > tree/etc/hosts; ln -s hosts tree/etc/hosts.link
+            head -c 3000000 /dev/urandom > tree/big/blob
+            (cd tree/big && seq 1 2000 | sed 's/^/f/' | xargs touch)
+            echo 'title lifeboat' > loader.conf
+            truncate -s 96M disk.img
+            sgdisk -n 1:2048:+16M -t 1:ef00 -n 2:0:0 -t 2:8300 disk.img >/dev/null
+            truncate -s 16M esp.img; mkfs.vfat esp.img >/dev/null; mcopy -i esp.img loader.conf ::/loader.conf
+            dd if=esp.img of=disk.img bs=1M seek=1 conv=notrunc status=none
+            truncate -s 79M part.img; mkfs.ext4 -q -F -d tree part.img
+            dd if=part.img of=disk.img bs=1M seek=17 conv=notrunc status=none
+            """)
+        #expect(made.status == 0, "\(made.stderr)")
+        #expect(cli("init").status == 0)
+        #expect(cli("backup", "--machine", "m", "--disk", "os=" + cli.dir.file("disk.img"), "--time", "2026-05-01T00:00:00Z").status == 0)
+        try FileSystem.createDirectories(mnt)
+        #expect(cli("mount", mnt).status == 0)
+        let files = mnt + "/machines/m/2026-05-01T00:00:00Z/disks/os.files"
+        #expect(shell("ls \(files)").stdout == "p1\np2\n")
+        #expect(shell("cat \(files)/p1/loader.conf").stdout == "title lifeboat\n")
+        #expect(shell("cmp \(files)/p2/etc/hosts \(d)/tree/etc/hosts && cmp \(files)/p2/big/blob \(d)/tree/big/blob").status == 0)
+        #expect(shell("readlink \(files)/p2/etc/hosts.link").stdout == "hosts\n")
+        #expect(shell("ls \(files)/p2/big | wc -l").stdout.trimmingCharacters(in: .whitespacesAndNewlines) == "2001")
+        // Read-only: the guest's write bits are not shown, and writes fail.
+        #expect(shell("stat -c %A \(files)/p2/etc/hosts").stdout == "-r--r--r--\n")
+        #expect(shell("touch \(files)/p2/etc/new").status != 0)
+        #expect(cli("umount", mnt).status == 0)
+    }
+}
