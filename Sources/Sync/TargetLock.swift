@@ -38,5 +38,9 @@ final class TargetLock: Sendable {
         return TargetLock(file: file)
     }
 
-    func release() { file.close() }
+    func release() {
+        // The note goes first, while the lock is still held: nobody else can have written theirs.
+        try? file.truncate(to: 0)
+        file.close()
+    }
 }
