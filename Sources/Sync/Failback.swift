@@ -109,6 +109,12 @@ public struct Failback: Sendable {
             }
         }
 
+        // A target with an unfinished sync is refused before anything is promoted.
+        let before = try engine.status(path)
+        if before.condition == .midSync || before.condition == .inconsistent {
+            throw .unfinished(path: before.target, source: before.source ?? "?", undo: before.condition == .midSync)
+        }
+
         // The sandbox's state now, as a point: only what it wrote is read.
         let promoted: BackupReport
         do throws(SandboxError) {
