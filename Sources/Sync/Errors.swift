@@ -24,6 +24,14 @@ public enum SyncError: LifeboatError {
     case sourceMismatch(target: String, why: String)
     case verificationFailed(path: String, offset: UInt64, slots: Int)
     case interrupted(path: String, undo: Bool)
+    case sandbox(SandboxError)
+    /// A mounted sandbox's freeze lapsed during the sync: its writes went on, so what was read
+    /// may mix states. The sync is left unfinished (its undo journal intact).
+    case sandboxKeptWriting(name: String, target: String)
+    /// Another sync or failback holds the target's lock.
+    case busy(path: String, holder: String?)
+    /// A failback phase asked for in the wrong order or against the wrong target.
+    case failback(String)
 
     public var description: String {
         switch self {
@@ -61,6 +69,12 @@ public enum SyncError: LifeboatError {
         case .interrupted(let path, let undo):
             if !undo { return "interrupted: target \(path) is inconsistent until `lifeboat sync --resume \(path)` finishes the sync" }
             return "interrupted: `lifeboat sync --resume \(path)` finishes the sync, `lifeboat sync --rollback \(path)` restores the old image"
+        case .sandbox(let error): return error.description
+        case .sandboxKeptWriting(let name, let target):
+            return "sandbox \(name) kept writing while it was being synced (a running machine's writes cannot wait longer than \(Int(WriteGate.maximumWait)) s), so what was read may mix states: `lifeboat sync --rollback \(target)` restores the old image; then stop the machine and unmount the sandbox before syncing it, or fail back in two phases (`lifeboat failback sandbox:\(name) --phase prepare`, then `--phase complete` once it is stopped)"
+        case .busy(let path, let holder):
+            return "target \(path) is busy: another lifeboat sync or failback is writing it\(holder.map { " (\($0))" } ?? ""); wait for it to finish"
+        case .failback(let why): return why
         }
     }
 
@@ -77,6 +91,9 @@ public enum SyncError: LifeboatError {
         case .damagedJournal: return .damaged
         case .verificationFailed: return .verification
         case .interrupted: return .interrupted
+        case .sandbox(let e): return e.kind
+        case .sandboxKeptWriting, .busy: return .busy
+        case .failback: return .usage
         }
     }
 }

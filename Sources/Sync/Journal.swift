@@ -219,12 +219,16 @@ struct SyncStateDirectory {
         }
     }
 
-    /// Temporary name, fsync, rename, fsync of the directory.
     func save(_ state: SyncState) throws(SyncError) {
+        try write(state, to: statePath)
+    }
+
+    /// Temporary name, fsync, rename, fsync of the directory.
+    func write(_ value: some Encodable, to finalPath: String) throws(SyncError) {
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
-        let bytes = Array((try? encoder.encode(state)) ?? Data())
-        let temporary = statePath + ".tmp"
+        let bytes = Array((try? encoder.encode(value)) ?? Data())
+        let temporary = finalPath + ".tmp"
         do throws(SystemError) {
             try FileSystem.createDirectories(path, permissions: 0o700)
             try FileSystem.remove(temporary)
@@ -237,7 +241,7 @@ struct SyncStateDirectory {
                 throw error
             }
             file.close()
-            try FileSystem.rename(temporary, to: statePath)
+            try FileSystem.rename(temporary, to: finalPath)
             try FileSystem.syncDirectory(path)
         } catch { throw .journal(error) }
     }

@@ -21,6 +21,10 @@ extension SyncEngine {
     /// sync created it). Interrupted, it can simply be run again.
     public func rollback(_ path: String, progress: @escaping @Sendable (SyncProgress) -> Void = { _ in }) throws(SyncError) -> RollbackReport {
         let started = Date()
+        guard let (found, recorded, _) = try locate(path) else { throw .nothingToRollBack(TargetIdentity.canonicalPath(path)) }
+        let lock = try TargetLock.acquire(found, target: recorded.target)
+        defer { lock.release() }
+        // Read again under the lock: another process may have finished or undone it meanwhile.
         guard let (dir, state, identity) = try locate(path), state.phase == .running else {
             throw .nothingToRollBack(TargetIdentity.canonicalPath(path))
         }
@@ -83,6 +87,7 @@ extension SyncEngine {
         }
         var status = SyncStatus(target: state.target, condition: .consistent, source: state.sourceLabel, disk: state.disk,
                                 mode: state.mode, size: state.newSize, started: state.started, finished: state.finished)
+        status.failback = try? dir.loadFailback()
         switch state.phase {
         case .complete: status.condition = .consistent
         case .rolledBack: status.condition = .rolledBack

@@ -85,6 +85,8 @@ public struct SyncStatus: Codable, Sendable {
     public var journalBytes: UInt64?
     public var started: String?
     public var finished: String?
+    /// The two-phase failback onto this target, if one was run.
+    public var failback: FailbackRecord?
 }
 
 /// Syncs virtual disks onto targets (files, block devices) so that, whatever happens, the target
@@ -111,23 +113,26 @@ public struct SyncEngine: Sendable {
         let started = Date()
         var created = false
         var identity = try TargetIdentity.of(path)
-        if let identity {
-            let dir = SyncStateDirectory(stateDirectory: stateDirectory, key: identity.key)
-            if let state = try dir.load(), state.phase == .running, state.undo || undo {
-                throw .unfinished(path: identity.path, source: state.sourceLabel, undo: state.undo)
-            }
-        } else {
+        if identity == nil {
             // A new file: created empty, then grown sparse; rolling back removes it.
             do throws(SystemError) {
                 let file = try SystemFile.open(path, .createExclusive(permissions: 0o644))
                 file.close()
                 try FileSystem.syncDirectory(FileSystem.parentDirectory(of: FileSystem.absolute(path)))
+                created = true
+            } catch where error.errno == EEXIST {
+                // Another sync created it just now: its lock decides below.
             } catch { throw .target(error) }
-            created = true
             identity = try TargetIdentity.of(path)
         }
         guard let identity else { throw .target(SystemError("open", path: path, errno: ENOENT)) }
         let dir = SyncStateDirectory(stateDirectory: stateDirectory, key: identity.key)
+        // One writer per target: the lock is held until the sync returns.
+        let lock = try TargetLock.acquire(dir, target: identity.path)
+        defer { lock.release() }
+        if !created, let state = try dir.load(), state.phase == .running, state.undo || undo {
+            throw .unfinished(path: identity.path, source: state.sourceLabel, undo: state.undo)
+        }
         let target = try Target(path: identity.path, isDevice: identity.isDevice, undo: undo)
         defer { target.close() }
 
@@ -191,6 +196,8 @@ public struct SyncEngine: Sendable {
         let started = Date()
         guard let identity = try TargetIdentity.of(path) else { throw .nothingToResume(TargetIdentity.canonicalPath(path)) }
         let dir = SyncStateDirectory(stateDirectory: stateDirectory, key: identity.key)
+        let lock = try TargetLock.acquire(dir, target: identity.path)
+        defer { lock.release() }
         guard let state = try dir.load(), state.phase == .running else { throw .nothingToResume(identity.path) }
         let source = try resolve(state.source, state.disk)
         guard source.size == state.newSize || state.isDevice, source.chunkSize == state.chunkSize else {
@@ -451,6 +458,12 @@ public struct SyncEngine: Sendable {
                 throw .verificationFailed(path: path, offset: UInt64(firstBad.slot) * UInt64(chunkSize), slots: mismatches.count)
             }
             verified = true
+        }
+        do throws(SyncError) {
+            try source.finish()
+        } catch {
+            if case .sandboxKeptWriting(let name, _) = error { throw .sandboxKeptWriting(name: name, target: path) }
+            throw error
         }
         try journal.checkpoint(diskSize)
         var finished = state

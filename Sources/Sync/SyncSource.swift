@@ -19,9 +19,15 @@ public protocol SyncSource: Sendable {
     func ids(_ slots: Range<Int>) throws(SyncError) -> [ChunkID?]
     /// Reads the bytes of consecutive `slots` into `buffer`, which is exactly their length.
     func read(_ slots: Range<Int>, into buffer: UnsafeMutableRawBufferPointer) throws(SyncError)
+    /// Called once every slot is written (and verified), before the sync is recorded as
+    /// complete: a source that could not stay still throws, and the sync stays unfinished,
+    /// so it can still be rolled back.
+    func finish() throws(SyncError)
 }
 
 extension SyncSource {
+    public func finish() throws(SyncError) {}
+
     public var slotCount: Int { Int((size + UInt64(chunkSize) - 1) / UInt64(chunkSize)) }
 
     /// Bytes of `slots` (the last slot of the disk may be short).

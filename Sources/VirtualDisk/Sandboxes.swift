@@ -1,6 +1,7 @@
 import ChunkStore
 import Foundation
 import Glibc
+import Synchronization
 import SystemIO
 import Vault
 
@@ -242,17 +243,7 @@ public final class Sandboxes: Sendable {
     public func promote(_ name: String, progress: (DerivedProgress) -> Void = { _ in }) throws(SandboxError) -> BackupReport {
         let record = try record(name)
         if let mount = mounted(name) {
-            // Pages the kernel still holds (the mount caches writes) go to the server first;
-            // then the freeze stops new writes and flushes the overlay.
-            let root = Glibc.open(mount.mountpoint, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
-            if root >= 0 {
-                _ = lifeboat_syncfs(root)
-                Glibc.close(root)
-            }
-            let freeze = Glibc.open(mount.mountpoint + "/" + Sandboxes.freezeFile, O_RDONLY | O_CLOEXEC)
-            guard freeze >= 0 else {
-                throw .system(SystemError("freeze the mounted sandbox through", path: mount.mountpoint + "/" + Sandboxes.freezeFile))
-            }
+            let freeze = try Sandboxes.freeze(mount)
             defer { Glibc.close(freeze) }
             let (point, disks) = try openDisks(record, cacheBytes: 16 << 20)
             let report = try commit(record, point: point, disks: disks, progress: progress)
@@ -267,6 +258,45 @@ public final class Sandboxes: Sendable {
         let sandbox = try open(name, cacheBytes: 16 << 20)
         defer { sandbox.close() }
         return try commit(record, point: sandbox.point, disks: sandbox.disks, progress: progress)
+    }
+
+    /// Freezes a mounted sandbox: pages the kernel still holds (the mount caches writes) go to
+    /// the server first; then opening the freeze file stops new writes and flushes the overlay.
+    /// The freeze lasts until the returned descriptor is closed.
+    static func freeze(_ mount: SandboxMount) throws(SandboxError) -> Int32 {
+        let root = Glibc.open(mount.mountpoint, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        if root >= 0 {
+            _ = lifeboat_syncfs(root)
+            Glibc.close(root)
+        }
+        let path = mount.mountpoint + "/" + Sandboxes.freezeFile
+        let freeze = Glibc.open(path, O_RDONLY | O_CLOEXEC)
+        guard freeze >= 0 else { throw .system(SystemError("freeze the mounted sandbox through", path: path)) }
+        return freeze
+    }
+
+    /// The sandbox's disks as one consistent image to read from (sync): opened exclusively when
+    /// it is not mounted, so nobody mounts it meanwhile; frozen through its mountpoint when it is
+    /// (its writes wait, at most `WriteGate.maximumWait`, until `close`). `freezeIfMounted: false` refuses
+    /// a mounted sandbox instead of freezing it.
+    public func openImage(_ name: String, freezeIfMounted: Bool = true, cacheBytes: Int = 16 << 20) throws(SandboxError) -> SandboxImage {
+        let record = try record(name)
+        if let mount = mounted(name) {
+            guard freezeIfMounted else {
+                throw .busy(name, why: "it is mounted at \(mount.mountpoint) (server pid \(mount.pid)): stop the machine and unmount it first")
+            }
+            let freeze = try Sandboxes.freeze(mount)
+            do {
+                let (point, disks) = try openDisks(record, cacheBytes: cacheBytes)
+                return SandboxImage(record: record, point: point, disks: disks, directory: path(name),
+                                    hold: .frozen(fd: freeze, mountpoint: mount.mountpoint))
+            } catch {
+                Glibc.close(freeze)
+                throw error
+            }
+        }
+        let sandbox = try open(name, cacheBytes: cacheBytes)
+        return SandboxImage(record: record, point: sandbox.point, disks: sandbox.disks, directory: path(name), hold: .exclusive(sandbox))
     }
 
     private func commit(_ record: SandboxRecord, point: RecoveryPoint, disks: [SandboxDisk],
@@ -311,6 +341,69 @@ public final class OpenSandbox: Sendable {
     public func close() {
         for disk in disks { try? disk.flush() }
         lock.close()
+    }
+}
+
+/// A sandbox held still for reading (`Sandboxes.openImage`): exclusively, or frozen through its
+/// mount. `close` releases it.
+public final class SandboxImage: Sendable {
+    enum Hold: Sendable {
+        case exclusive(OpenSandbox)
+        case frozen(fd: Int32, mountpoint: String)
+    }
+
+    public let record: SandboxRecord
+    public let point: RecoveryPoint
+    public let disks: [SandboxDisk]
+    let directory: String
+    private let hold: Hold
+    private let closed = Mutex(false)
+
+    init(record: SandboxRecord, point: RecoveryPoint, disks: [SandboxDisk], directory: String, hold: Hold) {
+        self.record = record
+        self.point = point
+        self.disks = disks
+        self.directory = directory
+        self.hold = hold
+    }
+
+    /// Where the sandbox is mounted (and frozen); nil when it was opened exclusively.
+    public var mountpoint: String? {
+        if case .frozen(_, let mountpoint) = hold { return mountpoint }
+        return nil
+    }
+
+    /// Whether the image has been still from `openImage` until now: always when opened
+    /// exclusively; when frozen, the server's answer through the freeze file ("frozen", not
+    /// "expired": its writes could not wait any longer and went on).
+    public func stillHeld() -> Bool {
+        guard case .frozen(let fd, _) = hold else { return true }
+        var answer = [UInt8](repeating: 0, count: 16)
+        let n = answer.withUnsafeMutableBytes { Glibc.pread(fd, $0.baseAddress, $0.count, 0) }
+        return n > 0 && String(decoding: answer[0..<n], as: UTF8.self).hasPrefix("frozen")
+    }
+
+    /// Changes whenever what the sandbox holds may have changed: each disk's block map as last
+    /// flushed, and its data file's size and modification time.
+    public func version() -> String {
+        var text = ""
+        for disk in disks {
+            let prefix = directory + "/disks/" + disk.name
+            let map = FileManager.default.contents(atPath: prefix + ".map").map { ChunkID.sha256(Array($0)).hex } ?? "-"
+            var st = stat()
+            let data = stat(prefix + ".data", &st) == 0 ? "\(st.st_size).\(st.st_mtim.tv_sec).\(st.st_mtim.tv_nsec)" : "-"
+            text += "\(disk.name) \(map) \(data)\n"
+        }
+        return String(ChunkID.sha256(Array(text.utf8)).hex.prefix(24))
+    }
+
+    /// Thaws a frozen sandbox, or flushes and unlocks one opened exclusively. Idempotent.
+    public func close() {
+        guard closed.withLock({ done in defer { done = true }; return !done }) else { return }
+        switch hold {
+        case .exclusive(let sandbox): sandbox.close()
+        case .frozen(let fd, _): Glibc.close(fd)
+        }
     }
 }
 

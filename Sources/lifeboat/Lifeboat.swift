@@ -24,7 +24,7 @@ struct Lifeboat: ParsableCommand {
         """,
         version: "0.1.0",
         subcommands: [Init.self, Backup.self, Points.self, Show.self, Restore.self, Check.self, MountCommand.self, UmountCommand.self,
-                      Policy.self, Prune.self, Protect.self, Unprotect.self, GC.self, Stats.self, SandboxCommand.self, SyncCommand.self,
+                      Policy.self, Prune.self, Protect.self, Unprotect.self, GC.self, Stats.self, SandboxCommand.self, SyncCommand.self, FailbackCommand.self,
                       Ls.self, Cat.self, RestoreFiles.self]
     )
 }

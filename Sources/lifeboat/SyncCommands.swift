@@ -3,22 +3,30 @@ import Foundation
 import SystemIO
 import Sync
 import Vault
+import VirtualDisk
 
 struct SyncCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "sync",
-        abstract: "Write a point's disk onto a file or block device (failback), journaled.",
+        abstract: "Write a point's or a sandbox's disk onto a file or block device (failback), journaled.",
         discussion: """
         delta (the default) reads the target, compares every chunk slot with the point's chunk
         id and writes only the slots that differ; full writes every slot without comparing.
         Before a slot is overwritten its old contents are kept in an undo journal in the state
         directory, so an interrupted or failed sync can always be finished (--resume) or undone
         (--rollback); a new sync onto a target with an unfinished one is refused until one of
-        the two is chosen. `lifeboat sync status TARGET` tells which state a target is in.
+        the two is chosen. `lifeboat sync status TARGET` tells which state a target is in. One
+        sync at a time writes a target: a second is refused as busy (exit code 5).
+
+        SOURCE may be sandbox:NAME: the sandbox's current disk (the slots it wrote are compared
+        by their bytes). A mounted sandbox is frozen for the whole sync (its writes wait, at most
+        60 s, else the sync fails and can be rolled back); for a running machine use
+        `lifeboat failback` in two phases instead.
 
         Examples:
           lifeboat sync web01@latest --disk os --to /dev/vg0/web01-os
           lifeboat sync web01@-1 --disk os --to /srv/web01-os.img --mode full --verify
+          lifeboat sync sandbox:web01-test --disk os --to /dev/vg0/web01-os
           lifeboat sync --resume /dev/vg0/web01-os
           lifeboat sync --rollback /dev/vg0/web01-os
           lifeboat sync status /dev/vg0/web01-os
@@ -37,10 +45,10 @@ struct SyncStart: ParsableCommand {
 
     @OptionGroup var vault: VaultOptions
 
-    @Argument(help: "The point (MACHINE@latest, MACHINE@-N, MACHINE@TIME, MACHINE@ID).")
+    @Argument(help: "The point (MACHINE@latest, MACHINE@-N, MACHINE@TIME, MACHINE@ID) or sandbox:NAME.")
     var source: String?
 
-    @Option(help: "The disk to sync (may be omitted when the point has one disk).")
+    @Option(help: "The disk to sync (may be omitted when the point or sandbox has one disk).")
     var disk: String?
 
     @Option(help: ArgumentHelp("The target file (created sparse if missing) or block device.", valueName: "path"))
@@ -91,7 +99,17 @@ struct SyncStart: ParsableCommand {
             if let resume {
                 guard source == nil && to == nil else { throw SyncError.invalidArgument("--resume TARGET takes no source or --to") }
                 let opened = try vault.open()
+                var sandbox: SandboxSource?
+                defer { sandbox?.close() }
                 result = try engine.resume(resume, resolve: { (spec, disk) throws(SyncError) in
+                    if let (name, version) = SandboxSource.parse(spec) {
+                        let source = try SandboxSource(vault: opened, sandbox: name, disk: disk)
+                        sandbox = source
+                        guard version == nil || version == source.version else {
+                            throw .sourceMismatch(target: resume, why: "sandbox \(name) changed since the sync started; roll it back with `lifeboat sync --rollback \(resume)` and sync again")
+                        }
+                        return source
+                    }
                     let point: RecoveryPoint
                     do throws(VaultError) { point = try opened.point(spec) } catch { throw .source(error) }
                     return try PointSource(vault: opened, point: point, disk: disk)
@@ -101,6 +119,16 @@ struct SyncStart: ParsableCommand {
                 guard let to else { throw SyncError.invalidArgument("sync needs a target: --to PATH") }
                 guard let syncMode = SyncMode(rawValue: mode) else { throw SyncError.invalidArgument("--mode is delta or full, not \"\(mode)\"") }
                 let opened = try vault.open()
+                if let (name, _) = SandboxSource.parse(source) {
+                    let sandbox = try SandboxSource(vault: opened, sandbox: name, disk: disk)
+                    defer { sandbox.close() }
+                    if let mountpoint = sandbox.image.mountpoint, !json {
+                        Terminal.warning("sandbox \(name) is mounted at \(mountpoint): it is frozen while it is synced (its writes wait, at most \(Int(WriteGate.maximumWait)) s); for a running machine use `lifeboat failback --phase prepare`")
+                    }
+                    result = try engine.sync(sandbox, to: to, mode: syncMode, verify: verify, undo: !noUndo,
+                                             plan: { showPlan($0, line) }, progress: progress)
+                    return finish(result, line)
+                }
                 let point = try opened.point(source)
                 let name: String
                 if let disk {
@@ -114,12 +142,15 @@ struct SyncStart: ParsableCommand {
                 result = try engine.sync(pointSource, to: to, mode: syncMode, verify: verify, undo: !noUndo,
                                          plan: { showPlan($0, line) }, progress: progress)
             }
-            line.finish()
-            for warning in result.warnings where !json { Terminal.warning(warning) }
-            if json { printJSON(result); return }
-            let rate = Double(result.processedBytes) / max(result.seconds, 0.001)
-            print("synced \(result.source) disk \(result.disk) to \(result.target) (\(result.mode.rawValue)\(result.resumed ? ", resumed" : "")\(result.verified ? ", verified" : "")): processed \(formatBytes(result.processedBytes)), matched \(formatBytes(result.matchedBytes)), transferred \(formatBytes(result.transferredBytes)), written \(formatBytes(result.writtenBytes)), journal \(formatBytes(result.journalBytes)); \(String(format: "%.1f", result.seconds)) s (\(formatBytes(UInt64(rate)))/s)")
+            finish(result, line)
         }
+    }
+
+    private func finish(_ result: SyncReport, _ line: ProgressLine) {
+        line.finish()
+        for warning in result.warnings where !json { Terminal.warning(warning) }
+        if json { printJSON(result); return }
+        print(syncSummary(result))
     }
 
     private func showPlan(_ plan: SyncPlan, _ line: ProgressLine) {
@@ -132,6 +163,12 @@ struct SyncStart: ParsableCommand {
             : "undo journal \(formatBytes(plan.journalBytes)) in \(plan.journalDirectory) (\(formatBytes(plan.freeBytes)) free)"
         Terminal.write("lifeboat: \(what); \(journal)\n")
     }
+}
+
+/// One line: what a sync processed, matched, transferred and wrote.
+func syncSummary(_ result: SyncReport) -> String {
+    let rate = Double(result.processedBytes) / max(result.seconds, 0.001)
+    return "synced \(result.source) disk \(result.disk) to \(result.target) (\(result.mode.rawValue)\(result.resumed ? ", resumed" : "")\(result.verified ? ", verified" : "")): processed \(formatBytes(result.processedBytes)), matched \(formatBytes(result.matchedBytes)), transferred \(formatBytes(result.transferredBytes)), written \(formatBytes(result.writtenBytes)), journal \(formatBytes(result.journalBytes)); \(String(format: "%.1f", result.seconds)) s (\(formatBytes(UInt64(rate)))/s)"
 }
 
 struct SyncStatusCommand: ParsableCommand {
@@ -170,6 +207,14 @@ struct SyncStatusCommand: ParsableCommand {
                 print("  finish it: lifeboat sync --resume \(status.target)")
             case .rolledBack:
                 print("\(status.target): rolled back: the sync from \(source) was undone \(status.finished ?? "?"); the target holds its old image")
+            }
+            if let failback = status.failback {
+                switch failback.phase {
+                case .prepared:
+                    print("  failback of sandbox \(failback.sandbox) disk \(failback.disk): prepared \(failback.prepared ?? "?") (point \(failback.preparedPoint?.prefix(12) ?? "?")); once the machine is stopped: lifeboat failback sandbox:\(failback.sandbox) --disk \(failback.disk) --to \(status.target) --phase complete")
+                case .completed:
+                    print("  failback of sandbox \(failback.sandbox) disk \(failback.disk): completed \(failback.completed ?? "?") (point \(failback.completedPoint?.prefix(12) ?? "?"))")
+                }
             }
         }
     }
