@@ -1,5 +1,6 @@
 import ChunkStore
 import Foundation
+import Glibc
 import Synchronization
 import SystemIO
 import Vault
@@ -172,6 +173,11 @@ public final class SandboxDisk: Sendable {
     public let base: DiskReader
     public let gate = WriteGate()
     private let data: SystemFile
+    /// The same data file with O_DIRECT, for large aligned writes: they go to the device once
+    /// instead of through a second page cache (the kernel's FUSE cache holds the pages already).
+    /// nil where the filesystem refuses O_DIRECT (tmpfs).
+    private let direct: SystemFile?
+    private let directBuffers = Mutex<[AlignedBuffer]>([])
     private let mapFile: SystemFile
     private let map: Mutex<BlockMap>
     private let stripes: [NSLock] = (0..<64).map { _ in NSLock() }
@@ -190,6 +196,13 @@ public final class SandboxDisk: Sendable {
         var loaded = BlockMap(blocks: blockCount)
         do {
             data = try SystemFile.open(prefix + ".data", .createOrOpen(permissions: 0o600))
+            let second = try SystemFile.open(prefix + ".data", .readWrite)
+            if second.setDirect(true) {
+                direct = second
+            } else {
+                second.close()
+                direct = nil
+            }
             mapFile = try SystemFile.open(prefix + ".map", .createOrOpen(permissions: 0o600))
             if try data.size() != base.size { try data.truncate(to: base.size) }
             let header = BlockMap.header(blockSize: SandboxDisk.blockSize, diskSize: base.size)
@@ -222,6 +235,7 @@ public final class SandboxDisk: Sendable {
 
     deinit {
         data.close()
+        direct?.close()
         mapFile.close()
     }
 
@@ -326,7 +340,7 @@ public final class SandboxDisk: Sendable {
         let spanEnd = min(UInt64(last + 1) * bs, size)
         do {
             if offset == spanStart && end == spanEnd {
-                try data.write(buffer, at: offset)
+                try writeWhole(buffer, at: offset)
             } else {
                 // Copy-up: the partial blocks at either end are completed from what the disk
                 // holds now (the overlay or the point) before the whole blocks are written.
@@ -353,6 +367,25 @@ public final class SandboxDisk: Sendable {
             throw .damagedOverlay(path: data.path, why: "\(error)")
         }
         map.withLock { $0.insert(first...last) }
+    }
+
+    /// Writes whole blocks: large ones with O_DIRECT through an aligned buffer (the request's
+    /// own bytes are not aligned), the rest through the page cache.
+    private func writeWhole(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws(SystemError) {
+        guard let direct, buffer.count >= 64 << 10, buffer.count <= AlignedBuffer.size,
+              buffer.count % SandboxDisk.blockSize == 0, offset % UInt64(SandboxDisk.blockSize) == 0 else {
+            return try data.write(buffer, at: offset)
+        }
+        let aligned = directBuffers.withLock { $0.popLast() } ?? AlignedBuffer()
+        defer { directBuffers.withLock { if $0.count < 16 { $0.append(aligned) } } }
+        let bytes = UnsafeMutableRawBufferPointer(rebasing: aligned.memory[0..<buffer.count])
+        bytes.copyMemory(from: buffer)
+        do {
+            try direct.write(UnsafeRawBufferPointer(bytes), at: offset)
+        } catch {
+            guard error.errno == EINVAL else { throw error }
+            try data.write(buffer, at: offset)
+        }
     }
 
     /// Makes a range read as zeros (discard, fallocate PUNCH_HOLE or ZERO_RANGE): whole blocks are
@@ -440,6 +473,13 @@ public final class SandboxDisk: Sendable {
             return slots
         }
     }
+}
+
+/// A page-aligned buffer for O_DIRECT writes, owned by one writer at a time.
+final class AlignedBuffer: @unchecked Sendable {
+    static let size = 1 << 20
+    let memory = UnsafeMutableRawBufferPointer.allocate(byteCount: AlignedBuffer.size, alignment: 4096)
+    deinit { memory.deallocate() }
 }
 
 /// One disk of a sandbox as the changes a promote commits.
