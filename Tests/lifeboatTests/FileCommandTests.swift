@@ -66,3 +66,27 @@ import TestSupport
         #expect(try sha256(file: cli.dir.file("out/root/a/b/medium")) == sha256(file: source + "/a/b/medium"))
     }
 }
+
+extension FileCommandTests {
+    /// `ls -l` of a directory of 10 000 files from a vault: well under a second.
+    @Test func lsOfTenThousandFilesIsFast() throws {
+        let cli = CLI()
+        defer { cli.dir.remove() }
+        let made = GuestTrees.runPython("""
+            import os, sys
+            os.makedirs(sys.argv[1] + '/big')
+            for i in range(10000):
+                open('%s/big/file-%05d' % (sys.argv[1], i), 'w').close()
+            """, [cli.dir.file("src")])
+        try #require(made.status == 0, "\(made.stderr)")
+        let mkfs = shell("mkfs.ext4 -q -F -d '\(cli.dir.file("src"))' '\(cli.dir.file("os.img"))' 64M")
+        try #require(mkfs.status == 0, "\(mkfs.stderr)")
+        #expect(cli("init").status == 0)
+        #expect(cli("backup", "--machine", "vm", "--disk", "os=" + cli.dir.file("os.img")).status == 0)
+        let started = Date()
+        let ls = cli("ls", "-l", "vm@latest:/big")
+        let elapsed = Date().timeIntervalSince(started)
+        #expect(ls.status == 0 && ls.stdout.split(separator: "\n").count == 10_000)
+        #expect(elapsed < 1, "lifeboat ls -l of 10 000 files took \(elapsed) s")
+    }
+}
