@@ -82,6 +82,8 @@ public final class FileRestore {
         total = (try? size(of: entry, depth: 0, counted: &counted)) ?? 0
         restoreEntry(GuestDirectoryEntry(name: name, inode: entry.inode, type: entry.type), in: top,
                      display: target + "/" + String(decoding: name, as: UTF8.self))
+        // SIGINT/SIGTERM: what was restored stays; the command says it was interrupted.
+        guard !Cancellation.requested else { throw .local(SystemError("restore-files interrupted", path: target, errno: EINTR)) }
         report.seconds = Date().timeIntervalSince(started)
         progress(FileRestoreProgress(bytesDone: report.bytes, bytesTotal: max(total, report.bytes), files: report.files))
         return report
@@ -91,7 +93,7 @@ public final class FileRestore {
     /// is counted once: a directory linked into its own subtree (twice, in a crafted image)
     /// would otherwise make this walk exponential.
     private func size(of entry: GuestDirectoryEntry, depth: Int, counted: inout Set<UInt64>) throws(GuestFilesError) -> UInt64 {
-        guard depth < 256, counted.insert(entry.inode).inserted, counted.count < 10_000_000 else { return 0 }
+        guard depth < 256, !Cancellation.requested, counted.insert(entry.inode).inserted, counted.count < 10_000_000 else { return 0 }
         switch entry.type {
         case .regular:
             let size = try fs.stat(entry.inode).size
@@ -112,6 +114,7 @@ public final class FileRestore {
     }
 
     private func restoreEntry(_ entry: GuestDirectoryEntry, in directory: Int32, display: String) {
+        guard !Cancellation.requested else { return }
         guard entry.isSafe else {
             fail(display, "unsafe name \"\(entry.text)\" in the image; skipped")
             return
@@ -212,6 +215,7 @@ public final class FileRestore {
         var offset: UInt64 = 0
         // Holes stay holes: all-zero blocks are skipped, and the size is set at the end.
         while offset < info.size {
+            guard !Cancellation.requested else { throw .local(SystemError("restore-files interrupted", path: display, errno: EINTR)) }
             let want = Int(min(UInt64(buffer.count), info.size - offset))
             let n = try fs.read(entry.inode, into: UnsafeMutableRawBufferPointer(rebasing: buffer[0..<want]), at: offset)
             guard n > 0 else { throw .corrupt(volume: display, what: "the file ends at byte \(offset) but claims \(info.size)") }
