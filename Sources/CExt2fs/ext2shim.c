@@ -158,18 +158,23 @@ struct lb_dir_context {
     void *context;
 };
 
-static int lb_dir_callback(struct ext2_dir_entry *dirent, int offset, int blocksize, char *buf, void *private) {
+static int lb_dir_callback(ext2_ino_t dir, int entry, struct ext2_dir_entry *dirent, int offset, int blocksize,
+                           char *buf, void *private) {
     struct lb_dir_context *c = private;
     int length = ext2fs_dirent_name_len(dirent);
     if (dirent->inode == 0) return 0;
-    if ((length == 1 && dirent->name[0] == '.') || (length == 2 && dirent->name[0] == '.' && dirent->name[1] == '.')) return 0;
+    // Only the directory's own "." and ".." (the first two entries of its first block) are
+    // left out; a "." or ".." anywhere else is damage or a crafted image, and is passed on
+    // so that the reader can refuse it by name instead of losing it silently.
+    if (entry == DIRENT_DOT_FILE && length == 1 && dirent->name[0] == '.') return 0;
+    if (entry == DIRENT_DOT_DOT_FILE && length == 2 && dirent->name[0] == '.' && dirent->name[1] == '.') return 0;
     if (c->visit(c->context, dirent->name, length, dirent->inode, ext2fs_dirent_file_type(dirent))) return DIRENT_ABORT;
     return 0;
 }
 
 errcode_t lb_list_directory(ext2_filsys fs, ext2_ino_t dir, lb_dirent_fn visit, void *context) {
     struct lb_dir_context c = { visit, context };
-    return ext2fs_dir_iterate(fs, dir, 0, NULL, lb_dir_callback, &c);
+    return ext2fs_dir_iterate2(fs, dir, 0, NULL, lb_dir_callback, &c);
 }
 
 // ---- Files ----

@@ -138,6 +138,10 @@ public final class Ext4FileSystem: GuestFileSystem, @unchecked Sendable {
     }
 
     static func error(_ code: errcode_t, volume: String, what: String, source: SourceBox) -> GuestFilesError {
+        if case .outOfRange(_, let offset, let size)? = source.lastError {
+            // The filesystem points past its own volume: damaged metadata, not a bad request.
+            return .corrupt(volume: volume, what: "\(what): a block at byte \(offset) is past the end of the volume (\(size) bytes)")
+        }
         if let disk = source.lastError { return .disk(disk) }
         let message = String(cString: lb_error_message(code))
         return .corrupt(volume: volume, what: "\(what): \(message)")
@@ -163,6 +167,11 @@ public final class Ext4FileSystem: GuestFileSystem, @unchecked Sendable {
     public func stat(_ inode: UInt64) throws(GuestFilesError) -> GuestFileInfo {
         try locked { (fs) throws(GuestFilesError) in
             let raw = try readInode(inode, fs)
+            // A name pointing at a free, zeroed or overwritten inode: no type, or no links.
+            guard [0o010000, 0o020000, 0o040000, 0o060000, 0o100000, 0o120000, 0o140000].contains(raw.mode & 0o170000) else {
+                throw .corrupt(volume: volume, what: "inode \(inode) has no valid file type (mode \(String(raw.mode, radix: 8)); a zeroed or damaged inode)")
+            }
+            guard raw.links > 0 else { throw .corrupt(volume: volume, what: "inode \(inode) is not in use (no links)") }
             return Ext4FileSystem.info(inode, raw)
         }
     }

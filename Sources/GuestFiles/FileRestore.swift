@@ -45,6 +45,9 @@ public final class FileRestore {
     /// Restored paths of inodes with several links: later names become hard links.
     private var linked: [UInt64: (directory: Int32, name: [UInt8], path: String)] = [:]
     private var visiting = Set<UInt64>()
+    /// Directories restored so far: a directory has one name in a sound filesystem, and one
+    /// linked from several places (crafted) would multiply the restore with every level.
+    private var restoredDirectories: [UInt64: String] = [:]
     private var openDirectories: [Int32] = []
     private var buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 4096)
     private var lastProgress = Date.distantPast
@@ -75,24 +78,30 @@ public final class FileRestore {
         defer { close(top) }
         var name = entry.name
         if name.isEmpty { name = Array("root".utf8) }  // the filesystem's root directory
-        total = (try? size(of: entry, depth: 0)) ?? 0
+        var counted = Set<UInt64>()
+        total = (try? size(of: entry, depth: 0, counted: &counted)) ?? 0
         restoreEntry(GuestDirectoryEntry(name: name, inode: entry.inode, type: entry.type), in: top,
                      display: target + "/" + String(decoding: name, as: UTF8.self))
+        // SIGINT/SIGTERM: what was restored stays; the command says it was interrupted.
+        guard !Cancellation.requested else { throw .local(SystemError("restore-files interrupted", path: target, errno: EINTR)) }
         report.seconds = Date().timeIntervalSince(started)
         progress(FileRestoreProgress(bytesDone: report.bytes, bytesTotal: max(total, report.bytes), files: report.files))
         return report
     }
 
-    /// Bytes of regular files under an entry (for the progress bar), bounded in depth.
-    private func size(of entry: GuestDirectoryEntry, depth: Int) throws(GuestFilesError) -> UInt64 {
-        guard depth < 256 else { return 0 }
+    /// Bytes of regular files under an entry (for the progress bar). Each directory and file
+    /// is counted once: a directory linked into its own subtree (twice, in a crafted image)
+    /// would otherwise make this walk exponential.
+    private func size(of entry: GuestDirectoryEntry, depth: Int, counted: inout Set<UInt64>) throws(GuestFilesError) -> UInt64 {
+        guard depth < 256, !Cancellation.requested, counted.insert(entry.inode).inserted, counted.count < 10_000_000 else { return 0 }
         switch entry.type {
         case .regular:
-            return min(try fs.stat(entry.inode).size, volumeSize)
+            let size = try fs.stat(entry.inode).size
+            return size <= volumeSize ? size : 0
         case .directory:
             var sum: UInt64 = 0
             for child in try fs.list(entry.inode) where child.type == .regular || child.type == .directory {
-                sum += (try? size(of: child, depth: depth + 1)) ?? 0
+                sum += (try? size(of: child, depth: depth + 1, counted: &counted)) ?? 0
             }
             return sum
         default:
@@ -105,6 +114,7 @@ public final class FileRestore {
     }
 
     private func restoreEntry(_ entry: GuestDirectoryEntry, in directory: Int32, display: String) {
+        guard !Cancellation.requested else { return }
         guard entry.isSafe else {
             fail(display, "unsafe name \"\(entry.text)\" in the image; skipped")
             return
@@ -165,6 +175,10 @@ public final class FileRestore {
             throw .corrupt(volume: display, what: "directory inode \(entry.inode) contains itself (a loop); skipped")
         }
         defer { visiting.remove(entry.inode) }
+        if let earlier = restoredDirectories[entry.inode] {
+            throw .corrupt(volume: display, what: "directory inode \(entry.inode) was already restored as \(earlier) (a directory with two names); skipped")
+        }
+        restoredDirectories[entry.inode] = display
         let merge = try prepare(entry.name, in: parent, display: display, directoryWanted: true)
         if !merge {
             guard entry.name.withCString({ mkdirat(parent, $0, 0o700) }) == 0 else {
@@ -201,6 +215,7 @@ public final class FileRestore {
         var offset: UInt64 = 0
         // Holes stay holes: all-zero blocks are skipped, and the size is set at the end.
         while offset < info.size {
+            guard !Cancellation.requested else { throw .local(SystemError("restore-files interrupted", path: display, errno: EINTR)) }
             let want = Int(min(UInt64(buffer.count), info.size - offset))
             let n = try fs.read(entry.inode, into: UnsafeMutableRawBufferPointer(rebasing: buffer[0..<want]), at: offset)
             guard n > 0 else { throw .corrupt(volume: display, what: "the file ends at byte \(offset) but claims \(info.size)") }

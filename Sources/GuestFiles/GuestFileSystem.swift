@@ -121,7 +121,8 @@ public protocol GuestFileSystem: AnyObject, Sendable {
     var label: String? { get }
     var rootInode: UInt64 { get }
     func stat(_ inode: UInt64) throws(GuestFilesError) -> GuestFileInfo
-    /// The entries of a directory, without "." and "..".
+    /// The entries of a directory, without its own "." and "..". A damaged or crafted directory
+    /// may hold other entries with names no restore may use ("a/b", ".", ".."): see `isSafe`.
     func list(_ directory: UInt64) throws(GuestFilesError) -> [GuestDirectoryEntry]
     func lookup(_ name: [UInt8], in directory: UInt64) throws(GuestFilesError) -> GuestDirectoryEntry?
     /// Reads up to `buffer.count` bytes of a regular file at `offset`; fewer only at its end.

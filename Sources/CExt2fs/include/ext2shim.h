@@ -29,7 +29,8 @@ struct lb_inode {
 
 errcode_t lb_read_inode(ext2_filsys fs, ext2_ino_t ino, struct lb_inode *out);
 
-/// Calls `visit` for each entry of a directory except "." and ".."; a non-zero return stops.
+/// Calls `visit` for each entry of a directory except its own "." and ".." (other entries so
+/// named, in a damaged or crafted directory, are passed on); a non-zero return stops.
 typedef int (*lb_dirent_fn)(void *context, const char *name, int name_len, unsigned int inode, int file_type);
 errcode_t lb_list_directory(ext2_filsys fs, ext2_ino_t dir, lb_dirent_fn visit, void *context);
 
