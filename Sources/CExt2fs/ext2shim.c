@@ -156,6 +156,7 @@ errcode_t lb_read_inode(ext2_filsys fs, ext2_ino_t ino, struct lb_inode *out) {
 struct lb_dir_context {
     lb_dirent_fn visit;
     void *context;
+    int seen_dot_dot;
 };
 
 static int lb_dir_callback(ext2_ino_t dir, int entry, struct ext2_dir_entry *dirent, int offset, int blocksize,
@@ -166,14 +167,19 @@ static int lb_dir_callback(ext2_ino_t dir, int entry, struct ext2_dir_entry *dir
     // Only the directory's own "." and ".." (the first two entries of its first block) are
     // left out; a "." or ".." anywhere else is damage or a crafted image, and is passed on
     // so that the reader can refuse it by name instead of losing it silently.
-    if (entry == DIRENT_DOT_FILE && length == 1 && dirent->name[0] == '.') return 0;
-    if (entry == DIRENT_DOT_DOT_FILE && length == 2 && dirent->name[0] == '.' && dirent->name[1] == '.') return 0;
+    // Inline-data directories have no stored "." and the iterator makes both up as ordinary
+    // entries, so: "." naming the directory itself, and the first "..", are the real ones.
+    if (length == 1 && dirent->name[0] == '.' && (entry == DIRENT_DOT_FILE || dirent->inode == dir)) return 0;
+    if (length == 2 && dirent->name[0] == '.' && dirent->name[1] == '.' && (entry == DIRENT_DOT_DOT_FILE || !c->seen_dot_dot)) {
+        c->seen_dot_dot = 1;
+        return 0;
+    }
     if (c->visit(c->context, dirent->name, length, dirent->inode, ext2fs_dirent_file_type(dirent))) return DIRENT_ABORT;
     return 0;
 }
 
 errcode_t lb_list_directory(ext2_filsys fs, ext2_ino_t dir, lb_dirent_fn visit, void *context) {
-    struct lb_dir_context c = { visit, context };
+    struct lb_dir_context c = { visit, context, 0 };
     return ext2fs_dir_iterate2(fs, dir, 0, NULL, lb_dir_callback, &c);
 }
 
