@@ -275,18 +275,7 @@ public final class MountServer: Sendable {
                 log(error.description)
                 return -EIO
             }
-            if let footer, done < size {
-                let position = UInt64(offset) + UInt64(done)
-                if position >= reader.size && position < reader.size + UInt64(footer.count) {
-                    let from = Int(position - reader.size)
-                    let n = min(size - done, footer.count - from)
-                    footer.withUnsafeBytes {
-                        UnsafeMutableRawBufferPointer(rebasing: out[done..<(done + n)]).copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[from..<(from + n)]))
-                    }
-                    done += n
-                }
-            }
-            return Int32(done)
+            return Int32(appendFooter(footer, diskSize: reader.size, offset: UInt64(offset), done: done, into: out))
         }
     }
 
@@ -414,4 +403,18 @@ public enum Mounts {
         if errno == EBUSY, umount2(path, Int32(MNT_DETACH)) == 0 { return .detached }
         throw .system(SystemError("unmount", path: path))
     }
+}
+
+/// Copies the part of a computed VHD footer that a read at `offset` reaches past the disk's
+/// end, after the `done` bytes of disk already in `out`; returns the new count.
+func appendFooter(_ footer: [UInt8]?, diskSize: UInt64, offset: UInt64, done: Int, into out: UnsafeMutableRawBufferPointer) -> Int {
+    guard let footer, done < out.count else { return done }
+    let position = offset + UInt64(done)
+    guard position >= diskSize && position < diskSize + UInt64(footer.count) else { return done }
+    let from = Int(position - diskSize)
+    let n = min(out.count - done, footer.count - from)
+    footer.withUnsafeBytes {
+        UnsafeMutableRawBufferPointer(rebasing: out[done..<(done + n)]).copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[from..<(from + n)]))
+    }
+    return done + n
 }

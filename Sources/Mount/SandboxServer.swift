@@ -261,18 +261,7 @@ public final class SandboxServer: Sendable {
                 log("sandbox \(sandbox.record.name): \(error.description)")
                 return -EIO
             }
-            if let footer, done < size {
-                let position = UInt64(offset) + UInt64(done)
-                if position >= disk.size && position < disk.size + UInt64(footer.count) {
-                    let from = Int(position - disk.size)
-                    let n = min(size - done, footer.count - from)
-                    footer.withUnsafeBytes {
-                        UnsafeMutableRawBufferPointer(rebasing: out[done..<(done + n)]).copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[from..<(from + n)]))
-                    }
-                    done += n
-                }
-            }
-            return Int32(done)
+            return Int32(appendFooter(footer, diskSize: disk.size, offset: UInt64(offset), done: done, into: out))
         }
     }
 

@@ -156,18 +156,9 @@ extension Vault {
                 bytesRead: bytesRead, newBytes: point.newBytes, storedBytes: point.storedBytes,
                 chunksNew: disks.reduce(0) { $0 + $1.newChunks }, chunksReused: disks.reduce(0) { $0 + $1.reusedChunks },
                 packs: packs, seconds: Date().timeIntervalSince(started), warnings: warnings)
-        } catch let error as VaultError {
-            writer.abandon()
-            throw error
-        } catch let error as ChunkStoreError {
-            writer.abandon()
-            throw .chunks(error)
-        } catch let error as ObjectStoreError {
-            writer.abandon()
-            throw .store(error)
         } catch {
             writer.abandon()
-            throw .invalidArgument("\(error)")
+            throw VaultError.wrapping(error)
         }
     }
 
@@ -358,6 +349,18 @@ extension Vault {
         counters.newBytes.add(newBytes, ordering: .relaxed)
         counters.storedBytes.add(stored, ordering: .relaxed)
         return ids
+    }
+}
+
+extension VaultError {
+    /// The errors a point's writing can meet, as a VaultError.
+    static func wrapping(_ error: any Error) -> VaultError {
+        switch error {
+        case let error as VaultError: return error
+        case let error as ChunkStoreError: return .chunks(error)
+        case let error as ObjectStoreError: return .store(error)
+        default: return .invalidArgument("\(error)")
+        }
     }
 }
 

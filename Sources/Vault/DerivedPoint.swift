@@ -78,18 +78,9 @@ extension Vault {
                 bytesRead: read, newBytes: point.newBytes, storedBytes: point.storedBytes,
                 chunksNew: disks.reduce(0) { $0 + $1.newChunks }, chunksReused: disks.reduce(0) { $0 + $1.reusedChunks },
                 packs: packs, seconds: Date().timeIntervalSince(started), warnings: [])
-        } catch let error as VaultError {
-            writer.abandon()
-            throw error
-        } catch let error as ChunkStoreError {
-            writer.abandon()
-            throw .chunks(error)
-        } catch let error as ObjectStoreError {
-            writer.abandon()
-            throw .store(error)
         } catch {
             writer.abandon()
-            throw .invalidArgument("\(error)")
+            throw VaultError.wrapping(error)
         }
     }
 
