@@ -41,6 +41,18 @@ extension Vault {
         } catch { throw .store(error) }
     }
 
+    /// Removes every hold of `holder`, on any point; returns how many there were.
+    public func releaseAll(holder: String) throws(VaultError) -> Int {
+        var released = 0
+        do {
+            for object in try store.list(prefix: Vault.holdPrefix) where object.name.split(separator: "/").last.map(String.init) == holder {
+                try store.delete(object.name)
+                released += 1
+            }
+        } catch { throw .store(error) }
+        return released
+    }
+
     /// Held points of a machine: point id -> who holds it ("sandbox test1 on host h").
     public func holds(machine: String) throws(VaultError) -> [String: String] {
         var result: [String: String] = [:]

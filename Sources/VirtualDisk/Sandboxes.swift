@@ -164,19 +164,7 @@ public final class Sandboxes: Sendable {
     /// Opens a sandbox for exclusive use (its server, reset, cleanup, promote when not mounted).
     public func open(_ name: String, cacheBytes: Int = 64 << 20) throws(SandboxError) -> OpenSandbox {
         let record = try record(name)
-        let lock: SystemFile
-        do {
-            lock = try SystemFile.open(path(name) + "/lock", .createOrOpen(permissions: 0o600))
-            guard try lock.lock(exclusive: true, wait: false) else {
-                lock.close()
-                let where_ = mounted(name).map { " (mounted at \($0.mountpoint), server pid \($0.pid))" } ?? ""
-                throw SandboxError.busy(name, why: "another lifeboat process is using it\(where_)")
-            }
-        } catch let error as SandboxError {
-            throw error
-        } catch let error as SystemError {
-            throw .system(error)
-        } catch { throw .damagedOverlay(path: path(name), why: "\(error)") }
+        let lock = try lockExclusively(name)
         do {
             let (point, disks) = try openDisks(record, cacheBytes: cacheBytes)
             return OpenSandbox(record: record, point: point, disks: disks, directory: path(name), lock: lock)
@@ -184,6 +172,23 @@ public final class Sandboxes: Sendable {
             lock.close()
             throw error
         }
+    }
+
+    /// The sandbox's lock, held until the returned file is closed; busy if another process has it.
+    private func lockExclusively(_ name: String) throws(SandboxError) -> SystemFile {
+        do {
+            let lock = try SystemFile.open(path(name) + "/lock", .createOrOpen(permissions: 0o600))
+            guard try lock.lock(exclusive: true, wait: false) else {
+                lock.close()
+                let where_ = mounted(name).map { " (mounted at \($0.mountpoint), server pid \($0.pid))" } ?? ""
+                throw SandboxError.busy(name, why: "another lifeboat process is using it\(where_)")
+            }
+            return lock
+        } catch let error as SandboxError {
+            throw error
+        } catch let error as SystemError {
+            throw .system(error)
+        } catch { throw .damagedOverlay(path: path(name), why: "\(error)") }
     }
 
     private func openDisks(_ record: SandboxRecord, cacheBytes: Int) throws(SandboxError) -> (RecoveryPoint, [SandboxDisk]) {
@@ -220,17 +225,27 @@ public final class Sandboxes: Sendable {
 
     /// Discards the sandbox: its overlay, its record and its hold on the point.
     public func cleanup(_ name: String) throws(SandboxError) {
-        let sandbox = try open(name)
-        let record = sandbox.record
+        guard FileSystem.exists(path(name) + "/sandbox.json") else {
+            // Removed locally by an interrupted cleanup (or never finished): its holds may remain.
+            let released: Int
+            do {
+                released = try vault.releaseAll(holder: Sandboxes.holder(name))
+            } catch { throw .vault(error) }
+            if released == 0 { throw .unknown(name) }
+            return
+        }
+        // The base point need not exist any more: only the lock and the record are needed.
+        let record = try record(name)
+        let lock = try lockExclusively(name)
         // Renamed away first: a crash from here on leaves no half-removed sandbox under its name.
         let doomed = directory + "/.removing-\(name)-\(getpid())"
         do {
             try FileSystem.rename(path(name), to: doomed)
         } catch {
-            sandbox.close()
+            lock.close()
             throw .system(error)
         }
-        sandbox.close()
+        lock.close()
         try? FileManager.default.removeItem(atPath: doomed)
         do {
             try vault.release((record.machine, record.point), holder: Sandboxes.holder(name))

@@ -168,4 +168,27 @@ import VirtualDisk
         #expect(firstDifference(try readAll(reopened.disks[0]), original) == nil)
         reopened.close()
     }
+
+    /// Cleanup needs neither the base point nor a complete local sandbox: a cleanup interrupted
+    /// after the local removal still releases the hold when run again.
+    @Test func cleanupWorksWithoutTheBaseAndAfterAnInterruptedCleanup() throws {
+        let (dir, vault, point, _) = try fixture()
+        defer { dir.remove() }
+        let sandboxes = Sandboxes(vault: vault)
+        _ = try sandboxes.create("gone", from: point)
+        _ = try sandboxes.create("half", from: point)
+        #expect(try vault.holds(machine: "m")[point.id] != nil)
+        // The base vanishes (a damaged vault, an operator's hand): cleanup still works.
+        let manifest = RecoveryPoint.objectName(machine: "m", id: point.id)
+        let saved = try vault.store.get(manifest)
+        try vault.store.delete(manifest)
+        try sandboxes.cleanup("gone")
+        try vault.store.put(manifest, saved)
+        // The local directory removed, the hold left behind: cleanup releases it.
+        try FileManager.default.removeItem(atPath: vault.stateDirectory + "/sandboxes/half")
+        #expect(try vault.holds(machine: "m")[point.id] != nil)
+        try sandboxes.cleanup("half")
+        #expect(try vault.holds(machine: "m").isEmpty)
+        #expect(throws: SandboxError.self) { try sandboxes.cleanup("half") }
+    }
 }
