@@ -47,7 +47,20 @@ struct Comparison {
                         let length = source.length(of: slots)
                         let offset = UInt64(start) * UInt64(chunkSize)
                         let hole = offset >= targetSize || target.isHole(at: offset, count: length, fileSize: targetSize)
-                        if !hole { try target.read(into: UnsafeMutableRawBufferPointer(rebasing: buffer[0..<length]), at: offset) }
+                        if !hole {
+                            // Only the data of a sparse file is read; its holes are zeros.
+                            let end = offset + UInt64(length)
+                            let parts = target.dataRegions(from: offset, to: end).filter { $0.start >= offset && $0.start < $0.end }
+                            if parts.count == 1 && parts[0].start == offset && parts[0].end == end {
+                                try target.read(into: UnsafeMutableRawBufferPointer(rebasing: buffer[0..<length]), at: offset)
+                            } else {
+                                UnsafeMutableRawBufferPointer(rebasing: buffer[0..<length]).initializeMemory(as: UInt8.self, repeating: 0)
+                                for part in parts {
+                                    let from = Int(part.start - offset), to = Int(part.end - offset)
+                                    try target.read(into: UnsafeMutableRawBufferPointer(rebasing: buffer[from..<to]), at: part.start)
+                                }
+                            }
+                        }
                         for (k, slot) in slots.enumerated() {
                             let from = k * chunkSize
                             let bytes = UnsafeRawBufferPointer(rebasing: buffer[from..<min(from + chunkSize, length)])

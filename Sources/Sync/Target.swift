@@ -156,9 +156,9 @@ final class Target: Sendable {
         guard !isDevice else { return offset < end ? [(offset, end)] : [] }
         var regions: [(start: UInt64, end: UInt64)] = []
         var at = offset
-        while at < end, let next = buffered.nextData(from: at, fileSize: end) {
+        while at < end, let next = buffered.nextData(from: at, fileSize: end), next.start < end {
             regions.append((next.start, min(next.end, end)))
-            at = next.end
+            at = max(next.end, next.start + 1)
         }
         return regions
     }

@@ -36,7 +36,7 @@ import TestSupport
         for run in 0..<20 {
             let mode = run % 4 < 2 ? "delta" : "full"
             let pid = cli.start(["sync", "m@latest", "--to", target, "--mode", mode])
-            usleep(UInt32(Double(random.next() % 1000) / 1000 * seconds * 0.9 * 1_000_000))
+            usleep(UInt32(Double(random.next() % 1000) / 1000 * seconds * 0.6 * 1_000_000))
             kill(pid, run % 2 == 0 ? SIGKILL : SIGINT)
             let status = cli.wait(pid)
             let state = cli("sync", "status", target, "--json")
