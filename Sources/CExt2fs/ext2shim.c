@@ -192,6 +192,12 @@ errcode_t lb_read_file(ext2_filsys fs, ext2_ino_t ino, unsigned long long offset
     errcode_t error = ext2fs_file_open(fs, ino, 0, &file);
     if (error) return error;
     error = ext2fs_file_llseek(file, offset, EXT2_SEEK_SET, NULL);
+    // Never past the size: libext2fs returns a file kept inline (inline_data) as its whole
+    // inline area, zeros after the data included.
+    __u64 size = 0;
+    if (!error) error = ext2fs_file_get_lsize(file, &size);
+    if (offset >= size) length = 0;
+    else if (size - offset < length) length = (unsigned int)(size - offset);
     unsigned int done = 0;
     while (!error && done < length) {
         unsigned int n = 0;

@@ -283,18 +283,7 @@ public final class LocationTable: Sendable {
     }
 
     private static func writeFile(_ path: String, _ bytes: [UInt8]) throws(SystemError) {
-        let temporary = path + ".tmp"
-        try? FileSystem.remove(temporary)
-        let file = try SystemFile.open(temporary, .createExclusive(permissions: 0o644))
-        do {
-            try file.write(bytes, at: 0)
-            try file.sync()
-        } catch {
-            file.close()
-            throw error
-        }
-        file.close()
-        try FileSystem.rename(temporary, to: path)
+        try FileSystem.replace(path, with: bytes)
     }
 
     static func fanoutBits(_ count: Int) -> Int {

@@ -275,13 +275,8 @@ public final class Ext4FileSystem: GuestFileSystem, @unchecked Sendable {
         guard !buffer.isEmpty else { return 0 }
         return try locked { (fs) throws(GuestFilesError) in
             let ino = try checkInode(inode, fs)
-            // Never past the size: libext2fs returns a file kept inline (inline_data) as its
-            // whole inline area, zeros after the data included.
-            let size = try readInode(inode, fs).size
-            guard offset < size else { return 0 }
-            let wanted = UInt32(min(UInt64(buffer.count), size - offset, UInt64(UInt32.max)))
             var got: UInt32 = 0
-            let status = lb_read_file(fs, ino, offset, buffer.baseAddress, wanted, &got)
+            let status = lb_read_file(fs, ino, offset, buffer.baseAddress, UInt32(min(buffer.count, Int(UInt32.max))), &got)
             guard status == 0 else { throw Ext4FileSystem.error(status, volume: volume, what: "reading inode \(inode) at byte \(offset)", source: source) }
             return Int(got)
         }

@@ -259,10 +259,7 @@ public final class MountServer: Sendable {
         let out = UnsafeMutableRawBufferPointer(start: UnsafeMutableRawPointer(buffer), count: size)
         switch file {
         case .bytes(let bytes):
-            guard offset < bytes.count else { return 0 }
-            let n = min(size, bytes.count - Int(offset))
-            bytes.withUnsafeBytes { out.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[Int(offset)..<(Int(offset) + n)])) }
-            return Int32(n)
+            return copyOut(bytes, at: UInt64(offset), into: out)
         case .guest(let fs, let inode, _):
             return guests.read(fs, inode: inode, into: out, at: UInt64(offset))
         case .disk(let reader, let footer):
@@ -403,6 +400,15 @@ public enum Mounts {
         if errno == EBUSY, umount2(path, Int32(MNT_DETACH)) == 0 { return .detached }
         throw .system(SystemError("unmount", path: path))
     }
+}
+
+/// Copies what a read at `offset` reaches of a file held in memory (point.json and the like).
+func copyOut(_ bytes: [UInt8], at offset: UInt64, into out: UnsafeMutableRawBufferPointer) -> Int32 {
+    guard offset < UInt64(bytes.count) else { return 0 }
+    let from = Int(offset)
+    let n = min(out.count, bytes.count - from)
+    bytes.withUnsafeBytes { out.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[from..<(from + n)])) }
+    return Int32(n)
 }
 
 /// Copies the part of a computed VHD footer that a read at `offset` reaches past the disk's

@@ -240,19 +240,12 @@ public final class SandboxServer: Sendable {
         let out = UnsafeMutableRawBufferPointer(start: UnsafeMutableRawPointer(buffer), count: size)
         switch file {
         case .bytes(let bytes):
-            guard offset < bytes.count else { return 0 }
-            let n = min(size, bytes.count - Int(offset))
-            bytes.withUnsafeBytes { out.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[Int(offset)..<(Int(offset) + n)])) }
-            return Int32(n)
+            return copyOut(bytes, at: UInt64(offset), into: out)
         case .freeze(let disks, let held):
             // "frozen" while the freeze held from open to now; "expired" if writes had to go on.
             if !disks.allSatisfy({ $0.gate.holds }) { held.held.store(false, ordering: .releasing) }
             let holds = held.held.load(ordering: .acquiring)
-            let answer = Array((holds ? "frozen\n" : "expired\n").utf8)
-            guard offset < answer.count else { return 0 }
-            let n = min(size, answer.count - Int(offset))
-            answer.withUnsafeBytes { out.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[Int(offset)..<(Int(offset) + n)])) }
-            return Int32(n)
+            return copyOut(Array((holds ? "frozen\n" : "expired\n").utf8), at: UInt64(offset), into: out)
         case .disk(let disk, let footer):
             var done = 0
             do {

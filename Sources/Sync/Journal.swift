@@ -228,20 +228,9 @@ struct SyncStateDirectory {
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
         let bytes = Array((try? encoder.encode(value)) ?? Data())
-        let temporary = finalPath + ".tmp"
         do throws(SystemError) {
             try FileSystem.createDirectories(path, permissions: 0o700)
-            try FileSystem.remove(temporary)
-            let file = try SystemFile.open(temporary, .createExclusive(permissions: 0o600))
-            do throws(SystemError) {
-                try file.write(bytes, at: 0)
-                try file.sync()
-            } catch {
-                file.close()
-                throw error
-            }
-            file.close()
-            try FileSystem.rename(temporary, to: finalPath)
+            try FileSystem.replace(finalPath, with: bytes, permissions: 0o600)
             try FileSystem.syncDirectory(path)
         } catch { throw .journal(error) }
     }

@@ -265,6 +265,24 @@ public enum FileSystem {
         return String(path[..<slash])
     }
 
+    /// Replaces a file's contents all at once: a temporary file beside it, written and fsynced,
+    /// then renamed over it. A crash leaves the old file or the new one, never a mix; the
+    /// caller syncs the directory when the rename itself must be durable.
+    public static func replace(_ path: String, with bytes: [UInt8], permissions: mode_t = 0o644) throws(SystemError) {
+        let temporary = path + ".tmp"
+        try? remove(temporary)
+        let file = try SystemFile.open(temporary, .createExclusive(permissions: permissions))
+        do {
+            try file.write(bytes, at: 0)
+            try file.sync()
+        } catch {
+            file.close()
+            throw error
+        }
+        file.close()
+        try rename(temporary, to: path)
+    }
+
     public static func syncDirectory(_ path: String) throws(SystemError) {
         let fd = Glibc.open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
         guard fd >= 0 else { throw SystemError("open the directory", path: path) }

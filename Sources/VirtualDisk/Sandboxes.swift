@@ -91,13 +91,7 @@ public final class Sandboxes: Sendable {
             let encoder = JSONEncoder()
             encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
             let bytes = Array((try? encoder.encode(record)) ?? Data())
-            let temporary = dir + "/.sandbox.json.tmp"
-            let file = try SystemFile.open(temporary, .createOrOpen(permissions: 0o600))
-            defer { file.close() }
-            try file.truncate(to: 0)
-            try file.write(bytes, at: 0)
-            try file.sync()
-            try FileSystem.rename(temporary, to: dir + "/sandbox.json")
+            try FileSystem.replace(dir + "/sandbox.json", with: bytes, permissions: 0o600)
             try FileSystem.syncDirectory(dir)
         } catch {
             try? vault.release((point.machine, point.id), holder: Sandboxes.holder(name))

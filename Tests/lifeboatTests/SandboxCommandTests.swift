@@ -99,10 +99,11 @@ import TestSupport
         // Random 4K writes across the disk, verified in the same run, then again from the
         // server after the kernel's cache is dropped.
         let job = "--name=v --filename=\(disk.replacingOccurrences(of: ":", with: "\\:")) --rw=randwrite --bs=4k --size=48M --ioengine=psync --verify=crc32c --randseed=42 --number_ios=3000 --norandommap"
-        let fio = shell("fio \(job) --output-format=terse")
+        // fio leaves its verify state in the working directory: the test's own.
+        let fio = shell("cd \(cli.dir.path) && fio \(job) --output-format=terse")
         #expect(fio.status == 0, "\(fio.stderr)")
         shell("sync; echo 3 > /proc/sys/vm/drop_caches")
-        let verify = shell("fio \(job) --verify_only --output-format=terse")
+        let verify = shell("cd \(cli.dir.path) && fio \(job) --verify_only --output-format=terse")
         #expect(verify.status == 0, "\(verify.stderr)")
 
         // qemu-io: unaligned pattern writes (copy-up of partial blocks) through the raw and VHD views.
