@@ -8,6 +8,7 @@ enum FuseSession {
     /// Mounts, calls `ready` once the kernel mount exists, and serves until unmounted or
     /// signalled. `handle` holds the session while it runs, for `stop`.
     static func run(operations: inout fuse_operations, options: String, mountpoint: String, threads: UInt32,
+                    readaheadKiB: Int? = nil,
                     data: UnsafeMutableRawPointer, handle: borrowing Mutex<UInt>, ready: () -> Void) throws(MountError) {
         let arguments = ["lifeboat", "-o", options] + (getenv("LIFEBOAT_FUSE_DEBUG") != nil ? ["-d"] : [])
         var argv: [UnsafeMutablePointer<CChar>?] = arguments.map { strdup($0) }
@@ -22,6 +23,7 @@ enum FuseSession {
             throw .fuse("cannot mount at \(mountpoint) (is /dev/fuse available, and are you allowed to mount?)")
         }
         handle.withLock { $0 = UInt(bitPattern: Int(bitPattern: UnsafeRawPointer(fuse))) }
+        if let readaheadKiB { setReadahead(mountpoint: mountpoint, kibibytes: readaheadKiB) }
         // Background jobs start with SIGINT ignored, and libfuse only hooks signals left at
         // SIG_DFL; a parent may also have blocked them.
         var unblock = sigset_t()
@@ -45,5 +47,52 @@ enum FuseSession {
     static func stop(_ handle: borrowing Mutex<UInt>) {
         let value = handle.withLock { $0 }
         if value != 0, let fuse = OpaquePointer(bitPattern: value) { fuse_exit(fuse) }
+    }
+
+    /// Widens the kernel's readahead for the mount. A FUSE mount gets 128 KiB, so a sequential
+    /// reader has one or two requests in flight and one server thread works while the others
+    /// wait; a wider window sends several 1 MiB requests at once. Best effort: the knob is the
+    /// mount's backing device in sysfs, writable by root only, and a mount works without it.
+    static func setReadahead(mountpoint: String, kibibytes: Int) {
+        guard let device = deviceNumber(of: mountpoint) else { return }
+        let knob = "/sys/class/bdi/\(device)/read_ahead_kb"
+        let fd = open(knob, O_WRONLY)
+        guard fd >= 0 else { return }
+        defer { close(fd) }
+        let text = "\(kibibytes)\n"
+        _ = text.withCString { write(fd, $0, strlen($0)) }
+    }
+
+    /// "major:minor" of the file system mounted at `mountpoint`, from /proc/self/mountinfo
+    /// (a stat of the mount point would wait for this very process to answer it).
+    static func deviceNumber(of mountpoint: String) -> String? {
+        guard let text = try? String(contentsOfFile: "/proc/self/mountinfo", encoding: .utf8) else { return nil }
+        var found: String? = nil
+        for line in text.split(separator: "\n") {
+            // id parent major:minor root mountpoint ... (the mount point with octal escapes)
+            let fields = line.split(separator: " ", omittingEmptySubsequences: false)
+            guard fields.count > 4 else { continue }
+            let path = unescapeMountinfo(String(fields[4]))
+            if path == mountpoint { found = String(fields[2]) }  // the last one is on top
+        }
+        return found
+    }
+
+    private static func unescapeMountinfo(_ field: String) -> String {
+        guard field.contains("\\") else { return field }
+        var bytes: [UInt8] = []
+        let raw = Array(field.utf8)
+        var i = 0
+        while i < raw.count {
+            if raw[i] == UInt8(ascii: "\\"), i + 3 < raw.count,
+               let value = UInt8(String(decoding: raw[(i + 1)...(i + 3)], as: UTF8.self), radix: 8) {
+                bytes.append(value)
+                i += 4
+            } else {
+                bytes.append(raw[i])
+                i += 1
+            }
+        }
+        return String(decoding: bytes, as: UTF8.self)
     }
 }

@@ -14,6 +14,8 @@ public struct MountOptions: Sendable {
     /// Bytes of verified chunk plaintext kept in memory.
     public var cacheBytes = 256 << 20
     public var threads: UInt32 = 8
+    /// The kernel's readahead window for the mount (root only; see FuseSession.setReadahead).
+    public var readaheadKiB = 4096
 
     public init(mountpoint: String) {
         self.mountpoint = mountpoint
@@ -67,6 +69,7 @@ public final class MountServer: Sendable {
     private let files = Mutex<[UInt64: OpenFile]>([:])
     private let nextHandle = Atomic<UInt64>(1)
     private let fuseHandle = Mutex<UInt>(0)
+    let readaheadBytes: Int
 
     public init(vault: Vault, options: MountOptions, log: @escaping @Sendable (String) -> Void) {
         // Each FUSE thread would otherwise get its own malloc arena, and freed chunk buffers
@@ -77,6 +80,7 @@ public final class MountServer: Sendable {
         self.catalog = PointCatalog(vault: vault, log: log)
         self.cache = ChunkCache(capacityBytes: options.cacheBytes, slotSize: vault.config.chunkSize)
         self.guests = GuestTree(vault: vault, cache: cache, log: log)
+        self.readaheadBytes = options.readaheadKiB << 10
     }
 
     /// The components of a raw path after `machines/<machine>/<time>/disks/<disk>.files`, as
@@ -101,7 +105,12 @@ public final class MountServer: Sendable {
             // Always READDIRPLUS: `ls -l` reads a whole directory before it stats the entries,
             // and the adaptive mode would fall back to plain READDIR after the first batch,
             // costing a lookup per entry (10 000 files: a second).
-            if let conn { conn.pointee.want &= ~UInt32(1 << 14) }  // FUSE_CAP_READDIRPLUS_AUTO
+            if let conn {
+                conn.pointee.want &= ~UInt32(1 << 14)  // FUSE_CAP_READDIRPLUS_AUTO
+                // The kernel keeps the smaller of this and the device's readahead, which
+                // FuseSession widened before this reply.
+                conn.pointee.max_readahead = max(conn.pointee.max_readahead, UInt32(server()?.readaheadBytes ?? 0))
+            }
             if let config {
                 config.pointee.kernel_cache = 1       // points are immutable: keep pages across opens
                 config.pointee.entry_timeout = 1      // but points come and go
@@ -124,7 +133,8 @@ public final class MountServer: Sendable {
         defer { me.release() }
         try FuseSession.run(operations: &ops,
                             options: "ro,default_permissions,fsname=lifeboat,subtype=lifeboat" + (options.allowOther ? ",allow_other" : ""),
-                            mountpoint: mountpoint, threads: options.threads, data: me.toOpaque(), handle: fuseHandle, ready: ready)
+                            mountpoint: mountpoint, threads: options.threads, readaheadKiB: options.readaheadKiB,
+                            data: me.toOpaque(), handle: fuseHandle, ready: ready)
     }
 
     /// Ends the request loop (tests; the command line uses signals and umount).
