@@ -15,7 +15,10 @@ public struct MountOptions: Sendable {
     public var cacheBytes = 256 << 20
     public var threads: UInt32 = 8
     /// The kernel's readahead window for the mount (root only; see FuseSession.setReadahead).
-    public var readaheadKiB = 4096
+    public var readaheadKiB = MountOptions.sequentialReadahead >> 10
+    /// 4 MiB: four 1 MiB requests in flight, enough for every server thread on this kind of
+    /// machine; more only fills the page cache ahead of the reader.
+    static let sequentialReadahead = 4 << 20
 
     public init(mountpoint: String) {
         self.mountpoint = mountpoint

@@ -68,6 +68,7 @@ public final class SandboxServer: Sendable {
             }
             if let conn {
                 conn.pointee.max_write = 1 << 20
+                conn.pointee.max_readahead = max(conn.pointee.max_readahead, UInt32(MountOptions.sequentialReadahead))
                 // The kernel keeps written pages and sends them in the background, as for any
                 // file; fsync writes them back before it reaches us, so flushes keep their meaning.
                 if conn.pointee.capable & UInt32(1 << 16) != 0 { conn.pointee.want |= UInt32(1 << 16) }  // FUSE_CAP_WRITEBACK_CACHE
@@ -105,7 +106,8 @@ public final class SandboxServer: Sendable {
         // the reads always find one.
         try FuseSession.run(operations: &ops,
                             options: "rw,default_permissions,fsname=lifeboat-sandbox,subtype=lifeboat" + (options.allowOther ? ",allow_other" : ""),
-                            mountpoint: mountpoint, threads: max(options.threads, 32), data: me.toOpaque(), handle: fuseHandle, ready: ready)
+                            mountpoint: mountpoint, threads: max(options.threads, 32),
+                            readaheadKiB: MountOptions.sequentialReadahead >> 10, data: me.toOpaque(), handle: fuseHandle, ready: ready)
     }
 
     public func stop() {

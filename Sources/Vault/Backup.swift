@@ -48,6 +48,8 @@ public struct BackupReport: Codable, Sendable {
     public var storedBytes: UInt64
     public var chunksNew: Int
     public var chunksReused: Int
+    /// Reused chunks whose slot was recognised as unchanged by its keyed tag, without SHA-256.
+    public var chunksRecognised: Int = 0
     public var packs: Int
     public var seconds: Double
     public var warnings: [String]
@@ -134,12 +136,20 @@ extension Vault {
         let writer = chunks.writer(lanes: max(1, ProcessInfo.processInfo.activeProcessorCount), avoiding: avoiding)
         var disks: [PointDisk] = []
         var bytesRead: UInt64 = 0
+        // Each disk's slot tags, kept once the point is committed.
+        var made: [(SlotFingerprints, Int)] = []
+        defer { for (f, _) in made { f.abandon() } }
         do {
             for (name, spec) in request.disks {
                 let previous = parent.flatMap { p in p.disks.first { $0.name == name && $0.chunkSize == config.chunkSize } }
-                let (disk, read) = try backupDisk(name: name, spec: spec, previous: previous, writer: writer, progress: progress)
+                let fingerprints = SlotFingerprints.open(
+                    path: SlotFingerprints.path(stateDirectory: stateDirectory, vault: config.id, machine: request.machine, disk: name),
+                    parent: previous == nil ? nil : parent?.id, chunkSize: config.chunkSize)
+                let (disk, read) = try backupDisk(name: name, spec: spec, previous: previous, fingerprints: fingerprints,
+                                                  writer: writer, progress: progress)
                 disks.append(disk)
                 bytesRead += read
+                if let fingerprints { made.append((fingerprints, disk.slotCount)) }
             }
             let (packs, _) = try writer.finish()
             let point = RecoveryPoint(
@@ -151,10 +161,12 @@ extension Vault {
             // The commit: everything the manifest names is durable by now.
             try store.put(RecoveryPoint.objectName(machine: request.machine, id: id), bytes)
             chunks.refresh()
+            for (fingerprints, slots) in made { fingerprints.commit(point: id, slots: slots) }
             return BackupReport(
                 point: id, machine: request.machine, time: point.time, consistency: consistency, disks: disks,
                 bytesRead: bytesRead, newBytes: point.newBytes, storedBytes: point.storedBytes,
                 chunksNew: disks.reduce(0) { $0 + $1.newChunks }, chunksReused: disks.reduce(0) { $0 + $1.reusedChunks },
+                chunksRecognised: made.reduce(0) { $0 + $1.0.recognised.load(ordering: .relaxed) },
                 packs: packs, seconds: Date().timeIntervalSince(started), warnings: warnings)
         } catch {
             writer.abandon()
@@ -164,7 +176,7 @@ extension Vault {
 
     /// Reads one disk through the pipeline: reader thread -> hashing/compressing workers -> this
     /// thread, which puts the ids back in slot order and builds the disk index.
-    private func backupDisk(name: String, spec: SourceSpec, previous: PointDisk?, writer: ChunkWriter,
+    private func backupDisk(name: String, spec: SourceSpec, previous: PointDisk?, fingerprints: SlotFingerprints?, writer: ChunkWriter,
                             progress: @escaping @Sendable (BackupProgress) -> Void) throws(VaultError) -> (PointDisk, UInt64) {
         let source = try DiskSource(spec)
         defer { source.close() }
@@ -234,7 +246,7 @@ extension Vault {
                 while let batch = filled.pop() {
                     do {
                         let ids = try Vault.processBatch(batch, chunkSize: chunkSize, previous: previousIndex,
-                                                         previousSlots: previousSlots, writer: writer,
+                                                         previousSlots: previousSlots, fingerprints: fingerprints, writer: writer,
                                                          compressor: compressor, counters: counters, lane: n)
                         let result = BatchResult(number: batch.number, firstSlot: batch.firstSlot, ids: ids)
                         free.push(batch)
@@ -309,7 +321,7 @@ extension Vault {
 
     /// Hashes every slot of a batch; stores the chunks that are new to the vault.
     static func processBatch(_ batch: Batch, chunkSize: Int, previous: DiskIndexReader?, previousSlots: Int,
-                             writer: ChunkWriter, compressor: ChunkCompressor?, counters: DiskCounters, lane: Int) throws -> [ChunkID] {
+                             fingerprints: SlotFingerprints? = nil, writer: ChunkWriter, compressor: ChunkCompressor?, counters: DiskCounters, lane: Int) throws -> [ChunkID] {
         let slots = (batch.count + chunkSize - 1) / chunkSize
         var ids = [ChunkID](repeating: .zero, count: slots)
         var previousLeaf: (first: Int, ids: [ChunkID])? = nil
@@ -318,6 +330,10 @@ extension Vault {
         }
         var holes = 0, reused = 0, fresh = 0
         var data: UInt64 = 0, newBytes: UInt64 = 0, stored: UInt64 = 0
+        let tagSize = SlotFingerprints.tagSize
+        let recorded = previousLeaf == nil ? nil : fingerprints?.recorded(batch.firstSlot..<(batch.firstSlot + slots))
+        var tags = fingerprints == nil ? [] : [UInt8](repeating: 0, count: slots * tagSize)
+        defer { fingerprints?.record(tags, from: batch.firstSlot) }
         for s in 0..<slots {
             let from = s * chunkSize
             let to = min(from + chunkSize, batch.count)
@@ -327,9 +343,19 @@ extension Vault {
                 continue
             }
             data += UInt64(bytes.count)
-            let id = ChunkID.sha256(bytes)
-            ids[s] = id
             let slot = batch.firstSlot + s
+            // The previous point's id where the keyed tag says the slot is unchanged; SHA-256 otherwise.
+            var known: ChunkID? = nil
+            if let fingerprints, let tag = fingerprints.tag(bytes, slot: slot) {
+                tags.replaceSubrange((s * tagSize)..<((s + 1) * tagSize), with: tag)
+                if let recorded, let leaf = previousLeaf, slot - leaf.first < leaf.ids.count,
+                   !leaf.ids[slot - leaf.first].isZero, recorded[(s * tagSize)..<((s + 1) * tagSize)].elementsEqual(tag) {
+                    known = leaf.ids[slot - leaf.first]
+                    fingerprints.recognised.add(1, ordering: .relaxed)
+                }
+            }
+            let id = known ?? ChunkID.sha256(bytes)
+            ids[s] = id
             if writer.avoiding.isEmpty, let leaf = previousLeaf, slot - leaf.first < leaf.ids.count, leaf.ids[slot - leaf.first] == id {
                 reused += 1
                 continue

@@ -87,6 +87,60 @@ struct Fixture {
         #expect(try sha256(file: out) == sha256(file: disk))
     }
 
+    /// The slot tags kept in the state directory let an incremental backup skip SHA-256 for
+    /// unchanged slots; the point must be exactly the one a state-less backup makes, and a
+    /// damaged, foreign or stale record must only cost the shortcut.
+    @Test func slotFingerprintsGiveTheSamePointAsHashingEverything() throws {
+        let f = Fixture()
+        defer { f.dir.remove() }
+        let vault = try f.create()
+        let disk = try f.makeDisk("os.img", size: 12 << 20, seed: 7)
+        let day0 = try vault.backup(BackupRequest(machine: "m", disks: [("os", .path(disk))], time: Date(timeIntervalSince1970: 1_000_000)))
+        let record = SlotFingerprints.path(stateDirectory: f.state, vault: vault.config.id, machine: "m", disk: "os")
+        #expect(FileSystem.exists(record))
+        #expect(!FileSystem.exists(record + ".new"))
+
+        var random = SeededBytes(seed: 8)
+        var time = 1_000_000.0
+        // Changes; then the record damaged; then a record of another point; then none at all.
+        for round in 0..<4 {
+            for slot in [1, 2, 50 + round, 150] { try writeAt(disk, UInt64(slot) * 65536 + 100, random.bytes(5000)) }
+            switch round {
+            case 1:
+                // Every tag byte flipped: no slot may take its previous id from a wrong tag.
+                var tags = Array(try Data(contentsOf: URL(fileURLWithPath: record)).dropFirst(72))
+                for i in tags.indices { tags[i] ^= 0x5a }
+                try writeAt(record, 72, tags)
+            case 2:
+                try writeAt(record, 40, [try Data(contentsOf: URL(fileURLWithPath: record))[40] ^ 1])  // names another point
+            case 3:
+                try FileSystem.remove(record)
+            default: break
+            }
+            time += 86400
+            let report = try f.open().backup(BackupRequest(machine: "m", disks: [("os", .path(disk))], time: Date(timeIntervalSince1970: time)))
+            #expect(report.disks[0].newChunks == 4)
+            // Only an intact record of the parent point lets slots be recognised.
+            if round == 0 {
+                #expect(report.chunksRecognised == report.chunksReused)
+                #expect(report.chunksRecognised > 100)
+            } else {
+                #expect(report.chunksRecognised == 0)
+            }
+            // The same disk backed up into a second vault without any record: the same ids.
+            let g = Fixture()
+            defer { g.dir.remove() }
+            let other = try g.create()
+            let plain = try other.backup(BackupRequest(machine: "m", disks: [("os", .path(disk))]))
+            // Equal index roots: equal ids in every slot.
+            #expect(plain.disks[0].indexRoot == report.disks[0].indexRoot)
+        }
+        #expect(day0.disks[0].newChunks > 50)
+        let out = f.dir.file("restored.img")
+        _ = try f.open().restore(point: try f.open().point("m@latest"), disk: "os", to: out)
+        #expect(try sha256(file: out) == sha256(file: disk))
+    }
+
     @Test func standardInputAndSeveralDisks() throws {
         let f = Fixture()
         defer { f.dir.remove() }
