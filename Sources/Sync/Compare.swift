@@ -2,6 +2,7 @@ import ChunkStore
 import Foundation
 import Synchronization
 import SystemIO
+import Vault
 
 /// A slot where the target differs from the source, found by the comparison pass.
 struct Difference: Sendable {
@@ -22,6 +23,9 @@ struct Comparison {
     let targetSize: UInt64
     let regionSlots: Int
     let workers: Int
+    /// Whether a slot may be matched by the tags recorded with the source (not for --verify,
+    /// which checks every slot against its SHA-256 id).
+    var useRecordedTags = true
 
     func differences(from first: Int, progress: @escaping @Sendable (UInt64) -> Void) throws(SyncError) -> [Difference] {
         let count = source.slotCount
@@ -32,6 +36,8 @@ struct Comparison {
         let failure = Mutex<SyncError?>(nil)
         let done = Atomic<UInt64>(0)
         let source = self.source, target = self.target, targetSize = self.targetSize, regionSlots = self.regionSlots
+        let tags = useRecordedTags ? source.recordedTags : nil
+        let tagSize = SlotFingerprints.tagSize
 
         let pool = (0..<workers).map { n in
             Worker(name: "sync-compare-\(n)") {
@@ -61,11 +67,16 @@ struct Comparison {
                                 }
                             }
                         }
+                        let recorded = hole ? nil : tags?.recorded(slots)
                         for (k, slot) in slots.enumerated() {
                             let from = k * chunkSize
                             let bytes = UnsafeRawBufferPointer(rebasing: buffer[from..<min(from + chunkSize, length)])
                             let zero = hole || isAllZero(bytes)
                             if let id = ids[k] {
+                                if !zero, !id.isZero, let recorded, let tag = tags?.tag(bytes, slot: slot),
+                                   recorded[(k * tagSize)..<((k + 1) * tagSize)].elementsEqual(tag) {
+                                    continue  // the slot holds the source's bytes
+                                }
                                 if id.isZero {
                                     if !zero { mine.append(Difference(slot: slot, oldZero: false, oldHash: ChunkID.sha256(bytes))) }
                                 } else if zero {

@@ -363,8 +363,10 @@ public struct SyncEngine: Sendable {
             }
         }
 
-        // Without old contents to journal, the workers only wait for the vault and the target.
-        let workerCount = undo && !state.created ? 2 : 3
+        // Each worker reads a batch from the vault, decodes it and writes it, waiting on the
+        // disk twice per batch: enough of them that both cores always have a batch to decode.
+        // With old contents to journal, the journal's flushes are the pace.
+        let workerCount = undo && !state.created ? 2 : 2 * ProcessInfo.processInfo.activeProcessorCount + 1
         let pool = (0..<workerCount).map { n in
             Worker(name: "sync-write-\(n)") {
                 let bufferSize = perBatch * chunkSize
@@ -447,8 +449,9 @@ public struct SyncEngine: Sendable {
 
         var verified = false
         if verify {
-            let comparison = Comparison(source: source, target: target, targetSize: try target.size(),
+            var comparison = Comparison(source: source, target: target, targetSize: try target.size(),
                                         regionSlots: regionSlots(source), workers: 4)
+            comparison.useRecordedTags = false
             let mismatches = try comparison.differences(from: 0) { done in
                 progress(SyncProgress(phase: .verify, bytesDone: done, bytesTotal: source.size))
             }

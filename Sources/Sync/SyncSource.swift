@@ -23,10 +23,14 @@ public protocol SyncSource: Sendable {
     /// complete: a source that could not stay still throws, and the sync stays unfinished,
     /// so it can still be rolled back.
     func finish() throws(SyncError)
+    /// Keyed tags of the source's slots recorded when this host made the point, if it has them:
+    /// a target slot with the same tag holds the source's bytes, known without SHA-256.
+    var recordedTags: SlotFingerprints? { get }
 }
 
 extension SyncSource {
     public func finish() throws(SyncError) {}
+    public var recordedTags: SlotFingerprints? { nil }
 
     public var slotCount: Int { Int((size + UInt64(chunkSize) - 1) / UInt64(chunkSize)) }
 
@@ -45,12 +49,14 @@ public final class PointSource: SyncSource {
     public let disk: PointDisk
     private let index: DiskIndexReader
     private let reader: DiskReader
+    public let recordedTags: SlotFingerprints?
 
     public init(vault: Vault, point: RecoveryPoint, disk name: String) throws(SyncError) {
         do throws(VaultError) {
             self.disk = try point.disk(name)
         } catch { throw .source(error) }
         self.point = point
+        self.recordedTags = vault.recordedSlotTags(point: point, disk: name)
         self.index = DiskIndexReader(disk: disk, chunks: vault.chunks, cachedNodes: 64)
         // Whole slots are decoded straight into the caller's buffer; the cache only serves the
         // short last slot.

@@ -98,7 +98,8 @@ extension Vault {
         }
 
         let step = max(1, (4 << 20) / chunkSize)
-        let workerCount = max(2, ProcessInfo.processInfo.activeProcessorCount)
+        // Twice the cores: a worker waits on the vault's disk and then on the target's.
+        let workerCount = max(2, 2 * ProcessInfo.processInfo.activeProcessorCount)
         let workers = (0..<workerCount).map { n in
             Worker(name: "restore-\(n)") {
                 // Each batch is decoded into one aligned buffer, then written in runs of

@@ -19,10 +19,10 @@ import SystemIO
 /// Layout (little-endian): magic "LBSLOTF1", 16-byte key, chunk size u32, pad u32, slot count
 /// u64, the point id (32 bytes) the tags describe, then 16 bytes per slot (zeros for an
 /// all-zero slot). docs/FORMAT.md, "Slot fingerprints".
-final class SlotFingerprints: @unchecked Sendable {
+public final class SlotFingerprints: @unchecked Sendable {
     static let magic = Array("LBSLOTF1".utf8)
     static let headerSize = 72
-    static let tagSize = 16
+    public static let tagSize = 16
 
     let key: SymmetricKey
     private let keyBytes: [UInt8]
@@ -30,8 +30,8 @@ final class SlotFingerprints: @unchecked Sendable {
     /// The previous point's tags, if they describe `parent`.
     private let previous: SystemFile?
     private let previousSlots: Int
-    /// The tags of the point being made, written as slots are hashed.
-    private let next: SystemFile
+    /// The tags of the point being made, written as slots are hashed (nil: only reading).
+    private let next: SystemFile?
     private let path: String
     private var closed = false
     /// Slots whose tag matched the record (their SHA-256 was not computed).
@@ -77,7 +77,24 @@ final class SlotFingerprints: @unchecked Sendable {
         }
     }
 
-    private init(key: [UInt8], chunkSize: Int, previous: SystemFile?, previousSlots: Int, next: SystemFile, path: String) {
+    /// The record of `point`, for reading only (a delta sync of that point compares a target's
+    /// slots with it); nil when the record describes another point or is damaged.
+    static func recorded(path: String, point: String, chunkSize: Int) -> SlotFingerprints? {
+        guard let file = try? SystemFile.open(path, .readOnly) else { return nil }
+        var header = [UInt8](repeating: 0, count: headerSize)
+        let n = (try? header.withUnsafeMutableBytes { try file.read(into: $0, at: 0) }) ?? 0
+        let size = header.withUnsafeBytes { Int(UInt32(littleEndian: $0.loadUnaligned(fromByteOffset: 24, as: UInt32.self))) }
+        let count = header.withUnsafeBytes { Int(UInt64(littleEndian: $0.loadUnaligned(fromByteOffset: 32, as: UInt64.self))) }
+        guard n == headerSize, Array(header[0..<8]) == magic, size == chunkSize,
+              Array(header[40..<72]) == bytes(fromHex: point),
+              (try? file.size()) == UInt64(headerSize + count * tagSize) else {
+            file.close()
+            return nil
+        }
+        return SlotFingerprints(key: Array(header[8..<24]), chunkSize: chunkSize, previous: file, previousSlots: count, next: nil, path: path)
+    }
+
+    private init(key: [UInt8], chunkSize: Int, previous: SystemFile?, previousSlots: Int, next: SystemFile?, path: String) {
         self.keyBytes = key
         self.key = SymmetricKey(data: key)
         self.chunkSize = chunkSize
@@ -90,7 +107,7 @@ final class SlotFingerprints: @unchecked Sendable {
     deinit { abandon() }
 
     /// The keyed tag of one slot's bytes.
-    func tag(_ bytes: UnsafeRawBufferPointer, slot: Int) -> [UInt8]? {
+    public func tag(_ bytes: UnsafeRawBufferPointer, slot: Int) -> [UInt8]? {
         var nonce = [UInt8](repeating: 0, count: 12)
         withUnsafeBytes(of: UInt64(slot).littleEndian) { for i in 0..<8 { nonce[i] = $0[i] } }
         guard let n = try? AES.GCM.Nonce(data: nonce),
@@ -99,7 +116,7 @@ final class SlotFingerprints: @unchecked Sendable {
     }
 
     /// The recorded tags of `slots` (16 bytes each), or nil where there are none.
-    func recorded(_ slots: Range<Int>) -> [UInt8]? {
+    public func recorded(_ slots: Range<Int>) -> [UInt8]? {
         guard let previous, slots.upperBound <= previousSlots, !slots.isEmpty else { return nil }
         var out = [UInt8](repeating: 0, count: slots.count * Self.tagSize)
         let ok = (try? out.withUnsafeMutableBytes {
@@ -114,7 +131,7 @@ final class SlotFingerprints: @unchecked Sendable {
     func record(_ tags: [UInt8], from first: Int) {
         guard !tags.isEmpty, !failed.load(ordering: .relaxed) else { return }
         do {
-            try next.write(tags, at: UInt64(Self.headerSize + first * Self.tagSize))
+            try next?.write(tags, at: UInt64(Self.headerSize + first * Self.tagSize))
         } catch {
             failed.store(true, ordering: .relaxed)
         }
@@ -122,7 +139,7 @@ final class SlotFingerprints: @unchecked Sendable {
 
     /// After the point is committed: the new tags replace the old ones.
     func commit(point: String, slots: Int) {
-        guard !closed else { return }
+        guard !closed, let next else { return }
         closed = true
         previous?.close()
         defer { next.close() }
@@ -150,7 +167,18 @@ final class SlotFingerprints: @unchecked Sendable {
         guard !closed else { return }
         closed = true
         previous?.close()
+        guard let next else { return }
         next.close()
         try? FileSystem.remove(path + ".new")
+    }
+}
+
+extension Vault {
+    /// The slot tags this host recorded when it backed up `point` (while it is the machine's
+    /// latest point here), or nil.
+    public func recordedSlotTags(point: RecoveryPoint, disk: String) -> SlotFingerprints? {
+        SlotFingerprints.recorded(
+            path: SlotFingerprints.path(stateDirectory: stateDirectory, vault: config.id, machine: point.machine, disk: disk),
+            point: point.id, chunkSize: config.chunkSize)
     }
 }

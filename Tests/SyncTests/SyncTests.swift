@@ -135,6 +135,33 @@ final class FaultySource: SyncSource {
         #expect(same.writtenBytes == 0 && same.matchedBytes == SyncFixture.size)
     }
 
+    /// The latest point's slot tags (recorded by the backup on this host) let a delta sync
+    /// match a target's slots without SHA-256; a damaged record must only cost that shortcut.
+    @Test func recordedSlotTagsMatchOnlyTheSourcesBytes() throws {
+        let f = try SyncFixture()
+        defer { f.dir.remove() }
+        #expect(try f.source(2).recordedTags != nil, "the latest point's tags are recorded")
+        #expect(try f.source(1).recordedTags == nil, "an older point's are not")
+        let record = f.dir.file("state") + "/fingerprints/\(f.vault.config.id)/m/os"
+        for damaged in [false, true] {
+            if damaged {
+                var tags = Array(try Data(contentsOf: URL(fileURLWithPath: record)).dropFirst(72))
+                for i in tags.indices { tags[i] ^= 0x33 }
+                try writeAt(record, 72, tags)
+            }
+            for old in [0, 1] {
+                let target = try f.target("t\(old)-\(damaged).img", holding: old)
+                let report = try f.engine.sync(try f.source(2), to: target, mode: .delta)
+                #expect(try sha256(file: target) == f.hashes[2])
+                #expect(report.matchedBytes + report.transferredBytes == SyncFixture.size)
+                #expect(report.transferredBytes < SyncFixture.size / 2)
+            }
+        }
+        // --verify does not trust the tags: it checks every slot against its id.
+        let target = try f.target("verified.img", holding: 1)
+        #expect(try f.engine.sync(try f.source(2), to: target, mode: .delta, verify: true).verified)
+    }
+
     @Test func anInterruptedSyncRollsBackOrResumesExactly() throws {
         let f = try SyncFixture()
         defer { f.dir.remove() }
