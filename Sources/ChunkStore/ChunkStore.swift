@@ -135,8 +135,11 @@ public final class ChunkStore: Sendable {
     }
 
     /// Decodes stored bytes into `output` (exactly rawLength bytes) and verifies the id.
+    /// `matches`, when given, may vouch for the plaintext instead of its SHA-256 (a keyed tag
+    /// recorded when the same bytes were hashed); when it does not, the id is checked.
     public static func open(id: ChunkID, location: ChunkLocation, stored: UnsafeRawBufferPointer,
-                            into output: UnsafeMutableRawBufferPointer, decompressor: ChunkDecompressor? = nil) throws(ChunkStoreError) {
+                            into output: UnsafeMutableRawBufferPointer, decompressor: ChunkDecompressor? = nil,
+                            matches: ((UnsafeRawBufferPointer) -> Bool)? = nil) throws(ChunkStoreError) {
         let packName = PackFormat.objectName(location.pack)
         switch location.flags.encoding {
         case ChunkFlags.stored:
@@ -156,6 +159,7 @@ public final class ChunkStore: Sendable {
         default:
             throw .damagedChunk(id, pack: packName, offset: location.offset, reason: "unknown encoding \(location.flags.encoding)")
         }
+        if let matches, matches(UnsafeRawBufferPointer(output)) { return }
         guard ChunkID.sha256(UnsafeRawBufferPointer(output)) == id else {
             throw .damagedChunk(id, pack: packName, offset: location.offset, reason: "content does not match its id")
         }
@@ -166,13 +170,14 @@ public final class ChunkStore: Sendable {
     /// `rawLength` bytes long. A pack that has gone (garbage collection moved its chunks) makes the
     /// location cache reload once, so long-running readers keep working.
     public func readMany(_ ids: [ChunkID], scratch: ReadScratch, bypassCache: Bool = true,
+                         matches: ((_ index: Int, _ plaintext: UnsafeRawBufferPointer) -> Bool)? = nil,
                          destination: (_ index: Int, _ rawLength: Int) -> UnsafeMutableRawBufferPointer) throws(ChunkStoreError) {
         // A chunk written, or a pack moved, since the cache was loaded: reload it and retry
         // (twice more: a reload during a garbage collection may still see a doomed copy).
         var attempt = 0
         while true {
             do {
-                return try readManyOnce(ids, scratch: scratch, bypassCache: bypassCache, destination: destination)
+                return try readManyOnce(ids, scratch: scratch, bypassCache: bypassCache, matches: matches, destination: destination)
             } catch {
                 guard attempt < 2, ChunkStore.isStaleLocation(error) else { throw error }
                 attempt += 1
@@ -182,6 +187,7 @@ public final class ChunkStore: Sendable {
     }
 
     private func readManyOnce(_ ids: [ChunkID], scratch: ReadScratch, bypassCache: Bool,
+                              matches: ((_ index: Int, _ plaintext: UnsafeRawBufferPointer) -> Bool)?,
                               destination: (_ index: Int, _ rawLength: Int) -> UnsafeMutableRawBufferPointer) throws(ChunkStoreError) {
         var located: [(index: Int, location: ChunkLocation)] = []
         located.reserveCapacity(ids.count)
@@ -227,7 +233,7 @@ public final class ChunkStore: Sendable {
                                         reason: "its length \(location.rawLength) does not fit its place (\(target.count) bytes)")
                 }
                 try ChunkStore.open(id: ids[index], location: location, stored: stored, into: target,
-                                    decompressor: scratch.decompressor)
+                                    decompressor: scratch.decompressor, matches: matches.map { m in { m(index, $0) } })
             }
             start = end
         }

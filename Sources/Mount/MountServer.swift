@@ -226,7 +226,8 @@ public final class MountServer: Sendable {
             let reader = readers.withLock { r in
                 if let existing = r[key] { return existing }
                 if r.count >= 16 { r.removeAll() }  // open handles keep theirs alive
-                let made = DiskReader(point: point, disk: disk, chunks: vault.chunks, cache: cache)
+                let made = DiskReader(point: point, disk: disk, chunks: vault.chunks, cache: cache,
+                                      tags: vault.recordedSlotTags(point: point, disk: disk.name))
                 r[key] = made
                 return made
             }

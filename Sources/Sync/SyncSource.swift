@@ -61,7 +61,7 @@ public final class PointSource: SyncSource {
         // Whole slots are decoded straight into the caller's buffer; the cache only serves the
         // short last slot.
         self.reader = DiskReader(point: point, disk: disk, chunks: vault.chunks,
-                                 cache: ChunkCache(capacityBytes: 1 << 20, slotSize: disk.chunkSize))
+                                 cache: ChunkCache(capacityBytes: 1 << 20, slotSize: disk.chunkSize), tags: recordedTags)
     }
 
     public var label: String { point.label }

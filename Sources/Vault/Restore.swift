@@ -87,6 +87,7 @@ extension Vault {
         let done = Atomic<UInt64>(0)
         let chunks = self.chunks
         let label = point.label
+        let tags = recordedSlotTags(point: point, disk: disk.name)
 
         @Sendable func fail(_ error: VaultError) {
             failure.withLock { if $0 == nil { $0 = error } }
@@ -116,7 +117,12 @@ extension Vault {
                     }
                     do {
                         let present = ids.indices.filter { !ids[$0].isZero }
-                        try chunks.readMany(present.map { ids[$0] }, scratch: scratch) { k, _ in slotBuffer(present[k]) }
+                        // Chunks this host backed up are vouched for by their slot tags.
+                        let window = tags?.window(first..<(first + ids.count))
+                        try chunks.readMany(present.map { ids[$0] }, scratch: scratch,
+                                            matches: window.map { w in { k, bytes in w.matches(slot: first + present[k], bytes) } }) { k, _ in
+                            slotBuffer(present[k])
+                        }
                         if writeHoles {
                             for i in ids.indices where ids[i].isZero { slotBuffer(i).initializeMemory(as: UInt8.self, repeating: 0) }
                             try file.writeUncached(UnsafeRawBufferPointer(rebasing: batch[0..<length]), at: base)

@@ -182,3 +182,28 @@ extension Vault {
             point: point.id, chunkSize: config.chunkSize)
     }
 }
+
+/// The recorded tags of a run of slots: plaintext read back for one of these slots (from a pack,
+/// after decompression) is vouched for by its tag, without SHA-256.
+public struct RecordedTags: Sendable {
+    let fingerprints: SlotFingerprints
+    let first: Int
+    let tags: [UInt8]
+
+    /// True when `bytes` are exactly what slot `slot` held when the record was made.
+    public func matches(slot: Int, _ bytes: UnsafeRawBufferPointer) -> Bool {
+        let size = SlotFingerprints.tagSize
+        let k = slot - first
+        guard k >= 0, (k + 1) * size <= tags.count else { return false }
+        let recorded = tags[(k * size)..<((k + 1) * size)]
+        guard recorded.contains(where: { $0 != 0 }), let tag = fingerprints.tag(bytes, slot: slot) else { return false }
+        return recorded.elementsEqual(tag)
+    }
+}
+
+extension SlotFingerprints {
+    /// The recorded tags of `slots`, or nil if the record does not cover them.
+    public func window(_ slots: Range<Int>) -> RecordedTags? {
+        recorded(slots).map { RecordedTags(fingerprints: self, first: slots.lowerBound, tags: $0) }
+    }
+}

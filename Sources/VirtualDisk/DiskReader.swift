@@ -39,11 +39,15 @@ public final class DiskReader: Sendable {
     private let chunks: ChunkStore
     private let cache: ChunkCache
     private let scratches = Mutex<[ReadScratch]>([])
+    /// The slot tags this host recorded when it backed up the point, if it did: chunks read
+    /// back are vouched for by them, and SHA-256 checks only those they do not vouch for.
+    private let tags: SlotFingerprints?
 
     public var size: UInt64 { disk.size }
     public var chunkSize: Int { disk.chunkSize }
 
-    public init(point: RecoveryPoint, disk: PointDisk, chunks: ChunkStore, cache: ChunkCache) {
+    public init(point: RecoveryPoint, disk: PointDisk, chunks: ChunkStore, cache: ChunkCache, tags: SlotFingerprints? = nil) {
+        self.tags = tags
         self.point = point
         self.disk = disk
         self.chunks = chunks
@@ -83,6 +87,7 @@ public final class DiskReader: Sendable {
         }
         let slotLength = { (k: Int) -> Int in Int(min(chunkSize, self.disk.size - UInt64(firstSlot + k) * chunkSize)) }
 
+        let window = tags?.window(firstSlot..<(lastSlot + 1))
         var whole: [Int] = []          // slots decoded straight into the buffer
         var partial: [Int] = []        // slots served through the cache
         for (k, id) in ids.enumerated() {
@@ -101,7 +106,8 @@ public final class DiskReader: Sendable {
             defer { scratches.withLock { if $0.count < 8 { $0.append(scratch) } } }
             do {
                 // Large reads skip the page cache: the kernel caches what it asked for anyway.
-                try chunks.readMany(whole.map { ids[$0] }, scratch: scratch, bypassCache: whole.count >= 4) { i, _ in
+                try chunks.readMany(whole.map { ids[$0] }, scratch: scratch, bypassCache: whole.count >= 4,
+                                    matches: window.map { w in { i, bytes in w.matches(slot: firstSlot + whole[i], bytes) } }) { i, _ in
                     UnsafeMutableRawBufferPointer(rebasing: buffer[span(whole[i]).target])
                 }
             } catch {
@@ -124,10 +130,12 @@ public final class DiskReader: Sendable {
                 }
             }
             let missing = Array(Set(partial.map { ids[$0] }))
+            var slotOf: [ChunkID: Int] = [:]
+            for k in partial { slotOf[ids[k]] = firstSlot + k }
             let (mine, others) = cache.claim(missing)
             do {
                 defer { cache.release(mine) }
-                if !mine.isEmpty { place(Dictionary(try fetch(mine), uniquingKeysWith: { a, _ in a })) }
+                if !mine.isEmpty { place(Dictionary(try fetch(mine, slots: mine.map { slotOf[$0] ?? -1 }, window: window), uniquingKeysWith: { a, _ in a })) }
             }
             if !others.isEmpty {
                 // Another thread is fetching these: wait, then take them from the cache; what
@@ -141,14 +149,17 @@ public final class DiskReader: Sendable {
                         still.insert(ids[k])
                     }
                 }
-                if !still.isEmpty { place(Dictionary(try fetch(Array(still)), uniquingKeysWith: { a, _ in a })) }
+                if !still.isEmpty {
+                    let again = Array(still)
+                    place(Dictionary(try fetch(again, slots: again.map { slotOf[$0] ?? -1 }, window: window), uniquingKeysWith: { a, _ in a }))
+                }
             }
         }
         return length
     }
 
     /// Reads, verifies and caches `ids`.
-    func fetch(_ ids: [ChunkID]) throws(VirtualDiskError) -> [(ChunkID, [UInt8])] {
+    func fetch(_ ids: [ChunkID], slots: [Int], window: RecordedTags?) throws(VirtualDiskError) -> [(ChunkID, [UInt8])] {
         let scratch = scratches.withLock { $0.popLast() } ?? ReadScratch()
         defer { scratches.withLock { if $0.count < 8 { $0.append(scratch) } } }
         // Decoded into one block of a slot per chunk (no chunk is longer than the vault's chunk
@@ -158,7 +169,8 @@ public final class DiskReader: Sendable {
         do {
             let block = UnsafeMutableRawBufferPointer.allocate(byteCount: max(ids.count * slot, 1), alignment: 64)
             defer { block.deallocate() }
-            try chunks.readMany(ids, scratch: scratch, bypassCache: false) { i, length in
+            try chunks.readMany(ids, scratch: scratch, bypassCache: false,
+                                matches: window.map { w in { i, bytes in w.matches(slot: slots[i], bytes) } }) { i, length in
                 lengths[i] = length
                 return UnsafeMutableRawBufferPointer(rebasing: block[(i * slot)..<(i * slot + min(length, slot))])
             }

@@ -195,7 +195,8 @@ public final class Sandboxes: Sendable {
         let cache = ChunkCache(capacityBytes: cacheBytes, slotSize: vault.config.chunkSize)
         var disks: [SandboxDisk] = []
         for disk in point.disks {
-            let base = DiskReader(point: point, disk: disk, chunks: vault.chunks, cache: cache)
+            let base = DiskReader(point: point, disk: disk, chunks: vault.chunks, cache: cache,
+                                  tags: vault.recordedSlotTags(point: point, disk: disk.name))
             disks.append(try SandboxDisk(name: disk.name, base: base, prefix: path(record.name) + "/disks/" + disk.name))
         }
         return (point, disks)

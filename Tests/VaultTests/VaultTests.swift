@@ -284,6 +284,9 @@ struct Fixture {
         let disk = try f.makeDisk("os.img", size: 8 << 20, seed: 8)
         let report = try vault.backup(BackupRequest(machine: "m", disks: [("os", .path(disk))]))
         #expect(try f.open().check(readData: true).ok)
+        // The restore below reads through the slot tags this backup recorded: a damaged chunk
+        // must fail their check and then its SHA-256.
+        #expect(vault.recordedSlotTags(point: try f.open().point("m"), disk: "os") != nil)
 
         // Damage the first data chunk of slot 0.
         let leaf = try f.open().reader(report.disks[0]).leaf(containing: 0)
