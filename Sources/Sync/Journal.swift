@@ -164,13 +164,15 @@ final class UndoJournal: Sendable {
     /// Appends encoded records and makes them durable before returning.
     func append(_ bytes: [UInt8], durable: Bool = true) throws(SyncError) {
         guard !bytes.isEmpty else { return }
+        // The space is taken under the lock, the flush outside it: writers that append at once
+        // share their flushes (one fdatasync makes every write before it durable).
         try end.withLock { (end: inout UInt64) throws(SyncError) in
             do throws(SystemError) {
                 try file.write(bytes, at: end)
-                if durable, fdatasync(file.fd) != 0 { throw SystemError("flush", path: file.path) }
             } catch { throw .journal(error) }
             end += UInt64(bytes.count)
         }
+        if durable, fdatasync(file.fd) != 0 { throw .journal(SystemError("flush", path: file.path)) }
     }
 
     func checkpoint(_ offset: UInt64) throws(SyncError) {

@@ -100,6 +100,9 @@ public struct SyncEngine: Sendable {
     public var writeBatchBytes = 16 << 20
     /// A checkpoint (target flushed, progress recorded) at least this often.
     public var checkpointBytes: UInt64 = 64 << 20
+    /// Readers of the comparison pass: each reads a region, then hashes it while the others'
+    /// reads are in flight.
+    public var compareWorkers = 4
 
     public init(stateDirectory: String) {
         self.stateDirectory = stateDirectory
@@ -150,7 +153,7 @@ public struct SyncEngine: Sendable {
         var differences: [Difference]? = nil
         if mode == .delta {
             let comparison = Comparison(source: source, target: target, targetSize: oldSize,
-                                        regionSlots: regionSlots(source), workers: 4)
+                                        regionSlots: regionSlots(source), workers: compareWorkers)
             differences = try comparison.differences(from: 0) { done in
                 progress(SyncProgress(phase: .compare, bytesDone: done, bytesTotal: source.size))
             }
@@ -219,7 +222,7 @@ public struct SyncEngine: Sendable {
         var differences: [Difference]? = nil
         if state.mode == .delta {
             let size = try target.size()
-            let comparison = Comparison(source: source, target: target, targetSize: size, regionSlots: regionSlots(source), workers: 4)
+            let comparison = Comparison(source: source, target: target, targetSize: size, regionSlots: regionSlots(source), workers: compareWorkers)
             differences = try comparison.differences(from: first) { done in
                 progress(SyncProgress(phase: .compare, bytesDone: done, bytesTotal: source.size - resumedFrom))
             }
@@ -364,9 +367,9 @@ public struct SyncEngine: Sendable {
         }
 
         // Each worker reads a batch from the vault, decodes it and writes it, waiting on the
-        // disk twice per batch: enough of them that both cores always have a batch to decode.
-        // With old contents to journal, the journal's flushes are the pace.
-        let workerCount = undo && !state.created ? 2 : 2 * ProcessInfo.processInfo.activeProcessorCount + 1
+        // disks (and the journal's flush) in between: enough of them that both cores always
+        // have a batch to decode.
+        let workerCount = 2 * ProcessInfo.processInfo.activeProcessorCount + 1
         let pool = (0..<workerCount).map { n in
             Worker(name: "sync-write-\(n)") {
                 let bufferSize = perBatch * chunkSize
@@ -434,6 +437,15 @@ public struct SyncEngine: Sendable {
                 }
             }
         }
+        // The old contents the journal needs: read ahead by the kernel, all at once, while the
+        // first batches are journaled.
+        if undo && !state.created && differences != nil {
+            for batch in batches {
+                for run in batch.runs {
+                    target.prefetch(at: UInt64(run.lowerBound) * UInt64(chunkSize), length: UInt64(source.length(of: run)))
+                }
+            }
+        }
         for index in batches.indices {
             if !queue.push(index) { break }
         }
@@ -450,7 +462,7 @@ public struct SyncEngine: Sendable {
         var verified = false
         if verify {
             var comparison = Comparison(source: source, target: target, targetSize: try target.size(),
-                                        regionSlots: regionSlots(source), workers: 4)
+                                        regionSlots: regionSlots(source), workers: compareWorkers)
             comparison.useRecordedTags = false
             let mismatches = try comparison.differences(from: 0) { done in
                 progress(SyncProgress(phase: .verify, bytesDone: done, bytesTotal: source.size))
@@ -492,6 +504,7 @@ public struct SyncEngine: Sendable {
                              skipping journaled: Set<UInt64>) throws(SyncError) -> (records: [UInt8], payload: UInt64) {
         let chunkSize = source.chunkSize
         var records: [UInt8] = []
+        records.reserveCapacity(buffer.count + batch.runs.reduce(0) { $0 + $1.count } * UndoJournal.recordHeaderSize)
         var payload: UInt64 = 0
         var differenceAt: [Int: Difference] = [:]
         if let differences = batch.differences { for d in differences { differenceAt[d.slot] = d } }
@@ -500,7 +513,7 @@ public struct SyncEngine: Sendable {
             let base = UInt64(run.lowerBound) * UInt64(chunkSize)
             let known = run.allSatisfy { differenceAt[$0]?.oldZero == true || journaled.contains(UInt64($0) * UInt64(chunkSize)) }
             let hole = known || target.isHole(at: base, count: length, fileSize: source.size)
-            if !hole { try target.read(into: UnsafeMutableRawBufferPointer(rebasing: buffer[0..<length]), at: base) }
+            if !hole { try target.read(into: UnsafeMutableRawBufferPointer(rebasing: buffer[0..<length]), at: base, cached: true) }
             for (k, slot) in run.enumerated() {
                 let offset = UInt64(slot) * UInt64(chunkSize)
                 if journaled.contains(offset) { continue }

@@ -91,9 +91,15 @@ final class Target: Sendable {
         return direct
     }
 
-    /// Reads `buffer.count` bytes at `offset`; past the end of the target reads zeros.
-    func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(SyncError) {
-        let file = descriptor(buffer.baseAddress, count: buffer.count, offset: offset)
+    /// Starts reading a range into the page cache, for `read(..., cached: true)` later.
+    func prefetch(at offset: UInt64, length: UInt64) {
+        buffered.adviseWillNeed(at: offset, length: length)
+    }
+
+    /// Reads `buffer.count` bytes at `offset`; past the end of the target reads zeros. `cached`
+    /// reads through the page cache (what `prefetch` brought in), otherwise O_DIRECT if aligned.
+    func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64, cached: Bool = false) throws(SyncError) {
+        let file = cached ? buffered : descriptor(buffer.baseAddress, count: buffer.count, offset: offset)
         var n: Int
         do throws(SystemError) {
             do {

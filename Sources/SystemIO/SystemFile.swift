@@ -236,6 +236,11 @@ public struct SystemFile: Sendable {
     public func adviseSequential() {
         _ = posix_fadvise(fd, 0, 0, Int32(POSIX_FADV_SEQUENTIAL))
     }
+
+    /// Asks the kernel to start reading a range into the page cache now (in the background).
+    public func adviseWillNeed(at offset: UInt64, length: UInt64) {
+        _ = posix_fadvise(fd, off_t(offset), off_t(length), Int32(POSIX_FADV_WILLNEED))
+    }
 }
 
 /// File-system operations on paths.
