@@ -98,8 +98,9 @@ public struct SyncEngine: Sendable {
     /// then written) of the write pass.
     public var batchBytes = 4 << 20
     public var writeBatchBytes = 16 << 20
-    /// A checkpoint (target flushed, progress recorded) at least this often.
-    public var checkpointBytes: UInt64 = 64 << 20
+    /// A checkpoint (target flushed, progress recorded) at least this often: each one flushes
+    /// the target's device cache while the writers wait, and a resume compares again from it.
+    public var checkpointBytes: UInt64 = 256 << 20
     /// Readers of the comparison pass: each reads a region, then hashes it while the others'
     /// reads are in flight.
     public var compareWorkers = 4
