@@ -84,6 +84,21 @@ public final class MountServer: Sendable {
         self.cache = ChunkCache(capacityBytes: options.cacheBytes, slotSize: vault.config.chunkSize)
         self.guests = GuestTree(vault: vault, cache: cache, log: log)
         self.readaheadBytes = options.readaheadKiB << 10
+        catalog.onLatestChange { [weak self] machines in self?.invalidateLatest(machines) }
+    }
+
+    /// Drops the kernel's copy of `machines/<m>/latest` for machines whose latest point changed.
+    /// From another thread: the refresh may run inside a request on that very link.
+    private func invalidateLatest(_ machines: [String]) {
+        let handle = fuseHandle.withLock { $0 }
+        guard handle != 0 else { return }
+        DispatchQueue.global().async { [weak self] in
+            // Under the handle's lock: the session is not destroyed meanwhile.
+            self?.fuseHandle.withLock { value in
+                guard value == handle, let fuse = OpaquePointer(bitPattern: value) else { return }
+                for machine in machines { _ = fuse_invalidate_path(fuse, "/machines/\(machine)/latest") }
+            }
+        }
     }
 
     /// The components of a raw path after `machines/<machine>/<time>/disks/<disk>.files`, as
@@ -110,6 +125,8 @@ public final class MountServer: Sendable {
             // costing a lookup per entry (10 000 files: a second).
             if let conn {
                 conn.pointee.want &= ~UInt32(1 << 14)  // FUSE_CAP_READDIRPLUS_AUTO
+                // Symbolic links are kept by the kernel; `latest` is invalidated when it moves.
+                if conn.pointee.capable & UInt32(1 << 23) != 0 { conn.pointee.want |= UInt32(1 << 23) }  // FUSE_CAP_CACHE_SYMLINKS
                 // The kernel keeps the smaller of this and the device's readahead, which
                 // FuseSession widened before this reply.
                 conn.pointee.max_readahead = max(conn.pointee.max_readahead, UInt32(server()?.readaheadBytes ?? 0))
@@ -134,6 +151,20 @@ public final class MountServer: Sendable {
 
         let me = Unmanaged.passRetained(self)
         defer { me.release() }
+        // Points come and go without a request asking for them: the catalog is refreshed in
+        // the background too, so that a cached `latest` is invalidated when it moves.
+        let running = Atomic<Bool>(true)
+        let catalog = self.catalog
+        let refresher = Worker(name: "mount-catalog") {
+            while running.load(ordering: .relaxed) {
+                usleep(500_000)
+                if running.load(ordering: .relaxed) { _ = catalog.current }
+            }
+        }
+        defer {
+            running.store(false, ordering: .relaxed)
+            refresher.join()
+        }
         try FuseSession.run(operations: &ops,
                             options: "ro,default_permissions,fsname=lifeboat,subtype=lifeboat" + (options.allowOther ? ",allow_other" : ""),
                             mountpoint: mountpoint, threads: options.threads, readaheadKiB: options.readaheadKiB,

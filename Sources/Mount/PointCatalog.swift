@@ -20,6 +20,8 @@ final class PointCatalog: Sendable {
     private let refreshing = Mutex(false)
     private let maximumAge: TimeInterval
     private let log: @Sendable (String) -> Void
+    /// Told which machines' latest point changed at a refresh (the kernel caches `latest`).
+    private let latestChanged = Mutex<(@Sendable ([String]) -> Void)?>(nil)
 
     init(vault: Vault, maximumAge: TimeInterval = 1, log: @escaping @Sendable (String) -> Void) {
         self.vault = vault
@@ -46,7 +48,17 @@ final class PointCatalog: Sendable {
         }
         let fresh = load(now)
         snapshot.withLock { $0 = fresh }
+        if current.loaded != .distantPast, let tell = latestChanged.withLock({ $0 }) {
+            let changed = Set(current.machines.keys).union(fresh.machines.keys).filter {
+                current.machines[$0]?.last?.name != fresh.machines[$0]?.last?.name
+            }
+            if !changed.isEmpty { tell(changed.sorted()) }
+        }
         return fresh
+    }
+
+    func onLatestChange(_ tell: @escaping @Sendable ([String]) -> Void) {
+        latestChanged.withLock { $0 = tell }
     }
 
     private func load(_ now: Date) -> Snapshot {

@@ -177,6 +177,30 @@ struct MountFixture {
         #expect(try FileSystem.list(mounted.path("machines")).isEmpty)
     }
 
+    /// The kernel keeps symbolic links; `latest` must still move to a new point within a few
+    /// seconds, without any request asking for it.
+    @Test func latestMovesToANewPoint() throws {
+        let f = MountFixture()
+        defer { f.dir.remove() }
+        let vault = try f.vault()
+        let disk = f.dir.file("d.img")
+        try writeAt(disk, 0, randomBytes(seed: 5, count: 1 << 20))
+        _ = try vault.backup(BackupRequest(machine: "m", disks: [("d", .path(disk))], time: Timestamp.parse("2026-03-01T00:00:00Z")))
+        let mounted = try MountedVault(vault, at: f.dir.file("mnt"))
+        defer { mounted.unmount() }
+        let latest = mounted.path("machines/m/latest")
+        #expect(shell("readlink \(latest)").stdout == "2026-03-01T00:00:00Z\n")
+        #expect(shell("ls \(latest)/disks").stdout.contains("d.img"))
+        _ = try vault.backup(BackupRequest(machine: "m", disks: [("d", .path(disk))], time: Timestamp.parse("2026-03-02T00:00:00Z")))
+        var seen = ""
+        for _ in 0..<40 {
+            seen = shell("readlink \(latest)").stdout
+            if seen == "2026-03-02T00:00:00Z\n" { break }
+            usleep(100_000)
+        }
+        #expect(seen == "2026-03-02T00:00:00Z\n")
+    }
+
     @Test func damagedChunkGivesEIOOnExactlyItsRange() throws {
         let f = MountFixture()
         defer { f.dir.remove() }
