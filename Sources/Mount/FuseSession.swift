@@ -54,45 +54,12 @@ enum FuseSession {
     /// wait; a wider window sends several 1 MiB requests at once. Best effort: the knob is the
     /// mount's backing device in sysfs, writable by root only, and a mount works without it.
     static func setReadahead(mountpoint: String, kibibytes: Int) {
-        guard let device = deviceNumber(of: mountpoint) else { return }
+        guard let device = Mounts.device(of: mountpoint) else { return }
         let knob = "/sys/class/bdi/\(device)/read_ahead_kb"
         let fd = open(knob, O_WRONLY)
         guard fd >= 0 else { return }
         defer { close(fd) }
         let text = "\(kibibytes)\n"
         _ = text.withCString { write(fd, $0, strlen($0)) }
-    }
-
-    /// "major:minor" of the file system mounted at `mountpoint`, from /proc/self/mountinfo
-    /// (a stat of the mount point would wait for this very process to answer it).
-    static func deviceNumber(of mountpoint: String) -> String? {
-        guard let text = try? String(contentsOfFile: "/proc/self/mountinfo", encoding: .utf8) else { return nil }
-        var found: String? = nil
-        for line in text.split(separator: "\n") {
-            // id parent major:minor root mountpoint ... (the mount point with octal escapes)
-            let fields = line.split(separator: " ", omittingEmptySubsequences: false)
-            guard fields.count > 4 else { continue }
-            let path = unescapeMountinfo(String(fields[4]))
-            if path == mountpoint { found = String(fields[2]) }  // the last one is on top
-        }
-        return found
-    }
-
-    private static func unescapeMountinfo(_ field: String) -> String {
-        guard field.contains("\\") else { return field }
-        var bytes: [UInt8] = []
-        let raw = Array(field.utf8)
-        var i = 0
-        while i < raw.count {
-            if raw[i] == UInt8(ascii: "\\"), i + 3 < raw.count,
-               let value = UInt8(String(decoding: raw[(i + 1)...(i + 3)], as: UTF8.self), radix: 8) {
-                bytes.append(value)
-                i += 4
-            } else {
-                bytes.append(raw[i])
-                i += 1
-            }
-        }
-        return String(decoding: bytes, as: UTF8.self)
     }
 }

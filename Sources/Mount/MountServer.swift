@@ -403,12 +403,30 @@ public enum Mounts {
     /// True when `path` is a mount point (from /proc/self/mountinfo, which never blocks: a stat of
     /// a FUSE mount whose server has not answered INIT would).
     public static func isMounted(_ path: String) -> Bool {
-        guard let text = try? String(contentsOfFile: "/proc/self/mountinfo", encoding: .utf8) else { return false }
-        let escaped = path.replacingOccurrences(of: " ", with: "\\040")
-        return text.split(separator: "\n").contains { line in
-            let fields = line.split(separator: " ")
-            return fields.count > 4 && fields[4] == escaped
+        device(of: path) != nil
+    }
+
+    /// "major:minor" of the file system mounted on top at `path`, from /proc/self/mountinfo
+    /// (fields: id parent major:minor root mountpoint ...; the kernel escapes the mount point's
+    /// space, tab, newline and backslash as octal).
+    static func device(of path: String) -> String? {
+        guard let text = try? String(contentsOfFile: "/proc/self/mountinfo", encoding: .utf8) else { return nil }
+        var escaped = ""
+        for c in path {
+            switch c {
+            case " ": escaped += "\\040"
+            case "\t": escaped += "\\011"
+            case "\n": escaped += "\\012"
+            case "\\": escaped += "\\134"
+            default: escaped.append(c)
+            }
         }
+        var found: String? = nil
+        for line in text.split(separator: "\n") {
+            let fields = line.split(separator: " ")
+            if fields.count > 4 && fields[4] == escaped { found = String(fields[2]) }  // the last is on top
+        }
+        return found
     }
 
     /// A mount whose server died answers ENOTCONN ("Transport endpoint is not connected").

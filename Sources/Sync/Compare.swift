@@ -37,7 +37,6 @@ struct Comparison {
         let done = Atomic<UInt64>(0)
         let source = self.source, target = self.target, targetSize = self.targetSize, regionSlots = self.regionSlots
         let tags = useRecordedTags ? source.recordedTags : nil
-        let tagSize = SlotFingerprints.tagSize
 
         let pool = (0..<workers).map { n in
             Worker(name: "sync-compare-\(n)") {
@@ -67,14 +66,13 @@ struct Comparison {
                                 }
                             }
                         }
-                        let recorded = hole ? nil : tags?.recorded(slots)
+                        let recorded = hole ? nil : tags?.window(slots)
                         for (k, slot) in slots.enumerated() {
                             let from = k * chunkSize
                             let bytes = UnsafeRawBufferPointer(rebasing: buffer[from..<min(from + chunkSize, length)])
                             let zero = hole || isAllZero(bytes)
                             if let id = ids[k] {
-                                if !zero, !id.isZero, let recorded, let tag = tags?.tag(bytes, slot: slot),
-                                   recorded[(k * tagSize)..<((k + 1) * tagSize)].elementsEqual(tag) {
+                                if !zero, !id.isZero, let recorded, recorded.matches(slot: slot, bytes) {
                                     continue  // the slot holds the source's bytes
                                 }
                                 if id.isZero {

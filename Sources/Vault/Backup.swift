@@ -331,7 +331,7 @@ extension Vault {
         var holes = 0, reused = 0, fresh = 0
         var data: UInt64 = 0, newBytes: UInt64 = 0, stored: UInt64 = 0
         let tagSize = SlotFingerprints.tagSize
-        let recorded = previousLeaf == nil ? nil : fingerprints?.recorded(batch.firstSlot..<(batch.firstSlot + slots))
+        let recorded = previousLeaf == nil ? nil : fingerprints?.window(batch.firstSlot..<(batch.firstSlot + slots))
         var tags = fingerprints == nil ? [] : [UInt8](repeating: 0, count: slots * tagSize)
         defer { fingerprints?.record(tags, from: batch.firstSlot) }
         for s in 0..<slots {
@@ -349,7 +349,7 @@ extension Vault {
             if let fingerprints, let tag = fingerprints.tag(bytes, slot: slot) {
                 tags.replaceSubrange((s * tagSize)..<((s + 1) * tagSize), with: tag)
                 if let recorded, let leaf = previousLeaf, slot - leaf.first < leaf.ids.count,
-                   !leaf.ids[slot - leaf.first].isZero, recorded[(s * tagSize)..<((s + 1) * tagSize)].elementsEqual(tag) {
+                   !leaf.ids[slot - leaf.first].isZero, recorded.matches(slot: slot, tag: tag) {
                     known = leaf.ids[slot - leaf.first]
                     fingerprints.recognised.add(1, ordering: .relaxed)
                 }

@@ -42,36 +42,56 @@ public final class SlotFingerprints: @unchecked Sendable {
         "\(stateDirectory)/fingerprints/\(vault)/\(machine)/\(disk)"
     }
 
-    /// Opens the record for a disk's next point. Returns nil when there is no room for it (the
-    /// backup works without it).
+    /// The record's first 72 bytes.
+    private struct Header {
+        var key: [UInt8]
+        var chunkSize: Int
+        var slots: Int
+        var point: [UInt8]
+
+        /// The header of an intact record (its length matches its slot count), or nil.
+        static func read(from file: SystemFile) -> Header? {
+            var raw = [UInt8](repeating: 0, count: headerSize)
+            guard (try? raw.withUnsafeMutableBytes { try file.read(into: $0, at: 0) }) == headerSize,
+                  Array(raw[0..<8]) == magic else { return nil }
+            let header = raw.withUnsafeBytes {
+                Header(key: Array(raw[8..<24]),
+                       chunkSize: Int(UInt32(littleEndian: $0.loadUnaligned(fromByteOffset: 24, as: UInt32.self))),
+                       slots: Int(UInt64(littleEndian: $0.loadUnaligned(fromByteOffset: 32, as: UInt64.self))),
+                       point: Array(raw[40..<72]))
+            }
+            guard (try? file.size()) == UInt64(headerSize + header.slots * tagSize) else { return nil }
+            return header
+        }
+
+        func describes(point id: String, chunkSize: Int) -> Bool {
+            self.chunkSize == chunkSize && point == bytes(fromHex: id)
+        }
+
+        var encoded: [UInt8] {
+            var out = magic + key
+            withUnsafeBytes(of: UInt32(chunkSize).littleEndian) { out += $0 }
+            out += [0, 0, 0, 0]
+            withUnsafeBytes(of: UInt64(slots).littleEndian) { out += $0 }
+            return out + point
+        }
+    }
+
+    /// Opens the record for a disk's next point, reading the one of `parent` if it is there.
+    /// Returns nil when there is no room for it (the backup works without it).
     static func open(path: String, parent: String?, chunkSize: Int) -> SlotFingerprints? {
         do {
             try FileSystem.createDirectories(FileSystem.parentDirectory(of: path), permissions: 0o700)
-            var previous: SystemFile? = nil
-            var slots = 0
-            var key: [UInt8]? = nil
-            if let file = try? SystemFile.open(path, .readOnly) {
-                var header = [UInt8](repeating: 0, count: headerSize)
-                let n = (try? header.withUnsafeMutableBytes { try file.read(into: $0, at: 0) }) ?? 0
-                if n == headerSize, Array(header[0..<8]) == magic {
-                    key = Array(header[8..<24])
-                    let size = Int(UInt32(littleEndian: header.withUnsafeBytes { $0.loadUnaligned(fromByteOffset: 24, as: UInt32.self) }))
-                    let count = Int(UInt64(littleEndian: header.withUnsafeBytes { $0.loadUnaligned(fromByteOffset: 32, as: UInt64.self) }))
-                    let point = Array(header[40..<72])
-                    let fileSize = (try? file.size()) ?? 0
-                    if let parent, size == chunkSize, point == bytes(fromHex: parent),
-                       fileSize == UInt64(headerSize + count * tagSize) {
-                        previous = file
-                        slots = count
-                    }
-                }
-                if previous == nil { file.close() }
-            }
-            let keyBytes = key ?? (0..<16).map { _ in UInt8.random(in: 0...255) }
+            let file = try? SystemFile.open(path, .readOnly)
+            let header = file.flatMap { Header.read(from: $0) }
+            let usable = parent.map { header?.describes(point: $0, chunkSize: chunkSize) == true } ?? false
+            if !usable { file?.close() }
             let temporary = path + ".new"
             try? FileSystem.remove(temporary)
             let next = try SystemFile.open(temporary, .createExclusive(permissions: 0o600))
-            return SlotFingerprints(key: keyBytes, chunkSize: chunkSize, previous: previous, previousSlots: slots, next: next, path: path)
+            return SlotFingerprints(key: header?.key ?? (0..<16).map { _ in UInt8.random(in: 0...255) }, chunkSize: chunkSize,
+                                    previous: usable ? file : nil, previousSlots: usable ? header?.slots ?? 0 : 0,
+                                    next: next, path: path)
         } catch {
             return nil
         }
@@ -81,17 +101,11 @@ public final class SlotFingerprints: @unchecked Sendable {
     /// slots with it); nil when the record describes another point or is damaged.
     static func recorded(path: String, point: String, chunkSize: Int) -> SlotFingerprints? {
         guard let file = try? SystemFile.open(path, .readOnly) else { return nil }
-        var header = [UInt8](repeating: 0, count: headerSize)
-        let n = (try? header.withUnsafeMutableBytes { try file.read(into: $0, at: 0) }) ?? 0
-        let size = header.withUnsafeBytes { Int(UInt32(littleEndian: $0.loadUnaligned(fromByteOffset: 24, as: UInt32.self))) }
-        let count = header.withUnsafeBytes { Int(UInt64(littleEndian: $0.loadUnaligned(fromByteOffset: 32, as: UInt64.self))) }
-        guard n == headerSize, Array(header[0..<8]) == magic, size == chunkSize,
-              Array(header[40..<72]) == bytes(fromHex: point),
-              (try? file.size()) == UInt64(headerSize + count * tagSize) else {
+        guard let header = Header.read(from: file), header.describes(point: point, chunkSize: chunkSize) else {
             file.close()
             return nil
         }
-        return SlotFingerprints(key: Array(header[8..<24]), chunkSize: chunkSize, previous: file, previousSlots: count, next: nil, path: path)
+        return SlotFingerprints(key: header.key, chunkSize: chunkSize, previous: file, previousSlots: header.slots, next: nil, path: path)
     }
 
     private init(key: [UInt8], chunkSize: Int, previous: SystemFile?, previousSlots: Int, next: SystemFile?, path: String) {
@@ -108,15 +122,14 @@ public final class SlotFingerprints: @unchecked Sendable {
 
     /// The keyed tag of one slot's bytes.
     public func tag(_ bytes: UnsafeRawBufferPointer, slot: Int) -> [UInt8]? {
-        var nonce = [UInt8](repeating: 0, count: 12)
-        withUnsafeBytes(of: UInt64(slot).littleEndian) { for i in 0..<8 { nonce[i] = $0[i] } }
-        guard let n = try? AES.GCM.Nonce(data: nonce),
-              let sealed = try? AES.GCM.seal([UInt8](), using: key, nonce: n, authenticating: bytes) else { return nil }
+        // 12 bytes: the slot number, then zeros.
+        let nonce = withUnsafeBytes(of: (UInt64(slot).littleEndian, UInt32(0))) { try? AES.GCM.Nonce(data: $0) }
+        guard let nonce, let sealed = try? AES.GCM.seal([UInt8](), using: key, nonce: nonce, authenticating: bytes) else { return nil }
         return Array(sealed.tag)
     }
 
     /// The recorded tags of `slots` (16 bytes each), or nil where there are none.
-    public func recorded(_ slots: Range<Int>) -> [UInt8]? {
+    private func recorded(_ slots: Range<Int>) -> [UInt8]? {
         guard let previous, slots.upperBound <= previousSlots, !slots.isEmpty else { return nil }
         var out = [UInt8](repeating: 0, count: slots.count * Self.tagSize)
         let ok = (try? out.withUnsafeMutableBytes {
@@ -147,13 +160,10 @@ public final class SlotFingerprints: @unchecked Sendable {
             try? FileSystem.remove(path + ".new")
             return
         }
-        var header = Self.magic + keyBytes
-        withUnsafeBytes(of: UInt32(chunkSize).littleEndian) { header += $0 }
-        header += [0, 0, 0, 0]
-        withUnsafeBytes(of: UInt64(slots).littleEndian) { header += $0 }
-        header += bytes(fromHex: point) ?? [UInt8](repeating: 0, count: 32)
+        let header = Header(key: keyBytes, chunkSize: chunkSize, slots: slots,
+                            point: bytes(fromHex: point) ?? [UInt8](repeating: 0, count: 32))
         do {
-            try next.write(header, at: 0)
+            try next.write(header.encoded, at: 0)
             try next.truncate(to: UInt64(Self.headerSize + slots * Self.tagSize))
             try next.sync()
             try FileSystem.rename(path + ".new", to: path)
@@ -192,12 +202,22 @@ public struct RecordedTags: Sendable {
 
     /// True when `bytes` are exactly what slot `slot` held when the record was made.
     public func matches(slot: Int, _ bytes: UnsafeRawBufferPointer) -> Bool {
+        guard recordedTag(slot) != nil, let tag = fingerprints.tag(bytes, slot: slot) else { return false }
+        return matches(slot: slot, tag: tag)
+    }
+
+    /// The same, for a tag already computed.
+    public func matches(slot: Int, tag: [UInt8]) -> Bool {
+        recordedTag(slot)?.elementsEqual(tag) ?? false
+    }
+
+    /// The recorded tag of `slot`; nil outside the window or for an all-zero slot.
+    private func recordedTag(_ slot: Int) -> ArraySlice<UInt8>? {
         let size = SlotFingerprints.tagSize
         let k = slot - first
-        guard k >= 0, (k + 1) * size <= tags.count else { return false }
+        guard k >= 0, (k + 1) * size <= tags.count else { return nil }
         let recorded = tags[(k * size)..<((k + 1) * size)]
-        guard recorded.contains(where: { $0 != 0 }), let tag = fingerprints.tag(bytes, slot: slot) else { return false }
-        return recorded.elementsEqual(tag)
+        return recorded.contains(where: { $0 != 0 }) ? recorded : nil
     }
 }
 

@@ -87,7 +87,14 @@ public final class DiskReader: Sendable {
         }
         let slotLength = { (k: Int) -> Int in Int(min(chunkSize, self.disk.size - UInt64(firstSlot + k) * chunkSize)) }
 
-        let window = tags?.window(firstSlot..<(lastSlot + 1))
+        // The recorded tags, read only when a chunk must be fetched (not for holes or cache hits).
+        var loadedWindow: RecordedTags?? = nil
+        func window() -> RecordedTags? {
+            if case .some(let loaded) = loadedWindow { return loaded }
+            let loaded = tags?.window(firstSlot..<(lastSlot + 1))
+            loadedWindow = .some(loaded)
+            return loaded
+        }
         var whole: [Int] = []          // slots decoded straight into the buffer
         var partial: [Int] = []        // slots served through the cache
         for (k, id) in ids.enumerated() {
@@ -107,7 +114,7 @@ public final class DiskReader: Sendable {
             do {
                 // Large reads skip the page cache: the kernel caches what it asked for anyway.
                 try chunks.readMany(whole.map { ids[$0] }, scratch: scratch, bypassCache: whole.count >= 4,
-                                    matches: window.map { w in { i, bytes in w.matches(slot: firstSlot + whole[i], bytes) } }) { i, _ in
+                                    matches: window().map { w in { i, bytes in w.matches(slot: firstSlot + whole[i], bytes) } }) { i, _ in
                     UnsafeMutableRawBufferPointer(rebasing: buffer[span(whole[i]).target])
                 }
             } catch {
@@ -135,7 +142,7 @@ public final class DiskReader: Sendable {
             let (mine, others) = cache.claim(missing)
             do {
                 defer { cache.release(mine) }
-                if !mine.isEmpty { place(Dictionary(try fetch(mine, slots: mine.map { slotOf[$0] ?? -1 }, window: window), uniquingKeysWith: { a, _ in a })) }
+                if !mine.isEmpty { place(Dictionary(try fetch(mine, slots: mine.map { slotOf[$0] ?? -1 }, window: window()), uniquingKeysWith: { a, _ in a })) }
             }
             if !others.isEmpty {
                 // Another thread is fetching these: wait, then take them from the cache; what
@@ -151,7 +158,7 @@ public final class DiskReader: Sendable {
                 }
                 if !still.isEmpty {
                     let again = Array(still)
-                    place(Dictionary(try fetch(again, slots: again.map { slotOf[$0] ?? -1 }, window: window), uniquingKeysWith: { a, _ in a }))
+                    place(Dictionary(try fetch(again, slots: again.map { slotOf[$0] ?? -1 }, window: window()), uniquingKeysWith: { a, _ in a }))
                 }
             }
         }
