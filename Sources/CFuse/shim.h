@@ -18,3 +18,10 @@ static inline int lb_fuse_loop_mt(struct fuse *f, unsigned int max_threads) {
     fuse_loop_cfg_destroy(config);
     return result;
 }
+
+// Puts `size` bytes at `offset` of inode `ino` into the kernel's page cache (FUSE_NOTIFY_STORE).
+static inline int lb_notify_store(struct fuse_session *se, fuse_ino_t ino, off_t offset, const void *data, size_t size) {
+    struct fuse_bufvec buffer = FUSE_BUFVEC_INIT(size);
+    buffer.buf[0].mem = (void *)data;
+    return fuse_lowlevel_notify_store(se, ino, offset, &buffer, 0);
+}

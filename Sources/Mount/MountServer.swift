@@ -19,6 +19,8 @@ public struct MountOptions: Sendable {
     /// 4 MiB: four 1 MiB requests in flight, enough for every server thread on this kind of
     /// machine; more only fills the page cache ahead of the reader.
     static let sequentialReadahead = 4 << 20
+    /// Whether a small read's whole slot goes to the kernel's page cache (FUSE_NOTIFY_STORE).
+    public var handOverPages = true
 
     public init(mountpoint: String) {
         self.mountpoint = mountpoint
@@ -53,7 +55,8 @@ public enum MountError: LifeboatError {
 
 /// An open file of the mount.
 enum OpenFile: Sendable {
-    case disk(DiskReader, footer: [UInt8]?)
+    /// `path`: the file's path in the mount, where whole slots are handed to the page cache.
+    case disk(DiskReader, footer: [UInt8]?, path: String)
     case bytes([UInt8])
     /// A file inside a guest filesystem (`<disk>.files/...`).
     case guest(any GuestFileSystem, inode: UInt64, size: UInt64)
@@ -73,6 +76,12 @@ public final class MountServer: Sendable {
     private let nextHandle = Atomic<UInt64>(1)
     private let fuseHandle = Mutex<UInt>(0)
     let readaheadBytes: Int
+    /// Whole slots decoded for small reads, on their way to the kernel's page cache.
+    private let pages = BoundedQueue<SlotPages>(capacity: 64)
+    private let handOverPages: Bool
+    /// Kernel node ids of the mount's disk files, by path (see `nodeID`).
+    private let nodeIDs = Mutex<[String: UInt64]>([:])
+    private let mountpoint: String
 
     public init(vault: Vault, options: MountOptions, log: @escaping @Sendable (String) -> Void) {
         // Each FUSE thread would otherwise get its own malloc arena, and freed chunk buffers
@@ -84,6 +93,8 @@ public final class MountServer: Sendable {
         self.cache = ChunkCache(capacityBytes: options.cacheBytes, slotSize: vault.config.chunkSize)
         self.guests = GuestTree(vault: vault, cache: cache, log: log)
         self.readaheadBytes = options.readaheadKiB << 10
+        self.handOverPages = options.handOverPages
+        self.mountpoint = FileSystem.absolute(options.mountpoint)
         catalog.onLatestChange { [weak self] machines in self?.invalidateLatest(machines) }
     }
 
@@ -161,9 +172,15 @@ public final class MountServer: Sendable {
                 if running.load(ordering: .relaxed) { _ = catalog.current }
             }
         }
+        let pages = self.pages
+        let handing = Worker(name: "mount-pages") { [weak self] in
+            while let slot = pages.pop() { self?.store(slot) }
+        }
         defer {
             running.store(false, ordering: .relaxed)
             refresher.join()
+            pages.close()
+            handing.join()
         }
         try FuseSession.run(operations: &ops,
                             options: "ro,default_permissions,fsname=lifeboat,subtype=lifeboat" + (options.allowOther ? ",allow_other" : ""),
@@ -174,6 +191,34 @@ public final class MountServer: Sendable {
     /// Ends the request loop (tests; the command line uses signals and umount).
     public func stop() {
         FuseSession.stop(fuseHandle)
+    }
+
+    // MARK: - Handing pages to the kernel
+
+    /// Stores one slot's bytes in the kernel's page cache of its file (FUSE_NOTIFY_STORE), off
+    /// the request threads: the store waits for the page the request itself is filling.
+    private func store(_ slot: SlotPages) {
+        guard let node = nodeID(slot.path) else { return }
+        let status = fuseHandle.withLock { value -> Int32 in
+            guard value != 0, let fuse = OpaquePointer(bitPattern: value), let session = fuse_get_session(fuse) else { return 0 }
+            return slot.bytes.withUnsafeBytes { lb_notify_store(session, fuse_ino_t(node), off_t(slot.offset), $0.baseAddress, $0.count) }
+        }
+        // The kernel forgot the node (or never had it): look it up again next time.
+        if status == -ENOENT { nodeIDs.withLock { _ = $0.removeValue(forKey: slot.path) } }
+    }
+
+    /// The kernel's node id of a file of this mount. The high-level libfuse hands the kernel's
+    /// node id out as st_ino (the `use_ino` option is off), and a stat through the mount from
+    /// this thread (not a request thread) is answered by the others.
+    private func nodeID(_ path: String) -> UInt64? {
+        if let known = nodeIDs.withLock({ $0[path] }) { return known }
+        var st = stat()
+        guard lstat(mountpoint + path, &st) == 0 else { return nil }
+        nodeIDs.withLock { ids in
+            if ids.count >= 256 { ids.removeAll() }
+            ids[path] = UInt64(st.st_ino)
+        }
+        return UInt64(st.st_ino)
     }
 
     // MARK: - Operations (return 0 or -errno)
@@ -249,7 +294,7 @@ public final class MountServer: Sendable {
     func open(_ path: UnsafePointer<CChar>?, _ info: UnsafeMutablePointer<fuse_file_info>?) -> Int32 {
         guard let info else { return -EINVAL }
         if info.pointee.flags & O_ACCMODE != O_RDONLY { return -EROFS }
-        guard let node = node(path) else { return -ENOENT }
+        guard let path, let node = node(path) else { return -ENOENT }
         let file: OpenFile
         switch node {
         case .disk(let point, let disk, let vhd):
@@ -264,11 +309,10 @@ public final class MountServer: Sendable {
             }
             let footer = vhd ? VHDFooter.make(diskSize: disk.size, time: point.date,
                                               identity: ChunkID.sha256(Array((point.id + disk.name).utf8)).bytes) : nil
-            file = .disk(reader, footer: footer)
+            file = .disk(reader, footer: footer, path: String(cString: path))
         case .pointJSON(_, let bytes):
             file = .bytes(bytes)
         case .files(let point, let disk, _):
-            guard let path else { return -ENOENT }
             switch guestTarget(path, point, disk) {
             case .success(.entry(let fs, let entry)):
                 guard entry.type == .regular else { return entry.type == .directory ? -EISDIR : -EACCES }
@@ -307,11 +351,15 @@ public final class MountServer: Sendable {
             return copyOut(bytes, at: UInt64(offset), into: out)
         case .guest(let fs, let inode, _):
             return guests.read(fs, inode: inode, into: out, at: UInt64(offset))
-        case .disk(let reader, let footer):
+        case .disk(let reader, let footer, let path):
             var done = 0
+            // A small read decodes a whole chunk anyway: the kernel gets all of it, so that the
+            // next reads around this one are page-cache hits instead of round trips here.
+            let wholeSlot: ((UInt64, UnsafeRawBufferPointer) -> Void)? = handOverPages && size < reader.chunkSize
+                ? { [pages] at, bytes in pages.offer(SlotPages(path: path, offset: at, bytes: Array(bytes))) } : nil
             do {
                 if UInt64(offset) < reader.size {
-                    done = try reader.read(into: out, at: UInt64(offset))
+                    done = try reader.read(into: out, at: UInt64(offset), wholeSlot: wholeSlot)
                 }
             } catch {
                 log(error.description)
@@ -331,7 +379,7 @@ public final class MountServer: Sendable {
         switch file {
         case .bytes(let bytes): size = UInt64(bytes.count)
         case .guest(_, _, let guestSize): size = guestSize
-        case .disk(let r, let f):
+        case .disk(let r, let f, _):
             reader = r
             footer = f?.count ?? 0
             size = r.size + UInt64(footer)
@@ -387,6 +435,13 @@ public final class MountServer: Sendable {
         st.pointee.f_namemax = 255
         return 0
     }
+}
+
+/// One slot of a disk file, decoded for a small read, for the kernel's page cache.
+struct SlotPages: Sendable {
+    let path: String
+    let offset: UInt64
+    let bytes: [UInt8]
 }
 
 @_silgen_name("mallopt")

@@ -26,6 +26,17 @@ public final class BoundedQueue<Element: Sendable>: @unchecked Sendable {
         return true
     }
 
+    /// Like `push`, but never waits: false when the queue is full or closed (the item is dropped).
+    @discardableResult
+    public func offer(_ item: Element) -> Bool {
+        condition.lock()
+        defer { condition.unlock() }
+        if closed || items.count - head >= capacity { return false }
+        items.append(item)
+        condition.broadcast()
+        return true
+    }
+
     public func pop() -> Element? {
         condition.lock()
         defer { condition.unlock() }

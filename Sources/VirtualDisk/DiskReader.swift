@@ -25,6 +25,10 @@ public enum VirtualDiskError: LifeboatError {
     }
 }
 
+/// Zeros for a hole slot handed to `wholeSlot`: the largest chunk size, never written, so its
+/// pages stay the kernel's shared zero page.
+private nonisolated(unsafe) let zeroSlots = UnsafeRawPointer(calloc(8 << 20, 1)!)
+
 /// Random-access reads of one disk of one recovery point: offset -> slot -> chunk id -> cache
 /// or pack. Safe from many threads.
 ///
@@ -57,6 +61,14 @@ public final class DiskReader: Sendable {
 
     /// Reads up to `buffer.count` bytes at `offset`; fewer only at the end of the disk.
     public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(VirtualDiskError) -> Int {
+        try read(into: buffer, at: offset, wholeSlot: nil)
+    }
+
+    /// Reads as `read(into:at:)` does. `wholeSlot` is given every slot the read covers in part and had to produce whole (a
+    /// chunk fetched from its pack, or a hole): its first byte's offset and all its bytes, so
+    /// that a caller with a page cache of its own can keep the rest of what was decoded.
+    public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64,
+                     wholeSlot: ((UInt64, UnsafeRawBufferPointer) -> Void)?) throws(VirtualDiskError) -> Int {
         guard offset < disk.size else { return 0 }
         let length = Int(min(UInt64(buffer.count), disk.size - offset))
         let chunkSize = UInt64(disk.chunkSize)
@@ -102,6 +114,9 @@ public final class DiskReader: Sendable {
             let out = UnsafeMutableRawBufferPointer(rebasing: buffer[target])
             if id.isZero {
                 out.initializeMemory(as: UInt8.self, repeating: 0)
+                if let wholeSlot, to - from < slotLength(k) {
+                    wholeSlot(UInt64(firstSlot + k) * chunkSize, UnsafeRawBufferPointer(start: zeroSlots, count: slotLength(k)))
+                }
             } else if from == 0 && to == slotLength(k) {
                 whole.append(k)
             } else {
@@ -133,6 +148,7 @@ public final class DiskReader: Sendable {
                     let (target, from, to) = span(k)
                     bytes.withUnsafeBytes {
                         UnsafeMutableRawBufferPointer(rebasing: buffer[target]).copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[from..<to]))
+                        if let wholeSlot, bytes.count == slotLength(k) { wholeSlot(UInt64(firstSlot + k) * chunkSize, $0) }
                     }
                 }
             }

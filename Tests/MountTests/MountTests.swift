@@ -236,6 +236,48 @@ struct MountFixture {
         #expect(mounted.log.withLock { $0 }.contains { $0.contains("disk d") && $0.contains("327680") })
     }
 
+    @Test func smallReadHandsItsWholeChunkToThePageCache() throws {
+        let f = MountFixture()
+        defer { f.dir.remove() }
+        let vault = try f.vault()
+        let disk = f.dir.file("d.img")
+        try writeAt(disk, 0, randomBytes(seed: 9, count: 1 << 20))
+        try writeAt(disk, 3 << 20, randomBytes(seed: 10, count: 1 << 20))  // slots 16-47 are a hole
+        _ = try vault.backup(BackupRequest(machine: "m", disks: [("d", .path(disk))]))
+        let mounted = try MountedVault(try f.vault(), at: f.dir.file("mnt"))
+        defer { mounted.unmount() }
+        let image = mounted.path("machines/m/latest/disks/d.img")
+        let fd = Glibc.open(image, O_RDONLY)
+        try #require(fd >= 0)
+        defer { close(fd) }
+        _ = posix_fadvise(fd, 0, 0, POSIX_FADV_RANDOM)  // no readahead: only what the test asks
+        let size = 4 << 20
+        let map = try #require(mmap(nil, size, PROT_READ, MAP_SHARED, fd, 0))
+        defer { munmap(map, size) }
+        func resident(slot: Int) -> Int {
+            var pages = [UInt8](repeating: 0, count: 16)
+            _ = mincore(map.advanced(by: slot << 16), 1 << 16, &pages)
+            return pages.filter { $0 & 1 != 0 }.count
+        }
+        var page = [UInt8](repeating: 0, count: 4096)
+        for slot in [3, 20] {  // a chunk and a hole
+            #expect(page.withUnsafeMutableBytes { pread(fd, $0.baseAddress, 4096, off_t(slot << 16) + 8192) } == 4096)
+            var waited = 0
+            while resident(slot: slot) < 16 && waited < 50 {
+                usleep(100_000)
+                waited += 1
+            }
+            #expect(resident(slot: slot) == 16, "slot \(slot): the whole chunk is in the page cache")
+        }
+        #expect(resident(slot: 5) == 0, "a slot nobody read is not")
+        let source = try SystemFile.open(disk, .readOnly)
+        defer { source.close() }
+        for slot in [3, 20] {
+            let cached = Array(UnsafeRawBufferPointer(start: map.advanced(by: slot << 16), count: 1 << 16))
+            #expect(cached == (try source.readAll(from: UInt64(slot << 16), count: 1 << 16)))
+        }
+    }
+
     @Test func concurrentReadersAndUnmountWhileOpen() throws {
         let f = MountFixture()
         defer { f.dir.remove() }
