@@ -11,6 +11,8 @@ struct Difference: Sendable {
     var oldZero: Bool
     /// SHA-256 of the old bytes: checked again when they are journaled.
     var oldHash: ChunkID
+    /// The comparison journaled the old bytes it read (see `Comparison.journal`).
+    var journaled = false
 }
 
 /// The comparison pass of a delta sync (and of --verify): reads the target in large regions,
@@ -26,6 +28,12 @@ struct Comparison {
     /// Whether a slot may be matched by the tags recorded with the source (not for --verify,
     /// which checks every slot against its SHA-256 id).
     var useRecordedTags = true
+    /// Where the old bytes of the slots that differ are journaled as they are found, unflushed,
+    /// while they are in hand: the write pass then neither reads them again nor waits for
+    /// the journal's writes (one flush before the target is touched). At most `journalBudget`
+    /// bytes; the slots past it are journaled by the write pass.
+    var journal: UndoJournal? = nil
+    var journalBudget: UInt64 = 0
 
     func differences(from first: Int, progress: @escaping @Sendable (UInt64) -> Void) throws(SyncError) -> [Difference] {
         let count = source.slotCount
@@ -37,6 +45,9 @@ struct Comparison {
         let done = Atomic<UInt64>(0)
         let source = self.source, target = self.target, targetSize = self.targetSize, regionSlots = self.regionSlots
         let tags = useRecordedTags ? source.recordedTags : nil
+        let journal = self.journal, journalBudget = self.journalBudget
+        let journalUsed = Atomic<UInt64>(0)
+        let journaling = Atomic<Bool>(journal != nil)
 
         let pool = (0..<workers).map { n in
             Worker(name: "sync-compare-\(n)") {
@@ -67,6 +78,7 @@ struct Comparison {
                             }
                         }
                         let recorded = hole ? nil : tags?.window(slots)
+                        let foundBefore = mine.count
                         for (k, slot) in slots.enumerated() {
                             let from = k * chunkSize
                             let bytes = UnsafeRawBufferPointer(rebasing: buffer[from..<min(from + chunkSize, length)])
@@ -90,6 +102,31 @@ struct Comparison {
                                 let same = zero ? isAllZero(UnsafeRawBufferPointer(theirBytes))
                                                 : memcmp(bytes.baseAddress!, theirBytes.baseAddress!, bytes.count) == 0
                                 if !same { mine.append(Difference(slot: slot, oldZero: zero, oldHash: zero ? .zero : ChunkID.sha256(bytes))) }
+                            }
+                        }
+                        if let journal, mine.count > foundBefore, journaling.load(ordering: .relaxed) {
+                            var records: [UInt8] = []
+                            for d in mine[foundBefore...] {
+                                let from = (d.slot - start) * chunkSize
+                                let bytes = UnsafeRawBufferPointer(rebasing: buffer[from..<min(from + chunkSize, length)])
+                                if d.oldZero {
+                                    records += UndoJournal.encodeHeader(kind: .zero, offset: UInt64(d.slot) * UInt64(chunkSize), length: bytes.count, digest: .zero)
+                                } else {
+                                    records += UndoJournal.encodeHeader(kind: .data, offset: UInt64(d.slot) * UInt64(chunkSize), length: bytes.count, digest: d.oldHash)
+                                    records.append(contentsOf: bytes)
+                                }
+                            }
+                            let size = UInt64(records.count)
+                            if journalUsed.add(size, ordering: .relaxed).newValue > journalBudget {
+                                journaling.store(false, ordering: .relaxed)
+                            } else {
+                                do throws(SyncError) {
+                                    try journal.append(records, durable: false)
+                                    for i in foundBefore..<mine.count { mine[i].journaled = true }
+                                } catch {
+                                    // The write pass journals these, and says what failed.
+                                    journaling.store(false, ordering: .relaxed)
+                                }
                             }
                         }
                         progress(done.add(UInt64(length), ordering: .relaxed).newValue)

@@ -175,6 +175,11 @@ final class UndoJournal: Sendable {
         if durable, fdatasync(file.fd) != 0 { throw .journal(SystemError("flush", path: file.path)) }
     }
 
+    /// Makes every record appended so far durable.
+    func flush() throws(SyncError) {
+        if fdatasync(file.fd) != 0 { throw .journal(SystemError("flush", path: file.path)) }
+    }
+
     func checkpoint(_ offset: UInt64) throws(SyncError) {
         try append(UndoJournal.encodeHeader(kind: .checkpoint, offset: offset, length: 0, digest: .zero))
     }

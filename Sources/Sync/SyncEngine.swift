@@ -150,40 +150,72 @@ public struct SyncEngine: Sendable {
         }
 
         // Delta: compare first, which gives the exact list of slots to write and so the exact
-        // size of the journal.
+        // size of the journal. The comparison journals the old bytes it finds (unflushed; the
+        // state record does not point at this journal yet), within half the free space.
         var differences: [Difference]? = nil
+        var early: UndoJournal? = nil
+        var startedTarget = false
+        defer {
+            // Stopped before the target was touched: the journal is not needed.
+            if let early, !startedTarget {
+                early.close()
+                try? dir.removeJournal()
+            }
+        }
         if mode == .delta {
-            let comparison = Comparison(source: source, target: target, targetSize: oldSize,
+            var comparison = Comparison(source: source, target: target, targetSize: oldSize,
                                         regionSlots: regionSlots(source), workers: compareWorkers)
+            if undo && !created {
+                do throws(SystemError) { try FileSystem.createDirectories(dir.path, permissions: 0o700) } catch { throw .journal(error) }
+                early = try UndoJournal.create(dir.journalPath, key: identity.key)
+                comparison.journal = early
+                comparison.journalBudget = freeSpace() / 2
+            }
             differences = try comparison.differences(from: 0) { done in
                 progress(SyncProgress(phase: .compare, bytesDone: done, bytesTotal: source.size))
             }
+        }
+        let chunkBytes = UInt64(source.chunkSize)
+        let journaled = Set((differences ?? []).filter(\.journaled).map { UInt64($0.slot) * chunkBytes })
+        let journaledPayload = (differences ?? []).reduce(UInt64(0)) { sum, d in
+            d.journaled && !d.oldZero ? sum + UInt64(source.length(of: d.slot..<(d.slot + 1))) : sum
         }
         var state = SyncState(target: identity.path, isDevice: identity.isDevice, identity: identity.id,
                               source: source.resumeSpec, sourceLabel: source.label, disk: source.diskName, mode: mode,
                               phase: .running, undo: undo, created: created, oldSize: created ? 0 : oldSize,
                               newSize: identity.isDevice ? oldSize : source.size, chunkSize: source.chunkSize,
                               journalBytesPlanned: 0, started: Timestamp.format(started), finished: nil)
-        let journalBytes = undo ? journalEstimate(source: source, target: target, oldSize: oldSize, created: created,
-                                                  mode: mode, differences: differences, from: 0) : 0
+        // What the journal still needs, beyond what the comparison put in it.
+        let remaining = undo ? journalEstimate(source: source, target: target, oldSize: oldSize, created: created,
+                                               mode: mode, differences: differences, from: 0, skipping: journaled) : 0
+        let journalBytes = remaining + journaledPayload
         state.journalBytesPlanned = journalBytes
         let free = freeSpace()
         let differing = differences.map { $0.reduce(UInt64(0)) { $0 + UInt64(source.length(of: $1.slot..<($1.slot + 1))) } } ?? source.size
         plan(SyncPlan(target: identity.path, source: source.label, mode: mode, size: source.size, differingBytes: differing,
-                      journalBytes: journalBytes, journalDirectory: dir.path, freeBytes: free, resumedFrom: nil, warnings: warnings))
-        if undo && journalBytes + journalSlack(source) > free {
+                      journalBytes: journalBytes, journalDirectory: dir.path, freeBytes: free + journaledPayload, resumedFrom: nil,
+                      warnings: warnings))
+        if undo && remaining + journalSlack(source) > free {
             if created { try? FileSystem.remove(identity.path) }
-            throw .journalTooLarge(needed: journalBytes, available: free, directory: stateDirectory + "/sync")
+            throw .journalTooLarge(needed: journalBytes, available: free + journaledPayload, directory: stateDirectory + "/sync")
         }
 
         // From here on the target may change: the journal and the state record come first.
-        do throws(SystemError) { try FileSystem.createDirectories(dir.path, permissions: 0o700) } catch { throw .journal(error) }
-        let journal = try UndoJournal.create(dir.journalPath, key: identity.key)
+        let journal: UndoJournal
+        if let early {
+            try early.flush()
+            journal = early
+        } else {
+            do throws(SystemError) { try FileSystem.createDirectories(dir.path, permissions: 0o700) } catch { throw .journal(error) }
+            journal = try UndoJournal.create(dir.journalPath, key: identity.key)
+        }
+        startedTarget = true
         defer { journal.close() }
         try dir.save(state)
 
-        var report = try execute(source: source, target: target, state: state, dir: dir, journal: journal, journaled: [],
+        var report = try execute(source: source, target: target, state: state, dir: dir, journal: journal, journaled: journaled,
                                  from: 0, differences: differences, fresh: created, verify: verify, progress: progress)
+        report.journalBytes += journaledPayload
         report.created = created
         report.warnings = warnings
         report.seconds = Date().timeIntervalSince(started)
@@ -442,7 +474,7 @@ public struct SyncEngine: Sendable {
         // first batches are journaled.
         if undo && !state.created && differences != nil {
             for batch in batches {
-                for run in batch.runs {
+                for run in batch.runs where !run.allSatisfy({ journaled.contains(UInt64($0) * UInt64(chunkSize)) }) {
                     target.prefetch(at: UInt64(run.lowerBound) * UInt64(chunkSize), length: UInt64(source.length(of: run)))
                 }
             }
