@@ -104,6 +104,8 @@ public struct SyncEngine: Sendable {
     /// Readers of the comparison pass: each reads a region, then hashes it while the others'
     /// reads are in flight.
     public var compareWorkers = 4
+    /// The most bytes a delta's comparison may journal; nil: half the state directory's free space.
+    public var comparisonJournalLimit: UInt64? = nil
 
     public init(stateDirectory: String) {
         self.stateDirectory = stateDirectory
@@ -169,7 +171,7 @@ public struct SyncEngine: Sendable {
                 do throws(SystemError) { try FileSystem.createDirectories(dir.path, permissions: 0o700) } catch { throw .journal(error) }
                 early = try UndoJournal.create(dir.journalPath, key: identity.key)
                 comparison.journal = early
-                comparison.journalBudget = freeSpace() / 2
+                comparison.journalBudget = comparisonJournalLimit ?? freeSpace() / 2
             }
             differences = try comparison.differences(from: 0) { done in
                 progress(SyncProgress(phase: .compare, bytesDone: done, bytesTotal: source.size))

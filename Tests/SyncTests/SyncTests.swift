@@ -217,6 +217,36 @@ final class FaultySource: SyncSource {
         #expect(try engine.status(fresh).condition == .rolledBack)
     }
 
+    @Test func aDeltaJournaledPartlyByItsComparisonRollsBackOrResumesExactly() throws {
+        let f = try SyncFixture()
+        defer { f.dir.remove() }
+        // Nothing, part, or all of the old bytes journaled while comparing; the write pass
+        // journals the rest. Interrupted in the write pass, each rolls back and resumes exactly.
+        for limit: UInt64 in [0, 1 << 20, .max] {
+            let target = try f.target("t-\(limit).img", holding: 0)
+            var engine = f.engine
+            engine.batchBytes = 256 << 10
+            engine.writeBatchBytes = 256 << 10
+            engine.comparisonJournalLimit = limit
+            #expect(throws: SyncError.self) {
+                try engine.sync(FaultySource(try f.source(2), failAfterReads: 2), to: target, mode: .delta)
+            }
+            #expect(try engine.status(target).condition == .midSync)
+            _ = try engine.rollback(target)
+            #expect(try sha256(file: target) == f.hashes[0], "limit \(limit): rollback")
+            #expect(throws: SyncError.self) {
+                try engine.sync(FaultySource(try f.source(2), failAfterReads: 2), to: target, mode: .delta)
+            }
+            _ = try engine.resume(target, resolve: f.resolve, verify: true)
+            #expect(try sha256(file: target) == f.hashes[2], "limit \(limit): resume")
+            // A sync that completes leaves no journal behind.
+            let report = try engine.sync(try f.source(0), to: target, mode: .delta)
+            #expect(report.journalBytes > 0)
+            #expect(try sha256(file: target) == f.hashes[0])
+            #expect(try FileSystem.list(f.dir.file("state/sync")).allSatisfy { !FileSystem.exists(f.dir.file("state/sync/\($0)/journal")) })
+        }
+    }
+
     @Test func verificationFailureHasItsOwnKindAndKeepsTheJournal() throws {
         let f = try SyncFixture()
         defer { f.dir.remove() }
