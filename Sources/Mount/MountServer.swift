@@ -76,8 +76,9 @@ public final class MountServer: Sendable {
     private let nextHandle = Atomic<UInt64>(1)
     private let fuseHandle = Mutex<UInt>(0)
     let readaheadBytes: Int
-    /// Whole slots decoded for small reads, on their way to the kernel's page cache.
-    private let pages = BoundedQueue<SlotPages>(capacity: 64)
+    /// Whole slots decoded for small reads, on their way to the kernel's page cache (about
+    /// 4 MiB of them; more are dropped, not waited for).
+    private let pages: BoundedQueue<SlotPages>
     private let handOverPages: Bool
     /// Kernel node ids of the mount's disk files, by path (see `nodeID`).
     private let nodeIDs = Mutex<[String: UInt64]>([:])
@@ -94,6 +95,7 @@ public final class MountServer: Sendable {
         self.guests = GuestTree(vault: vault, cache: cache, log: log)
         self.readaheadBytes = options.readaheadKiB << 10
         self.handOverPages = options.handOverPages
+        self.pages = BoundedQueue(capacity: max(2, (4 << 20) / vault.config.chunkSize))
         self.mountpoint = FileSystem.absolute(options.mountpoint)
         catalog.onLatestChange { [weak self] machines in self?.invalidateLatest(machines) }
     }
