@@ -200,6 +200,12 @@ public final class MountServer: Sendable {
     /// Stores one slot's bytes in the kernel's page cache of its file (FUSE_NOTIFY_STORE), off
     /// the request threads: the store waits for the page the request itself is filling.
     private func store(_ slot: SlotPages) {
+        // Only while the path still shows the point the bytes came from: a point removed and
+        // another made with the same time must not get them.
+        guard case .disk(let point, _, _)? = MountNode.resolve(slot.path, in: catalog.current), point.id == slot.point else {
+            nodeIDs.withLock { _ = $0.removeValue(forKey: slot.path) }
+            return
+        }
         guard let node = nodeID(slot.path) else { return }
         let status = fuseHandle.withLock { value -> Int32 in
             guard value != 0, let fuse = OpaquePointer(bitPattern: value), let session = fuse_get_session(fuse) else { return 0 }
@@ -358,7 +364,7 @@ public final class MountServer: Sendable {
             // A small read decodes a whole chunk anyway: the kernel gets all of it, so that the
             // next reads around this one are page-cache hits instead of round trips here.
             let wholeSlot: ((UInt64, UnsafeRawBufferPointer) -> Void)? = handOverPages && size < reader.chunkSize
-                ? { [pages] at, bytes in pages.offer(SlotPages(path: path, offset: at, bytes: Array(bytes))) } : nil
+                ? { [pages] at, bytes in pages.offer(SlotPages(path: path, point: reader.point.id, offset: at, bytes: Array(bytes))) } : nil
             do {
                 if UInt64(offset) < reader.size {
                     done = try reader.read(into: out, at: UInt64(offset), wholeSlot: wholeSlot)
@@ -442,6 +448,8 @@ public final class MountServer: Sendable {
 /// One slot of a disk file, decoded for a small read, for the kernel's page cache.
 struct SlotPages: Sendable {
     let path: String
+    /// The id of the point whose bytes these are.
+    let point: String
     let offset: UInt64
     let bytes: [UInt8]
 }
