@@ -108,13 +108,9 @@ struct Comparison {
                             var records: [UInt8] = []
                             for d in mine[foundBefore...] {
                                 let from = (d.slot - start) * chunkSize
-                                let bytes = UnsafeRawBufferPointer(rebasing: buffer[from..<min(from + chunkSize, length)])
-                                if d.oldZero {
-                                    records += UndoJournal.encodeHeader(kind: .zero, offset: UInt64(d.slot) * UInt64(chunkSize), length: bytes.count, digest: .zero)
-                                } else {
-                                    records += UndoJournal.encodeHeader(kind: .data, offset: UInt64(d.slot) * UInt64(chunkSize), length: bytes.count, digest: d.oldHash)
-                                    records.append(contentsOf: bytes)
-                                }
+                                UndoJournal.encodeRecord(into: &records, offset: UInt64(d.slot) * UInt64(chunkSize),
+                                                         bytes: UnsafeRawBufferPointer(rebasing: buffer[from..<min(from + chunkSize, length)]),
+                                                         zero: d.oldZero, digest: d.oldHash)
                             }
                             let size = UInt64(records.count)
                             if journalUsed.add(size, ordering: .relaxed).newValue > journalBudget {

@@ -149,6 +149,16 @@ final class UndoJournal: Sendable {
         return head
     }
 
+    /// Appends the undo record of one slot: a zero record, or a data record with its old bytes.
+    static func encodeRecord(into records: inout [UInt8], offset: UInt64, bytes: UnsafeRawBufferPointer, zero: Bool, digest: ChunkID) {
+        if zero {
+            records += encodeHeader(kind: .zero, offset: offset, length: bytes.count, digest: .zero)
+        } else {
+            records += encodeHeader(kind: .data, offset: offset, length: bytes.count, digest: digest)
+            records.append(contentsOf: bytes)
+        }
+    }
+
     private static func decodeHeader(_ head: [UInt8], at: UInt64) -> (Record, ChunkID)? {
         guard Array(head[0..<4]) == recordMagic, let kind = Kind(rawValue: head[4]) else { return nil }
         let check = ChunkID.sha256(Array(head[0..<56]))

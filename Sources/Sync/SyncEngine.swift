@@ -555,17 +555,12 @@ public struct SyncEngine: Sendable {
                 let from = k * chunkSize
                 let bytes = UnsafeRawBufferPointer(rebasing: buffer[from..<min(from + chunkSize, length)])
                 let zero = hole || differenceAt[slot]?.oldZero == true || isAllZero(bytes)
-                if zero {
-                    records += UndoJournal.encodeHeader(kind: .zero, offset: offset, length: bytes.count, digest: .zero)
-                    continue
-                }
-                let hash = ChunkID.sha256(bytes)
-                if let expected = differenceAt[slot], expected.oldHash != hash {
+                let hash = zero ? ChunkID.zero : ChunkID.sha256(bytes)
+                if !zero, let expected = differenceAt[slot], expected.oldHash != hash {
                     throw .targetChanged(path: target.path, offset: offset)
                 }
-                records += UndoJournal.encodeHeader(kind: .data, offset: offset, length: bytes.count, digest: hash)
-                records.append(contentsOf: bytes)
-                payload += UInt64(bytes.count)
+                UndoJournal.encodeRecord(into: &records, offset: offset, bytes: bytes, zero: zero, digest: hash)
+                if !zero { payload += UInt64(bytes.count) }
             }
         }
         return (records, payload)
