@@ -182,7 +182,7 @@ final class UndoJournal: Sendable {
             } catch { throw .journal(error) }
             end += UInt64(bytes.count)
         }
-        if durable, fdatasync(file.fd) != 0 { throw .journal(SystemError("flush", path: file.path)) }
+        if durable { try flush() }
     }
 
     /// Makes every record appended so far durable.

@@ -155,6 +155,10 @@ public struct SyncEngine: Sendable {
         // size of the journal. The comparison journals the old bytes it finds (unflushed; the
         // state record does not point at this journal yet), within half the free space.
         var differences: [Difference]? = nil
+        func createJournal() throws(SyncError) -> UndoJournal {
+            do throws(SystemError) { try FileSystem.createDirectories(dir.path, permissions: 0o700) } catch { throw .journal(error) }
+            return try UndoJournal.create(dir.journalPath, key: identity.key)
+        }
         var early: UndoJournal? = nil
         var startedTarget = false
         defer {
@@ -168,8 +172,7 @@ public struct SyncEngine: Sendable {
             var comparison = Comparison(source: source, target: target, targetSize: oldSize,
                                         regionSlots: regionSlots(source), workers: compareWorkers)
             if undo && !created {
-                do throws(SystemError) { try FileSystem.createDirectories(dir.path, permissions: 0o700) } catch { throw .journal(error) }
-                early = try UndoJournal.create(dir.journalPath, key: identity.key)
+                early = try createJournal()
                 comparison.journal = early
                 comparison.journalBudget = comparisonJournalLimit ?? freeSpace() / 2
             }
@@ -208,8 +211,7 @@ public struct SyncEngine: Sendable {
             try early.flush()
             journal = early
         } else {
-            do throws(SystemError) { try FileSystem.createDirectories(dir.path, permissions: 0o700) } catch { throw .journal(error) }
-            journal = try UndoJournal.create(dir.journalPath, key: identity.key)
+            journal = try createJournal()
         }
         startedTarget = true
         defer { journal.close() }

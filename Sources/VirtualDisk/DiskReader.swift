@@ -64,9 +64,10 @@ public final class DiskReader: Sendable {
         try read(into: buffer, at: offset, wholeSlot: nil)
     }
 
-    /// Reads as `read(into:at:)` does. `wholeSlot` is given every slot the read covers in part and had to produce whole (a
-    /// chunk fetched from its pack, or a hole): its first byte's offset and all its bytes, so
-    /// that a caller with a page cache of its own can keep the rest of what was decoded.
+    /// Reads as `read(into:at:)` does. `wholeSlot` is given every slot the read covers in part
+    /// and had to produce whole (a chunk fetched from its pack, or a hole): its first byte's
+    /// offset and all its bytes, so that a caller with a page cache of its own can keep the rest
+    /// of what was decoded.
     public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64,
                      wholeSlot: ((UInt64, UnsafeRawBufferPointer) -> Void)?) throws(VirtualDiskError) -> Int {
         guard offset < disk.size else { return 0 }
