@@ -34,6 +34,11 @@ struct Comparison {
     /// bytes; the slots past it are journaled by the write pass.
     var journal: UndoJournal? = nil
     var journalBudget: UInt64 = 0
+    /// Called with each region's differences as soon as it is compared (and, with a journal,
+    /// journaled: every difference then must be, whatever the budget, and a failed append fails
+    /// the comparison), with the journal's end after its records. The writes of a delta follow
+    /// the comparison this way. Returning false stops the comparison.
+    var onRegion: (@Sendable (_ region: Int, _ differences: [Difference], _ journalEnd: UInt64) -> Bool)? = nil
 
     func differences(from first: Int, progress: @escaping @Sendable (UInt64) -> Void) throws(SyncError) -> [Difference] {
         let count = source.slotCount
@@ -45,7 +50,7 @@ struct Comparison {
         let done = Atomic<UInt64>(0)
         let source = self.source, target = self.target, targetSize = self.targetSize, regionSlots = self.regionSlots
         let tags = useRecordedTags ? source.recordedTags : nil
-        let journal = self.journal, journalBudget = self.journalBudget
+        let journal = self.journal, journalBudget = self.journalBudget, onRegion = self.onRegion
         let journalUsed = Atomic<UInt64>(0)
         let journaling = Atomic<Bool>(journal != nil)
 
@@ -104,7 +109,8 @@ struct Comparison {
                                 if !same { mine.append(Difference(slot: slot, oldZero: zero, oldHash: zero ? .zero : ChunkID.sha256(bytes))) }
                             }
                         }
-                        if let journal, mine.count > foundBefore, journaling.load(ordering: .relaxed) {
+                        var journalEnd: UInt64 = 0
+                        if let journal, mine.count > foundBefore, onRegion != nil || journaling.load(ordering: .relaxed) {
                             var records: [UInt8] = []
                             for d in mine[foundBefore...] {
                                 let from = (d.slot - start) * chunkSize
@@ -113,7 +119,10 @@ struct Comparison {
                                                          zero: d.oldZero, digest: d.oldHash)
                             }
                             let size = UInt64(records.count)
-                            if journalUsed.add(size, ordering: .relaxed).newValue > journalBudget {
+                            if onRegion != nil {
+                                journalEnd = try journal.append(records, durable: false)
+                                for i in foundBefore..<mine.count { mine[i].journaled = true }
+                            } else if journalUsed.add(size, ordering: .relaxed).newValue > journalBudget {
                                 journaling.store(false, ordering: .relaxed)
                             } else {
                                 do throws(SyncError) {
@@ -124,6 +133,9 @@ struct Comparison {
                                     journaling.store(false, ordering: .relaxed)
                                 }
                             }
+                        }
+                        if let onRegion, !onRegion((start - first) / regionSlots, Array(mine[foundBefore...]), journalEnd) {
+                            regions.close()
                         }
                         progress(done.add(UInt64(length), ordering: .relaxed).newValue)
                     } catch {

@@ -24,6 +24,8 @@ public enum SyncError: LifeboatError {
     case sourceMismatch(target: String, why: String)
     case verificationFailed(path: String, offset: UInt64, slots: Int)
     case interrupted(path: String, undo: Bool)
+    /// Interrupted before the target was changed: nothing to resume or roll back.
+    case interruptedBeforeWriting(path: String)
     case sandbox(SandboxError)
     /// A mounted sandbox's freeze lapsed during the sync: its writes went on, so what was read
     /// may mix states. The sync is left unfinished (its undo journal intact).
@@ -69,6 +71,7 @@ public enum SyncError: LifeboatError {
         case .interrupted(let path, let undo):
             if !undo { return "interrupted: target \(path) is inconsistent until `lifeboat sync --resume \(path)` finishes the sync" }
             return "interrupted: `lifeboat sync --resume \(path)` finishes the sync, `lifeboat sync --rollback \(path)` restores the old image"
+        case .interruptedBeforeWriting(let path): return "interrupted before target \(path) was changed: it holds its old image"
         case .sandbox(let error): return error.description
         case .sandboxKeptWriting(let name, let target):
             return "sandbox \(name) kept writing while it was being synced (a running machine's writes cannot wait longer than \(Int(WriteGate.maximumWait)) s), so what was read may mix states: `lifeboat sync --rollback \(target)` restores the old image; then stop the machine and unmount the sandbox before syncing it, or fail back in two phases (`lifeboat failback sandbox:\(name) --phase prepare`, then `--phase complete` once it is stopped)"
@@ -90,7 +93,7 @@ public enum SyncError: LifeboatError {
         case .journalTooLarge: return .noSpace
         case .damagedJournal: return .damaged
         case .verificationFailed: return .verification
-        case .interrupted: return .interrupted
+        case .interrupted, .interruptedBeforeWriting: return .interrupted
         case .sandbox(let e): return e.kind
         case .sandboxKeptWriting, .busy: return .busy
         case .failback: return .usage

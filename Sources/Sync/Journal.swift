@@ -60,6 +60,9 @@ final class UndoJournal: Sendable {
 
     let file: SystemFile
     private let end: Mutex<UInt64>
+    /// How far the journal is known durable; held while flushing, so that writers waiting for
+    /// the same records share one flush.
+    private let durable = Mutex<UInt64>(0)
 
     private init(file: SystemFile, end: UInt64) {
         self.file = file
@@ -171,23 +174,39 @@ final class UndoJournal: Sendable {
         }
     }
 
-    /// Appends encoded records and makes them durable before returning.
-    func append(_ bytes: [UInt8], durable: Bool = true) throws(SyncError) {
-        guard !bytes.isEmpty else { return }
+    /// Appends encoded records and makes them durable before returning (unless `durable` is
+    /// false). Returns the journal's end after them: `flush(through:)` that position before
+    /// the slots they describe are overwritten.
+    @discardableResult
+    func append(_ bytes: [UInt8], durable: Bool = true) throws(SyncError) -> UInt64 {
+        guard !bytes.isEmpty else { return size }
         // The space is taken under the lock, the flush outside it: writers that append at once
         // share their flushes (one fdatasync makes every write before it durable).
-        try end.withLock { (end: inout UInt64) throws(SyncError) in
+        let after = try end.withLock { (end: inout UInt64) throws(SyncError) -> UInt64 in
             do throws(SystemError) {
                 try file.write(bytes, at: end)
             } catch { throw .journal(error) }
             end += UInt64(bytes.count)
+            return end
         }
-        if durable { try flush() }
+        if durable { try flush(through: after) }
+        return after
     }
 
     /// Makes every record appended so far durable.
     func flush() throws(SyncError) {
-        if fdatasync(file.fd) != 0 { throw .journal(SystemError("flush", path: file.path)) }
+        try flush(through: size)
+    }
+
+    /// Makes the records before `position` durable, with one flush for every caller waiting
+    /// at once (records are written in order, so one fdatasync covers all before it).
+    func flush(through position: UInt64) throws(SyncError) {
+        try durable.withLock { (durable: inout UInt64) throws(SyncError) in
+            guard durable < position else { return }
+            let covered = size
+            if fdatasync(file.fd) != 0 { throw .journal(SystemError("flush", path: file.path)) }
+            durable = covered
+        }
     }
 
     func checkpoint(_ offset: UInt64) throws(SyncError) {
@@ -248,6 +267,15 @@ struct SyncStateDirectory {
         do throws(SystemError) {
             try FileSystem.createDirectories(path, permissions: 0o700)
             try FileSystem.replace(finalPath, with: bytes, permissions: 0o600)
+            try FileSystem.syncDirectory(path)
+        } catch { throw .journal(error) }
+    }
+
+    /// Forgets the target's state record (a sync that stopped before changing a target that
+    /// had none).
+    func removeState() throws(SyncError) {
+        do throws(SystemError) {
+            try FileSystem.remove(statePath)
             try FileSystem.syncDirectory(path)
         } catch { throw .journal(error) }
     }

@@ -18,10 +18,14 @@ public struct SyncPlan: Codable, Sendable {
     public var source: String
     public var mode: SyncMode
     public var size: UInt64
-    /// Delta: bytes of the slots that differ (known after the comparison pass); full: the size.
-    public var differingBytes: UInt64
-    /// Bytes of old contents the undo journal will hold (0 with --no-undo).
+    /// Delta: bytes of the slots that differ, when the comparison runs before the writes (nil
+    /// when they run together); full: the size.
+    public var differingBytes: UInt64?
+    /// Bytes of old contents the undo journal will hold (0 with --no-undo), or at most hold.
     public var journalBytes: UInt64
+    /// `journalBytes` is a bound: the journal fits even if every slot holding data differs, so
+    /// the writes follow the comparison without waiting for its end.
+    public var journalBytesAtMost: Bool
     public var journalDirectory: String
     public var freeBytes: UInt64
     public var resumedFrom: UInt64?
@@ -106,6 +110,8 @@ public struct SyncEngine: Sendable {
     public var compareWorkers = 4
     /// The most bytes a delta's comparison may journal; nil: half the state directory's free space.
     public var comparisonJournalLimit: UInt64? = nil
+    /// Whether a delta whose whole journal fits within that limit writes while it compares.
+    public var overlapWrites = true
 
     public init(stateDirectory: String) {
         self.stateDirectory = stateDirectory
@@ -136,7 +142,8 @@ public struct SyncEngine: Sendable {
         // One writer per target: the lock is held until the sync returns.
         let lock = try TargetLock.acquire(dir, target: identity.path)
         defer { lock.release() }
-        if !created, let state = try dir.load(), state.phase == .running, state.undo || undo {
+        let previous = try dir.load()
+        if !created, let state = previous, state.phase == .running, state.undo || undo {
             throw .unfinished(path: identity.path, source: state.sourceLabel, undo: state.undo)
         }
         let target = try Target(path: identity.path, isDevice: identity.isDevice, undo: undo)
@@ -150,15 +157,47 @@ public struct SyncEngine: Sendable {
                 warnings.append("block device \(identity.path) holds \(oldSize) bytes, the disk \(source.size): the last \(oldSize - source.size) bytes are left as they are")
             }
         }
-
-        // Delta: compare first, which gives the exact list of slots to write and so the exact
-        // size of the journal. The comparison journals the old bytes it finds (unflushed; the
-        // state record does not point at this journal yet), within half the free space.
-        var differences: [Difference]? = nil
         func createJournal() throws(SyncError) -> UndoJournal {
             do throws(SystemError) { try FileSystem.createDirectories(dir.path, permissions: 0o700) } catch { throw .journal(error) }
             return try UndoJournal.create(dir.journalPath, key: identity.key)
         }
+        var state = SyncState(target: identity.path, isDevice: identity.isDevice, identity: identity.id,
+                              source: source.resumeSpec, sourceLabel: source.label, disk: source.diskName, mode: mode,
+                              phase: .running, undo: undo, created: created, oldSize: created ? 0 : oldSize,
+                              newSize: identity.isDevice ? oldSize : source.size, chunkSize: source.chunkSize,
+                              journalBytesPlanned: 0, started: Timestamp.format(started), finished: nil)
+        let budget = comparisonJournalLimit ?? freeSpace() / 2
+
+        // Delta, when the journal fits even if every slot holding data differs: the writes
+        // follow the comparison region by region, the comparison journaling as it goes.
+        let worstJournal = undo ? journalEstimate(source: source, target: target, oldSize: oldSize, created: created,
+                                                  mode: .full, differences: nil, from: 0) : 0
+        if mode == .delta && overlapWrites && worstJournal + journalSlack(source) <= budget {
+            state.journalBytesPlanned = worstJournal
+            plan(SyncPlan(target: identity.path, source: source.label, mode: mode, size: source.size, differingBytes: nil,
+                          journalBytes: worstJournal, journalBytesAtMost: true, journalDirectory: dir.path,
+                          freeBytes: freeSpace(), resumedFrom: nil, warnings: warnings))
+            let journal = try createJournal()
+            defer { journal.close() }
+            try dir.save(state)
+            // Stopped before the first write: the target keeps its old image and its old state.
+            let unchanged = { () -> Void in
+                if let previous { try? dir.save(previous) } else { try? dir.removeState() }
+                try? dir.removeJournal()
+            }
+            var report = try execute(source: source, target: target, state: state, dir: dir, journal: journal, journaled: [],
+                                     from: 0, feed: .comparison, fresh: created, verify: verify,
+                                     unchanged: created ? nil : unchanged, progress: progress)
+            report.created = created
+            report.warnings = warnings
+            report.seconds = Date().timeIntervalSince(started)
+            return report
+        }
+
+        // Otherwise compare first, which gives the exact list of slots to write and so the
+        // exact size of the journal. The comparison journals the old bytes it finds (unflushed;
+        // the state record does not point at this journal yet), within half the free space.
+        var differences: [Difference]? = nil
         var early: UndoJournal? = nil
         var startedTarget = false
         defer {
@@ -174,10 +213,15 @@ public struct SyncEngine: Sendable {
             if undo && !created {
                 early = try createJournal()
                 comparison.journal = early
-                comparison.journalBudget = comparisonJournalLimit ?? freeSpace() / 2
+                comparison.journalBudget = budget
             }
-            differences = try comparison.differences(from: 0) { done in
-                progress(SyncProgress(phase: .compare, bytesDone: done, bytesTotal: source.size))
+            do throws(SyncError) {
+                differences = try comparison.differences(from: 0) { done in
+                    progress(SyncProgress(phase: .compare, bytesDone: done, bytesTotal: source.size))
+                }
+            } catch {
+                if case .interrupted = error { throw .interruptedBeforeWriting(path: identity.path) }
+                throw error
             }
         }
         let chunkBytes = UInt64(source.chunkSize)
@@ -185,21 +229,16 @@ public struct SyncEngine: Sendable {
         let journaledPayload = (differences ?? []).reduce(UInt64(0)) { sum, d in
             d.journaled && !d.oldZero ? sum + UInt64(source.length(of: d.slot..<(d.slot + 1))) : sum
         }
-        var state = SyncState(target: identity.path, isDevice: identity.isDevice, identity: identity.id,
-                              source: source.resumeSpec, sourceLabel: source.label, disk: source.diskName, mode: mode,
-                              phase: .running, undo: undo, created: created, oldSize: created ? 0 : oldSize,
-                              newSize: identity.isDevice ? oldSize : source.size, chunkSize: source.chunkSize,
-                              journalBytesPlanned: 0, started: Timestamp.format(started), finished: nil)
         // What the journal still needs, beyond what the comparison put in it.
         let remaining = undo ? journalEstimate(source: source, target: target, oldSize: oldSize, created: created,
                                                mode: mode, differences: differences, from: 0, skipping: journaled) : 0
         let journalBytes = remaining + journaledPayload
         state.journalBytesPlanned = journalBytes
         let free = freeSpace()
-        let differing = differences.map { $0.reduce(UInt64(0)) { $0 + UInt64(source.length(of: $1.slot..<($1.slot + 1))) } } ?? source.size
+        let differing = differences.map { bytes(of: $0, source) } ?? source.size
         plan(SyncPlan(target: identity.path, source: source.label, mode: mode, size: source.size, differingBytes: differing,
-                      journalBytes: journalBytes, journalDirectory: dir.path, freeBytes: free + journaledPayload, resumedFrom: nil,
-                      warnings: warnings))
+                      journalBytes: journalBytes, journalBytesAtMost: false, journalDirectory: dir.path,
+                      freeBytes: free + journaledPayload, resumedFrom: nil, warnings: warnings))
         if undo && remaining + journalSlack(source) > free {
             if created { try? FileSystem.remove(identity.path) }
             throw .journalTooLarge(needed: journalBytes, available: free + journaledPayload, directory: stateDirectory + "/sync")
@@ -218,7 +257,8 @@ public struct SyncEngine: Sendable {
         try dir.save(state)
 
         var report = try execute(source: source, target: target, state: state, dir: dir, journal: journal, journaled: journaled,
-                                 from: 0, differences: differences, fresh: created, verify: verify, progress: progress)
+                                 from: 0, feed: differences.map { .differences($0) } ?? .everySlot, fresh: created, verify: verify,
+                                 progress: progress)
         report.journalBytes += journaledPayload
         report.created = created
         report.warnings = warnings
@@ -266,15 +306,17 @@ public struct SyncEngine: Sendable {
         }
         let journalBytes = state.undo ? journalEstimate(source: source, target: target, oldSize: try target.size(), created: state.created,
                                                         mode: state.mode, differences: differences, from: first, skipping: journaled) : 0
-        let differing = differences.map { $0.reduce(UInt64(0)) { $0 + UInt64(source.length(of: $1.slot..<($1.slot + 1))) } } ?? (source.size - checkpoint)
+        let differing = differences.map { bytes(of: $0, source) } ?? (source.size - checkpoint)
         let free = freeSpace()
         plan(SyncPlan(target: identity.path, source: source.label, mode: state.mode, size: source.size, differingBytes: differing,
-                      journalBytes: journalBytes, journalDirectory: dir.path, freeBytes: free, resumedFrom: checkpoint, warnings: []))
+                      journalBytes: journalBytes, journalBytesAtMost: false, journalDirectory: dir.path, freeBytes: free,
+                      resumedFrom: checkpoint, warnings: []))
         if state.undo && journalBytes + journalSlack(source) > free {
             throw .journalTooLarge(needed: journalBytes, available: free, directory: stateDirectory + "/sync")
         }
         var report = try execute(source: source, target: target, state: state, dir: dir, journal: journal, journaled: journaled,
-                                 from: first, differences: differences, fresh: false, verify: verify, progress: progress)
+                                 from: first, feed: differences.map { .differences($0) } ?? .everySlot, fresh: false, verify: verify,
+                                 progress: progress)
         report.resumed = true
         report.created = state.created
         report.seconds = Date().timeIntervalSince(started)
@@ -325,17 +367,60 @@ public struct SyncEngine: Sendable {
     private struct Batch: Sendable {
         var runs: [Range<Int>]
         var differences: [Difference]?
-        var first: Int { runs[0].lowerBound }
+        /// Where the comparison's records of these slots end in the journal (0: none).
+        var journalEnd: UInt64 = 0
+
+        /// The runs of consecutive slots among `differences` (in slot order).
+        init(differences: [Difference], journalEnd: UInt64 = 0) {
+            var runs: [Range<Int>] = []
+            for d in differences {
+                if let last = runs.last, last.upperBound == d.slot {
+                    runs[runs.count - 1] = last.lowerBound..<(d.slot + 1)
+                } else {
+                    runs.append(d.slot..<(d.slot + 1))
+                }
+            }
+            self.runs = runs
+            self.differences = differences
+            self.journalEnd = journalEnd
+        }
+
+        init(run: Range<Int>) {
+            runs = [run]
+            differences = nil
+        }
     }
 
+    /// What the write pass writes.
+    private enum Feed {
+        /// Every slot from the first (full).
+        case everySlot
+        /// The slots a comparison found (delta, compared first).
+        case differences([Difference])
+        /// The slots a comparison run now finds, region by region, each once its undo records
+        /// are durable (delta, when the journal fits even if every slot differs).
+        case comparison
+    }
+
+    private struct Job: Sendable {
+        /// The batches (streaming: the comparison's regions) the job completes.
+        var indices: [Int]
+        var batch: Batch
+    }
+
+    /// Writes the feed's slots. `unchanged`, if given, is called when the sync fails before
+    /// anything was written to the target (the error is then `.interruptedBeforeWriting` for
+    /// an interruption).
     private func execute(source: any SyncSource, target: Target, state: SyncState, dir: SyncStateDirectory, journal: UndoJournal,
-                         journaled: Set<UInt64>, from first: Int, differences: [Difference]?, fresh: Bool, verify: Bool,
+                         journaled: Set<UInt64>, from first: Int, feed: Feed, fresh: Bool, verify: Bool,
+                         unchanged: (() -> Void)? = nil,
                          progress: @escaping @Sendable (SyncProgress) -> Void) throws(SyncError) -> SyncReport {
         let chunkSize = source.chunkSize
         let slotCount = source.slotCount
         let undo = state.undo
         let isDevice = target.isDevice
         let path = target.path
+        let touched = Atomic<Bool>(false)
 
         // A file is given the disk's size; the tail it loses is journaled first.
         if !isDevice {
@@ -343,40 +428,39 @@ public struct SyncEngine: Sendable {
             if current > source.size && undo {
                 try journalTail(target: target, journal: journal, from: source.size, to: current, skipping: journaled)
             }
-            if current != source.size { try target.resize(to: source.size) }
+            if current != source.size {
+                touched.store(true, ordering: .relaxed)
+                try target.resize(to: source.size)
+            }
         }
 
-        // The batches, in slot order.
+        // The batches, in slot order: known now, or one per region of the comparison.
         var batches: [Batch] = []
         let perBatch = max(1, writeBatchBytes / chunkSize)
-        if let differences {
+        let regionSlots = regionSlots(source)
+        switch feed {
+        case .differences(let differences):
             var i = 0
             while i < differences.count {
-                var runs: [Range<Int>] = []
-                var members: [Difference] = []
-                while i < differences.count && members.count < perBatch {
-                    let d = differences[i]
-                    if let last = runs.last, last.upperBound == d.slot {
-                        runs[runs.count - 1] = last.lowerBound..<(d.slot + 1)
-                    } else {
-                        runs.append(d.slot..<(d.slot + 1))
-                    }
-                    members.append(d)
-                    i += 1
-                }
-                batches.append(Batch(runs: runs, differences: members))
+                let end = min(i + perBatch, differences.count)
+                batches.append(Batch(differences: Array(differences[i..<end])))
+                i = end
             }
-        } else {
+        case .everySlot:
             var slot = first
             while slot < slotCount {
                 let end = min(slot + perBatch, slotCount)
-                batches.append(Batch(runs: [slot..<end], differences: nil))
+                batches.append(Batch(run: slot..<end))
                 slot = end
             }
+        case .comparison:
+            break
         }
-        let totalBytes = batches.reduce(UInt64(0)) { sum, b in sum + b.runs.reduce(UInt64(0)) { $0 + UInt64(source.length(of: $1)) } }
+        let streaming: Bool
+        if case .comparison = feed { streaming = true } else { streaming = false }
+        let batchCount = streaming ? (slotCount - first + regionSlots - 1) / regionSlots : batches.count
 
-        let queue = BoundedQueue<Int>(capacity: 4)
+        let queue = BoundedQueue<Job>(capacity: streaming ? 64 : 4)
         let failure = Mutex<SyncError?>(nil)
         let written = Atomic<UInt64>(0)
         let transferred = Atomic<UInt64>(0)
@@ -386,12 +470,13 @@ public struct SyncEngine: Sendable {
         let done = Mutex(Done())
         let checkpointLock = Mutex(())
         let checkpointEvery = checkpointBytes
-        let allBatches = batches
+        let starts = batches.map { UInt64($0.runs[0].lowerBound) * UInt64(chunkSize) }
         let diskSize = source.size
 
         /// The offset below which every batch is done.
         @Sendable func safeOffset(_ next: Int) -> UInt64 {
-            next < allBatches.count ? UInt64(allBatches[next].first) * UInt64(chunkSize) : diskSize
+            guard next < batchCount else { return diskSize }
+            return streaming ? UInt64(first + next * regionSlots) * UInt64(chunkSize) : starts[next]
         }
         @Sendable func checkpoint() throws(SyncError) {
             try checkpointLock.withLock { (_: inout ()) throws(SyncError) in
@@ -409,22 +494,26 @@ public struct SyncEngine: Sendable {
         let workerCount = 2 * ProcessInfo.processInfo.activeProcessorCount + 1
         let pool = (0..<workerCount).map { n in
             Worker(name: "sync-write-\(n)") {
-                let bufferSize = perBatch * chunkSize
+                let bufferSize = (streaming ? perBatch + regionSlots : perBatch) * chunkSize  // a streaming job may pass perBatch by a region
                 let old = UnsafeMutableRawBufferPointer.allocate(byteCount: bufferSize, alignment: SystemFile.directAlignment)
                 let new = UnsafeMutableRawBufferPointer.allocate(byteCount: bufferSize, alignment: SystemFile.directAlignment)
                 let zeros = UnsafeMutableRawBufferPointer.allocate(byteCount: min(bufferSize, 1 << 20), alignment: SystemFile.directAlignment)
                 zeros.initializeMemory(as: UInt8.self, repeating: 0)
                 defer { old.deallocate(); new.deallocate(); zeros.deallocate() }
-                while let index = queue.pop() {
-                    let batch = allBatches[index]
+                while let job = queue.pop() {
+                    let batch = job.batch
                     do throws(SyncError) {
                         if Cancellation.requested { throw .interrupted(path: path, undo: undo) }
-                        // A file this sync created has no old contents: rolling back removes it.
-                        if undo && !state.created {
+                        if streaming {
+                            // The comparison journaled these slots: their records must be durable first.
+                            if batch.journalEnd > 0 { try journal.flush(through: batch.journalEnd) }
+                        } else if undo && !state.created {
+                            // A file this sync created has no old contents: rolling back removes it.
                             let bytes = try undoRecords(batch, source: source, target: target, buffer: old, skipping: journaled)
                             try journal.append(bytes.records)
                             journalBytes.add(bytes.payload, ordering: .relaxed)
                         }
+                        if !batch.runs.isEmpty { touched.store(true, ordering: .relaxed) }
                         for run in batch.runs {
                             let length = source.length(of: run)
                             let buffer = UnsafeMutableRawBufferPointer(rebasing: new[0..<length])
@@ -460,12 +549,13 @@ public struct SyncEngine: Sendable {
                             }
                         }
                         let (advanced, offset) = done.withLock { d -> (Bool, UInt64) in
-                            d.finished.insert(index)
+                            d.finished.formUnion(job.indices)
                             while d.finished.contains(d.next) { d.finished.remove(d.next); d.next += 1 }
                             let offset = safeOffset(d.next)
                             return (offset >= d.lastCheckpoint + checkpointEvery, offset)
                         }
-                        progress(SyncProgress(phase: .write, bytesDone: min(offset, diskSize), bytesTotal: diskSize))
+                        // A streaming delta's progress is its comparison's.
+                        if !streaming { progress(SyncProgress(phase: .write, bytesDone: min(offset, diskSize), bytesTotal: diskSize)) }
                         if advanced { try checkpoint() }
                     } catch {
                         failure.withLock { if $0 == nil { $0 = error } }
@@ -474,22 +564,62 @@ public struct SyncEngine: Sendable {
                 }
             }
         }
-        // The old contents the journal needs: read ahead by the kernel, all at once, while the
-        // first batches are journaled.
-        if undo && !state.created && differences != nil {
-            for batch in batches {
-                for run in batch.runs where !run.allSatisfy({ journaled.contains(UInt64($0) * UInt64(chunkSize)) }) {
-                    target.prefetch(at: UInt64(run.lowerBound) * UInt64(chunkSize), length: UInt64(source.length(of: run)))
+
+        var found: [Difference] = []
+        if streaming {
+            var comparison = Comparison(source: source, target: target, targetSize: try target.size(),
+                                        regionSlots: regionSlots, workers: compareWorkers)
+            if undo && !state.created { comparison.journal = journal }
+            // Regions are gathered into jobs of about a write batch, each waiting for one flush
+            // of the journal: a flush per region would stall the disk many times a second.
+            struct Pending { var regions: [Int] = []; var differences: [Difference] = []; var journalEnd: UInt64 = 0 }
+            let pending = Mutex(Pending())
+            let regionsPerJob = max(1, perBatch / regionSlots) * 8
+            @Sendable func take(_ p: inout Pending) -> Job {
+                defer { p = Pending() }
+                return Job(indices: p.regions, batch: Batch(differences: p.differences.sorted { $0.slot < $1.slot }, journalEnd: p.journalEnd))
+            }
+            comparison.onRegion = { region, differences, journalEnd in
+                let job = pending.withLock { p -> Job? in
+                    p.regions.append(region)
+                    p.differences += differences
+                    p.journalEnd = max(p.journalEnd, journalEnd)
+                    return p.differences.count >= perBatch || p.regions.count >= regionsPerJob ? take(&p) : nil
+                }
+                return job.map { queue.push($0) } ?? true
+            }
+            do throws(SyncError) {
+                found = try comparison.differences(from: first) { done in
+                    progress(SyncProgress(phase: .compare, bytesDone: done, bytesTotal: diskSize))
+                }
+                let last = pending.withLock { take(&$0) }
+                if !last.indices.isEmpty { queue.push(last) }
+            } catch {
+                failure.withLock { if $0 == nil { $0 = error } }
+            }
+        } else {
+            // The old contents the journal needs: read ahead by the kernel, all at once, while
+            // the first batches are journaled.
+            if undo && !state.created, case .differences = feed {
+                for batch in batches {
+                    for run in batch.runs where !run.allSatisfy({ journaled.contains(UInt64($0) * UInt64(chunkSize)) }) {
+                        target.prefetch(at: UInt64(run.lowerBound) * UInt64(chunkSize), length: UInt64(source.length(of: run)))
+                    }
                 }
             }
-        }
-        for index in batches.indices {
-            if !queue.push(index) { break }
+            for (index, batch) in batches.enumerated() {
+                if !queue.push(Job(indices: [index], batch: batch)) { break }
+            }
         }
         queue.close()
         for worker in pool { worker.join() }
 
         if let error = failure.withLock({ $0 }) {
+            if let unchanged, !touched.load(ordering: .relaxed) {
+                unchanged()
+                if case .interrupted = error { throw .interruptedBeforeWriting(path: path) }
+                throw error
+            }
             // Record how far the sync got (best effort: the target may be what failed).
             try? checkpoint()
             throw error
@@ -499,7 +629,7 @@ public struct SyncEngine: Sendable {
         var verified = false
         if verify {
             var comparison = Comparison(source: source, target: target, targetSize: try target.size(),
-                                        regionSlots: regionSlots(source), workers: compareWorkers)
+                                        regionSlots: regionSlots, workers: compareWorkers)
             comparison.useRecordedTags = false
             let mismatches = try comparison.differences(from: 0) { done in
                 progress(SyncProgress(phase: .verify, bytesDone: done, bytesTotal: source.size))
@@ -525,13 +655,25 @@ public struct SyncEngine: Sendable {
         try dir.removeJournal()
 
         let processed = source.size - UInt64(first) * UInt64(chunkSize)
-        let moved = transferred.load(ordering: .relaxed)
+        let differing: UInt64?
+        switch feed {
+        case .everySlot: differing = nil
+        case .differences(let differences): differing = bytes(of: differences, source)
+        case .comparison:
+            differing = bytes(of: found, source)
+            if undo && !state.created { journalBytes.add(bytes(of: found.filter { !$0.oldZero }, source), ordering: .relaxed) }
+        }
         return SyncReport(source: source.label, disk: source.diskName, target: path, mode: state.mode, size: source.size,
                           processedBytes: processed,
-                          matchedBytes: differences == nil ? 0 : processed - min(processed, totalBytes),
-                          transferredBytes: moved, writtenBytes: written.load(ordering: .relaxed),
+                          matchedBytes: differing.map { processed - min(processed, $0) } ?? 0,
+                          transferredBytes: transferred.load(ordering: .relaxed), writtenBytes: written.load(ordering: .relaxed),
                           journalBytes: journalBytes.load(ordering: .relaxed), undo: undo, resumed: false, created: false,
                           verified: verified, seconds: 0, warnings: [])
+    }
+
+    /// Bytes of the slots of `differences`.
+    private func bytes(of differences: [Difference], _ source: any SyncSource) -> UInt64 {
+        differences.reduce(UInt64(0)) { $0 + UInt64(source.length(of: $1.slot..<($1.slot + 1))) }
     }
 
     /// The undo records of a batch: each slot's old bytes (or a zero record), read from the

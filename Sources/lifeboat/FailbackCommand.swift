@@ -64,8 +64,7 @@ struct FailbackCommand: ParsableCommand {
                 line.finish()
                 for warning in plan.warnings { Terminal.warning(warning) }
                 guard !json else { return }
-                let what = plan.mode == .delta ? "\(formatBytes(plan.differingBytes)) differ" : "\(formatBytes(plan.differingBytes)) to write"
-                Terminal.write("lifeboat: \(what); undo journal \(formatBytes(plan.journalBytes)) in \(plan.journalDirectory) (\(formatBytes(plan.freeBytes)) free)\n")
+                Terminal.write("lifeboat: \(planSummary(plan, undo: true))\n")
             }, progress: { p in
                 line.update(done: p.bytesDone, total: p.bytesTotal, label: p.phase.rawValue)
             })

@@ -157,12 +157,18 @@ struct SyncStart: ParsableCommand {
         line.finish()
         for warning in plan.warnings { Terminal.warning(warning) }
         guard !json else { return }
-        let what = plan.mode == .delta ? "\(formatBytes(plan.differingBytes)) differ" : "\(formatBytes(plan.differingBytes)) to write"
-        let journal = noUndo && plan.resumedFrom == nil
-            ? "no undo journal (--no-undo)"
-            : "undo journal \(formatBytes(plan.journalBytes)) in \(plan.journalDirectory) (\(formatBytes(plan.freeBytes)) free)"
-        Terminal.write("lifeboat: \(what); \(journal)\n")
+        Terminal.write("lifeboat: \(planSummary(plan, undo: !noUndo || plan.resumedFrom != nil))\n")
     }
+}
+
+/// What a sync is about to do: what differs (or that it is found while writing) and the journal.
+func planSummary(_ plan: SyncPlan, undo: Bool) -> String {
+    let what = plan.differingBytes.map { plan.mode == .delta ? "\(formatBytes($0)) differ" : "\(formatBytes($0)) to write" }
+        ?? "comparing and writing what differs"
+    let journal = undo
+        ? "undo journal \(plan.journalBytesAtMost ? "at most " : "")\(formatBytes(plan.journalBytes)) in \(plan.journalDirectory) (\(formatBytes(plan.freeBytes)) free)"
+        : "no undo journal (--no-undo)"
+    return "\(what); \(journal)"
 }
 
 /// One line: what a sync processed, matched, transferred and wrote.

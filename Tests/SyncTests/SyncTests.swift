@@ -63,6 +63,79 @@ struct SyncFixture {
     }
 }
 
+/// A source for watching a delta that writes while it compares: the comparison of the second
+/// half of the disk waits (up to 5 s) until the write pass has fetched something, and every
+/// fetch checks that the journal already holds the records of the slots about to be written.
+final class WatchedSource: SyncSource {
+    let base: any SyncSource
+    let journalDirectory: String
+    let fetched = Mutex(false)
+    let problems = Mutex<[String]>([])
+    private let condition = NSCondition()
+
+    init(_ base: any SyncSource, journalDirectory: String) {
+        self.base = base
+        self.journalDirectory = journalDirectory
+    }
+
+    var label: String { base.label }
+    var resumeSpec: String { base.resumeSpec }
+    var diskName: String { base.diskName }
+    var size: UInt64 { base.size }
+    var chunkSize: Int { base.chunkSize }
+    func ids(_ slots: Range<Int>) throws(SyncError) -> [ChunkID?] {
+        if slots.lowerBound >= slotCount / 2 {
+            condition.lock()
+            let deadline = Date().addingTimeInterval(5)
+            while !fetched.withLock({ $0 }) && condition.wait(until: deadline) {}
+            condition.unlock()
+            if !fetched.withLock({ $0 }) { problems.withLock { $0.append("slot \(slots.lowerBound) compared before any write") } }
+        }
+        return try base.ids(slots)
+    }
+    func read(_ slots: Range<Int>, into buffer: UnsafeMutableRawBufferPointer) throws(SyncError) {
+        let recorded = journaledOffsets()
+        for slot in slots where !recorded.contains(UInt64(slot) * UInt64(chunkSize)) {
+            problems.withLock { $0.append("slot \(slot) fetched for writing before its undo record") }
+        }
+        try base.read(slots, into: buffer)
+        condition.lock()
+        fetched.withLock { $0 = true }
+        condition.broadcast()
+        condition.unlock()
+    }
+
+    /// The offsets of the data and zero records in the target's journal (docs/FORMAT.md,
+    /// "Sync journals"): a 64-byte header, then records of a 64-byte header and a payload.
+    func journaledOffsets() -> Set<UInt64> {
+        guard let name = try? FileSystem.list(journalDirectory).first,
+              let bytes = FileManager.default.contents(atPath: journalDirectory + "/" + name + "/journal") else { return [] }
+        var offsets = Set<UInt64>()
+        var at = 64
+        while at + 64 <= bytes.count, bytes[at..<(at + 4)].elementsEqual(Array("LBJR".utf8)) {
+            let kind = bytes[at + 4]
+            let offset = bytes[(at + 8)..<(at + 16)].reversed().reduce(UInt64(0)) { $0 << 8 | UInt64($1) }
+            let length = bytes[(at + 16)..<(at + 20)].reversed().reduce(0) { $0 << 8 | Int($1) }
+            if kind == 1 || kind == 2 { offsets.insert(offset) }
+            at += 64 + (kind == 1 ? length : 0)
+        }
+        return offsets
+    }
+}
+
+/// A source whose slot ids cannot be read (a damaged vault): the comparison fails at once.
+final class UnreadableSource: SyncSource {
+    let base: any SyncSource
+    init(_ base: any SyncSource) { self.base = base }
+    var label: String { base.label }
+    var resumeSpec: String { base.resumeSpec }
+    var diskName: String { base.diskName }
+    var size: UInt64 { base.size }
+    var chunkSize: Int { base.chunkSize }
+    func ids(_ slots: Range<Int>) throws(SyncError) -> [ChunkID?] { throw .invalidArgument("injected failure to read slot ids") }
+    func read(_ slots: Range<Int>, into buffer: UnsafeMutableRawBufferPointer) throws(SyncError) { try base.read(slots, into: buffer) }
+}
+
 /// A source that fails (as a damaged vault would) once `budget` reads are spent, or hands out
 /// wrong bytes for one slot: for interrupted syncs and verification failures.
 final class FaultySource: SyncSource {
@@ -98,8 +171,11 @@ final class FaultySource: SyncSource {
         defer { f.dir.remove() }
         let engine = f.engine
         // delta onto the older points, full and delta onto new files.
-        for (old, new) in [(0, 2), (1, 2), (2, 0), (0, 1)] {
-            let target = try f.target("t\(old)\(new).img", holding: old)
+        // Writing while comparing (the journal fits), and comparing first.
+        for (old, new, overlap) in [(0, 2, true), (1, 2, true), (2, 0, true), (0, 1, true), (0, 2, false), (2, 1, false)] {
+            let target = try f.target("t\(old)\(new)\(overlap).img", holding: old)
+            var engine = engine
+            engine.overlapWrites = overlap
             let report = try engine.sync(try f.source(new), to: target, mode: .delta)
             #expect(try sha256(file: target) == f.hashes[new])
             #expect(report.matchedBytes + report.transferredBytes == SyncFixture.size)
@@ -244,6 +320,52 @@ final class FaultySource: SyncSource {
             #expect(report.journalBytes > 0)
             #expect(try sha256(file: target) == f.hashes[0])
             #expect(try FileSystem.list(f.dir.file("state/sync")).allSatisfy { !FileSystem.exists(f.dir.file("state/sync/\($0)/journal")) })
+        }
+    }
+
+    /// When the journal fits even if every slot differs, a delta writes while it compares, and
+    /// each slot only after its undo record.
+    @Test func aDeltaWritesWhileComparingAndEachSlotAfterItsRecord() throws {
+        let f = try SyncFixture()
+        defer { f.dir.remove() }
+        let target = try f.target("t.img", holding: 0)
+        var engine = f.engine
+        engine.batchBytes = 256 << 10
+        engine.writeBatchBytes = 256 << 10
+        let source = WatchedSource(try f.source(2), journalDirectory: f.dir.file("state/sync"))
+        var plan: SyncPlan?
+        let report = try engine.sync(source, to: target, mode: .delta, plan: { plan = $0 })
+        #expect(source.problems.withLock { $0 } == [])
+        #expect(source.fetched.withLock { $0 })
+        #expect(try sha256(file: target) == f.hashes[2])
+        #expect(plan?.journalBytesAtMost == true && plan?.differingBytes == nil)
+        #expect(report.journalBytes > 0 && report.journalBytes <= report.transferredBytes)
+        #expect(report.matchedBytes + report.transferredBytes == SyncFixture.size)
+    }
+
+    /// A sync that fails before it writes anything leaves the target and its state as they were.
+    @Test func aSyncStoppedBeforeWritingLeavesTheTargetsStateAsItWas() throws {
+        let f = try SyncFixture()
+        defer { f.dir.remove() }
+        for overlap in [true, false] {
+            var engine = f.engine
+            engine.overlapWrites = overlap
+            // A target synced before, and one never synced.
+            let synced = try f.target("synced-\(overlap).img", holding: 0)
+            _ = try engine.sync(try f.source(1), to: synced, mode: .delta)
+            let plain = try f.target("plain-\(overlap).img", holding: 0)
+            for (target, hash) in [(synced, f.hashes[1]), (plain, f.hashes[0])] {
+                #expect(throws: SyncError.self) { try engine.sync(UnreadableSource(try f.source(2)), to: target, mode: .delta) }
+                #expect(try sha256(file: target) == hash)
+                let status = try engine.status(target)
+                #expect(status.condition == .consistent, "overlap \(overlap)")
+                #expect(status.source == (target == synced ? try f.source(1).label : nil))
+                #expect(throws: SyncError.self) { try engine.rollback(target) }
+                #expect(try FileSystem.list(f.dir.file("state/sync")).allSatisfy { !FileSystem.exists(f.dir.file("state/sync/\($0)/journal")) })
+                // And the next sync runs.
+                _ = try engine.sync(try f.source(2), to: target, mode: .delta)
+                #expect(try sha256(file: target) == f.hashes[2])
+            }
         }
     }
 
