@@ -251,6 +251,7 @@ final class FaultySource: SyncSource {
         var engineSmallBatches = engine
         engineSmallBatches.batchBytes = 256 << 10
         engineSmallBatches.writeBatchBytes = 256 << 10
+        engineSmallBatches.streamJobBytes = 256 << 10
         engineSmallBatches.checkpointBytes = 1 << 20
         for target in [plain, larger, smaller] {
             for (mode, budget) in [(SyncMode.full, 9), (.delta, 2), (.full, 30)] {
@@ -303,6 +304,7 @@ final class FaultySource: SyncSource {
             var engine = f.engine
             engine.batchBytes = 256 << 10
             engine.writeBatchBytes = 256 << 10
+            engine.streamJobBytes = 256 << 10
             engine.comparisonJournalLimit = limit
             #expect(throws: SyncError.self) {
                 try engine.sync(FaultySource(try f.source(2), failAfterReads: 2), to: target, mode: .delta)
@@ -332,6 +334,7 @@ final class FaultySource: SyncSource {
         var engine = f.engine
         engine.batchBytes = 256 << 10
         engine.writeBatchBytes = 256 << 10
+        engine.streamJobBytes = 256 << 10
         let source = WatchedSource(try f.source(2), journalDirectory: f.dir.file("state/sync"))
         var plan: SyncPlan?
         let report = try engine.sync(source, to: target, mode: .delta, plan: { plan = $0 })
@@ -392,6 +395,7 @@ final class FaultySource: SyncSource {
         var engine = f.engine
         engine.batchBytes = 256 << 10
         engine.writeBatchBytes = 256 << 10
+        engine.streamJobBytes = 256 << 10
         #expect(throws: SyncError.self) {
             try engine.sync(FaultySource(try f.source(2), failAfterReads: 3), to: target, mode: .full, undo: false)
         }
@@ -450,6 +454,7 @@ final class FaultySource: SyncSource {
         var small = f.engine
         small.batchBytes = 256 << 10
         small.writeBatchBytes = 256 << 10
+        small.streamJobBytes = 256 << 10
         #expect(throws: SyncError.self) {
             try small.sync(FaultySource(try f.source(0), failAfterReads: 6), to: larger, mode: .full)
         }
