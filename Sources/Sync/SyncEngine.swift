@@ -183,14 +183,9 @@ public struct SyncEngine: Sendable {
             let journal = try createJournal()
             defer { journal.close() }
             try dir.save(state)
-            // Stopped before the first write: the target keeps its old image and its old state.
-            let unchanged = { () -> Void in
-                if let previous { try? dir.save(previous) } else { try? dir.removeState() }
-                try? dir.removeJournal()
-            }
             var report = try execute(source: source, target: target, state: state, dir: dir, journal: journal, journaled: [],
                                      from: 0, feed: .comparison, fresh: created, verify: verify,
-                                     unchanged: created ? nil : unchanged, progress: progress)
+                                     unchanged: created ? nil : { restore(previous, dir) }, progress: progress)
             report.created = created
             report.warnings = warnings
             report.seconds = Date().timeIntervalSince(started)
@@ -261,12 +256,19 @@ public struct SyncEngine: Sendable {
 
         var report = try execute(source: source, target: target, state: state, dir: dir, journal: journal, journaled: journaled,
                                  from: 0, feed: differences.map { .differences($0) } ?? .everySlot, fresh: created, verify: verify,
-                                 progress: progress)
+                                 unchanged: created ? nil : { restore(previous, dir) }, progress: progress)
         report.journalBytes += journaledPayload
         report.created = created
         report.warnings = warnings
         report.seconds = Date().timeIntervalSince(started)
         return report
+    }
+
+    /// A sync stopped before its first write: the target keeps its old image, so it gets its
+    /// old state back, and the journal goes.
+    private func restore(_ previous: SyncState?, _ dir: SyncStateDirectory) {
+        if let previous { try? dir.save(previous) } else { try? dir.removeState() }
+        try? dir.removeJournal()
     }
 
     // MARK: - Resume
