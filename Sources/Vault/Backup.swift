@@ -14,6 +14,8 @@ public struct BackupRequest: Sendable {
     public var tags: [String]
     /// Prune keeps the point at least until then.
     public var keepUntil: Date?
+    /// The blocks read side by side (`ReadOrder`); small in tests, to interleave small disks.
+    var readBlockBytes: UInt64 = 512 << 20
 
     public init(machine: String, disks: [(name: String, source: SourceSpec)], time: Date? = nil,
                 preSnapshot: String? = nil, postSnapshot: String? = nil, tags: [String] = [], keepUntil: Date? = nil) {
@@ -146,7 +148,7 @@ extension Vault {
                     path: SlotFingerprints.path(stateDirectory: stateDirectory, vault: config.id, machine: request.machine, disk: name),
                     parent: previous == nil ? nil : parent?.id, chunkSize: config.chunkSize)
                 let (disk, read) = try backupDisk(name: name, spec: spec, previous: previous, fingerprints: fingerprints,
-                                                  writer: writer, progress: progress)
+                                                  writer: writer, readBlockBytes: request.readBlockBytes, progress: progress)
                 disks.append(disk)
                 bytesRead += read
                 if let fingerprints { made.append((fingerprints, disk.slotCount)) }
@@ -174,9 +176,33 @@ extension Vault {
         }
     }
 
+    /// The order in which a disk's batches are read: two blocks of `block` batches side by side,
+    /// a batch of one, then a batch of the other, then the next two blocks. A disk's regions
+    /// differ (text that zstd works hard on, random data it does not even try, holes), and
+    /// reading two at once keeps both the cores and the disk busy where one region alone would
+    /// leave one of them waiting. The disk index is built in slot order, so the ids of the second
+    /// block wait for the first: at most `block` batches' ids, whatever the disk's size.
+    struct ReadOrder {
+        /// nil: a source of unknown size (standard input), read in order.
+        let batches: Int?
+        let block: Int
+
+        /// The batch read `k`-th, or nil past the end.
+        func batch(_ k: Int) -> Int? {
+            guard let batches else { return k }
+            guard k < batches else { return nil }
+            let pair = k / (2 * block), at = k % (2 * block)
+            let first = pair * 2 * block
+            let second = max(0, min(block, batches - first - block))   // the second block's length
+            if at < 2 * second { return first + (at % 2 == 0 ? at / 2 : block + at / 2) }
+            return first + second + (at - 2 * second)                  // the first block's rest
+        }
+    }
+
     /// Reads one disk through the pipeline: reader thread -> hashing/compressing workers -> this
     /// thread, which puts the ids back in slot order and builds the disk index.
     private func backupDisk(name: String, spec: SourceSpec, previous: PointDisk?, fingerprints: SlotFingerprints?, writer: ChunkWriter,
+                            readBlockBytes: UInt64,
                             progress: @escaping @Sendable (BackupProgress) -> Void) throws(VaultError) -> (PointDisk, UInt64) {
         let source = try DiskSource(spec)
         defer { source.close() }
@@ -205,13 +231,18 @@ extension Vault {
 
         let sourceBox = SourceBox(source)
         let batchBytes = UInt64(slotsPerBatch * chunkSize)
+        let order = ReadOrder(batches: source.size.map { Int(($0 + batchBytes - 1) / batchBytes) },
+                              block: max(1, Int(readBlockBytes / batchBytes)))
         let nextBatch = Atomic<Int>(0)
         let readersLeft = Atomic<Int>(readerCount)
         let readers = (0..<readerCount).map { n in
             Worker(name: "backup-read-\(n)") {
                 while let batch = free.pop() {
                     if Cancellation.requested { fail(.interrupted); break }
-                    let number = nextBatch.add(1, ordering: .relaxed).oldValue
+                    guard let number = order.batch(nextBatch.add(1, ordering: .relaxed).oldValue) else {
+                        free.push(batch)
+                        break
+                    }
                     do throws(VaultError) {
                         let start = UInt64(number) * batchBytes
                         if let size = sourceBox.source.size, start >= size && !(size == 0 && number == 0) {
@@ -269,10 +300,14 @@ extension Vault {
         var waiting: [Int: BatchResult] = [:]
         var next = 0
         var slots = 0
+        var processed: UInt64 = 0   // slots hashed, in any order: the progress
         var assemblyError: VaultError? = nil
         while let result = results.pop() {
             if assemblyError != nil { continue }
             waiting[result.number] = result
+            processed += UInt64(result.ids.count)
+            progress(BackupProgress(disk: name, bytesDone: min(processed * UInt64(chunkSize), source.size ?? UInt64.max),
+                                    bytesTotal: source.size))
             while let ready = waiting.removeValue(forKey: next) {
                 do {
                     for id in ready.ids { try index.append(id) }
@@ -285,8 +320,6 @@ extension Vault {
                 }
                 slots += ready.ids.count
                 next += 1
-                let done = min(UInt64(slots) * UInt64(chunkSize), source.size ?? UInt64.max)
-                progress(BackupProgress(disk: name, bytesDone: done, bytesTotal: source.size))
             }
         }
         for reader in readers { reader.join() }
