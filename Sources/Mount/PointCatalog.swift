@@ -87,7 +87,7 @@ final class PointCatalog: Sendable {
         var grouped: [String: [RecoveryPoint]] = [:]
         for point in known.values { grouped[point.machine, default: []].append(point) }
         for (machine, points) in grouped {
-            let sorted = points.sorted { ($0.date, $0.created, $0.id) < ($1.date, $1.created, $1.id) }
+            let sorted = RecoveryPoint.chronological(points)
             var counts: [String: Int] = [:]
             for p in sorted { counts[p.time, default: 0] += 1 }
             result.machines[machine] = sorted.map { p in

@@ -110,3 +110,28 @@ public struct RecoveryPoint: Codable, Sendable {
         return point
     }
 }
+
+extension RecoveryPoint {
+    /// Points oldest first: by time, then creation time, then id; and since both times are to
+    /// the second, a point made in the same second as its parent after it, so that the last is
+    /// the newest of a machine's backups made one right after the other.
+    public static func chronological(_ points: [RecoveryPoint]) -> [RecoveryPoint] {
+        let sorted = points.sorted { ($0.date, $0.created, $0.id) < ($1.date, $1.created, $1.id) }
+        var out: [RecoveryPoint] = []
+        out.reserveCapacity(sorted.count)
+        var start = 0
+        while start < sorted.count {
+            var end = start + 1
+            while end < sorted.count, sorted[end].date == sorted[start].date, sorted[end].created == sorted[start].created { end += 1 }
+            var group = Array(sorted[start..<end])
+            // A point whose parent is still waiting in the group goes after it.
+            while !group.isEmpty {
+                let waiting = Set(group.map(\.id))
+                let next = group.firstIndex { $0.parent.map { !waiting.contains($0) } ?? true } ?? 0
+                out.append(group.remove(at: next))
+            }
+            start = end
+        }
+        return out
+    }
+}

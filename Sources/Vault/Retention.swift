@@ -75,7 +75,7 @@ public enum Retention {
     public static func plan(_ points: [RecoveryPoint], policy: RetentionPolicy, now: Date,
                             protected: [String: Date?] = [:], held: [String: String] = [:]) -> [PruneDecision] {
         var reasons: [String: String] = [:]
-        let newestFirst = points.sorted { ($0.date, $0.created, $0.id) > ($1.date, $1.created, $1.id) }
+        let newestFirst = Array(RecoveryPoint.chronological(points).reversed())
 
         if let within = policy.keepWithin, let seconds = RetentionPolicy.seconds(within) {
             let target = now.addingTimeInterval(-seconds)

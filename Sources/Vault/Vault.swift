@@ -109,30 +109,7 @@ public final class Vault: Sendable {
                 damaged?(object.name, .store(error))
             } catch {}
         }
-        points.sort { ($0.date, $0.created, $0.id) < ($1.date, $1.created, $1.id) }
-        return Vault.parentsFirst(points)
-    }
-
-    /// Points made in the same second (times and creation times are to the second) sort with a
-    /// point after its parent, so that `@latest` is the newest of a machine's backups made one
-    /// right after the other.
-    static func parentsFirst(_ sorted: [RecoveryPoint]) -> [RecoveryPoint] {
-        var out: [RecoveryPoint] = []
-        out.reserveCapacity(sorted.count)
-        var start = 0
-        while start < sorted.count {
-            var end = start + 1
-            while end < sorted.count, sorted[end].date == sorted[start].date, sorted[end].created == sorted[start].created { end += 1 }
-            var group = Array(sorted[start..<end])
-            // A point whose parent is still waiting in the group goes after it.
-            while !group.isEmpty {
-                let waiting = Set(group.map(\.id))
-                let next = group.firstIndex { $0.parent.map { !waiting.contains($0) } ?? true } ?? 0
-                out.append(group.remove(at: next))
-            }
-            start = end
-        }
-        return out
+        return RecoveryPoint.chronological(points)
     }
 
     /// Resolves `MACHINE@latest`, `MACHINE@-N`, `MACHINE@<time or time prefix>`, `MACHINE@<id prefix>`;
