@@ -20,16 +20,10 @@ final class TargetLock: Sendable {
             try FileSystem.createDirectories(dir.path, permissions: 0o700)
             file = try SystemFile.open(path, .createOrOpen(permissions: 0o600))
         } catch { throw .journal(error) }
-        // Tried for up to 0.2 s: a lock just released can stay held for a moment by a child that
-        // another thread of this process is spawning (its copy of the descriptor lives until it
-        // execs). A sync that really holds the target holds it for far longer.
-        var held = false
-        for attempt in 0..<20 where !held {
-            if attempt > 0 { usleep(10_000) }
-            do throws(SystemError) { held = try file.lock(exclusive: true, wait: false) } catch {
-                file.close()
-                throw .journal(error)
-            }
+        let held: Bool
+        do throws(SystemError) { held = try file.lockWithoutWaiting() } catch {
+            file.close()
+            throw .journal(error)
         }
         guard held else {
             let holder = (try? file.readAll(count: 200)).map { String(decoding: $0, as: UTF8.self) }?

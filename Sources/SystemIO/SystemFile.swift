@@ -216,6 +216,18 @@ public struct SystemFile: Sendable {
         return true
     }
 
+    /// An exclusive lock for a process that must not wait for another holder, tried for up to
+    /// 0.2 s: a lock just released can stay held for a moment by a child that another thread of
+    /// this process is spawning (its copy of the descriptor lives until it execs). A real holder
+    /// holds it for far longer. False when it stays held.
+    public func lockWithoutWaiting() throws(SystemError) -> Bool {
+        for attempt in 0..<20 {
+            if attempt > 0 { usleep(10_000) }
+            if try lock(exclusive: true, wait: false) { return true }
+        }
+        return false
+    }
+
     public func truncate(to size: UInt64) throws(SystemError) {
         guard ftruncate(fd, off_t(size)) == 0 else { throw SystemError("resize", path: path) }
     }

@@ -172,7 +172,7 @@ public final class Sandboxes: Sendable {
     private func lockExclusively(_ name: String) throws(SandboxError) -> SystemFile {
         do {
             let lock = try SystemFile.open(path(name) + "/lock", .createOrOpen(permissions: 0o600))
-            guard try lock.lock(exclusive: true, wait: false) else {
+            guard try lock.lockWithoutWaiting() else {
                 lock.close()
                 let where_ = mounted(name).map { " (mounted at \($0.mountpoint), server pid \($0.pid))" } ?? ""
                 throw SandboxError.busy(name, why: "another lifeboat process is using it\(where_)")
