@@ -81,6 +81,13 @@ public enum SyncError: LifeboatError {
         }
     }
 
+    /// This error from a sync that stopped before its first write to `path`: an interruption
+    /// then says that the target holds its old image (nothing to resume or roll back).
+    func beforeWriting(_ path: String) -> SyncError {
+        if case .interrupted = self { return .interruptedBeforeWriting(path: path) }
+        return self
+    }
+
     public var kind: FailureKind {
         switch self {
         case .source(let e): return e.kind

@@ -170,11 +170,20 @@ public struct SyncEngine: Sendable {
                               newSize: identity.isDevice ? oldSize : source.size, chunkSize: source.chunkSize,
                               journalBytesPlanned: 0, started: Timestamp.format(started), finished: nil)
         let budget = comparisonJournalLimit ?? freeSpace() / 2
+        func finished(_ report: SyncReport) -> SyncReport {
+            var report = report
+            report.created = created
+            report.warnings = warnings
+            report.seconds = Date().timeIntervalSince(started)
+            return report
+        }
 
-        // Delta, when the journal fits even if every slot holding data differs: the writes
-        // follow the comparison region by region, the comparison journaling as it goes.
-        let worstJournal = undo ? journalEstimate(source: source, target: target, oldSize: oldSize, created: created,
-                                                  mode: .full, differences: nil, from: 0) : 0
+        // Delta, when the journal fits even if every slot holding data differs (a full sync's
+        // journal): the writes follow the comparison region by region, the comparison
+        // journaling as it goes.
+        let worstJournal = mode == .delta && overlapWrites && undo
+            ? journalEstimate(source: source, target: target, oldSize: oldSize, created: created, mode: .full, differences: nil, from: 0)
+            : 0
         if mode == .delta && overlapWrites && worstJournal + journalSlack(source) <= budget {
             state.journalBytesPlanned = worstJournal
             plan(SyncPlan(target: identity.path, source: source.label, mode: mode, size: source.size, differingBytes: nil,
@@ -183,13 +192,9 @@ public struct SyncEngine: Sendable {
             let journal = try createJournal()
             defer { journal.close() }
             try dir.save(state)
-            var report = try execute(source: source, target: target, state: state, dir: dir, journal: journal, journaled: [],
-                                     from: 0, feed: .comparison, fresh: created, verify: verify,
-                                     unchanged: created ? nil : { restore(previous, dir) }, progress: progress)
-            report.created = created
-            report.warnings = warnings
-            report.seconds = Date().timeIntervalSince(started)
-            return report
+            return finished(try execute(source: source, target: target, state: state, dir: dir, journal: journal, journaled: [],
+                                        from: 0, feed: .comparison, fresh: created, verify: verify,
+                                        unchanged: created ? nil : { restore(previous, dir) }, progress: progress))
         }
 
         // Otherwise compare first, which gives the exact list of slots to write and so the
@@ -217,16 +222,11 @@ public struct SyncEngine: Sendable {
                 differences = try comparison.differences(from: 0) { done in
                     progress(SyncProgress(phase: .compare, bytesDone: done, bytesTotal: source.size))
                 }
-            } catch {
-                if case .interrupted = error { throw .interruptedBeforeWriting(path: identity.path) }
-                throw error
-            }
+            } catch { throw error.beforeWriting(identity.path) }
         }
         let chunkBytes = UInt64(source.chunkSize)
         let journaled = Set((differences ?? []).filter(\.journaled).map { UInt64($0.slot) * chunkBytes })
-        let journaledPayload = (differences ?? []).reduce(UInt64(0)) { sum, d in
-            d.journaled && !d.oldZero ? sum + UInt64(source.length(of: d.slot..<(d.slot + 1))) : sum
-        }
+        let journaledPayload = bytes(of: (differences ?? []).filter { $0.journaled && !$0.oldZero }, source)
         // What the journal still needs, beyond what the comparison put in it.
         let remaining = undo ? journalEstimate(source: source, target: target, oldSize: oldSize, created: created,
                                                mode: mode, differences: differences, from: 0, skipping: journaled) : 0
@@ -258,10 +258,7 @@ public struct SyncEngine: Sendable {
                                  from: 0, feed: differences.map { .differences($0) } ?? .everySlot, fresh: created, verify: verify,
                                  unchanged: created ? nil : { restore(previous, dir) }, progress: progress)
         report.journalBytes += journaledPayload
-        report.created = created
-        report.warnings = warnings
-        report.seconds = Date().timeIntervalSince(started)
-        return report
+        return finished(report)
     }
 
     /// A sync stopped before its first write: the target keeps its old image, so it gets its
@@ -415,8 +412,7 @@ public struct SyncEngine: Sendable {
     }
 
     /// Writes the feed's slots. `unchanged`, if given, is called when the sync fails before
-    /// anything was written to the target (the error is then `.interruptedBeforeWriting` for
-    /// an interruption).
+    /// anything was written to the target (its error then says so: `beforeWriting`).
     private func execute(source: any SyncSource, target: Target, state: SyncState, dir: SyncStateDirectory, journal: UndoJournal,
                          journaled: Set<UInt64>, from first: Int, feed: Feed, fresh: Bool, verify: Bool,
                          unchanged: (() -> Void)? = nil,
@@ -626,8 +622,7 @@ public struct SyncEngine: Sendable {
         if let error = failure.withLock({ $0 }) {
             if let unchanged, !touched.load(ordering: .relaxed) {
                 unchanged()
-                if case .interrupted = error { throw .interruptedBeforeWriting(path: path) }
-                throw error
+                throw error.beforeWriting(path)
             }
             // Record how far the sync got (best effort: the target may be what failed).
             try? checkpoint()

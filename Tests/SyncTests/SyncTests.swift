@@ -63,10 +63,23 @@ struct SyncFixture {
     }
 }
 
+/// A test source around a real one: what it does not say otherwise comes from `base`.
+protocol WrappedSource: SyncSource {
+    var base: any SyncSource { get }
+}
+
+extension WrappedSource {
+    var label: String { base.label }
+    var resumeSpec: String { base.resumeSpec }
+    var diskName: String { base.diskName }
+    var size: UInt64 { base.size }
+    var chunkSize: Int { base.chunkSize }
+}
+
 /// A source for watching a delta that writes while it compares: the comparison of the second
 /// half of the disk waits (up to 5 s) until the write pass has fetched something, and every
 /// fetch checks that the journal already holds the records of the slots about to be written.
-final class WatchedSource: SyncSource {
+final class WatchedSource: WrappedSource {
     let base: any SyncSource
     let journalDirectory: String
     let fetched = Mutex(false)
@@ -78,11 +91,6 @@ final class WatchedSource: SyncSource {
         self.journalDirectory = journalDirectory
     }
 
-    var label: String { base.label }
-    var resumeSpec: String { base.resumeSpec }
-    var diskName: String { base.diskName }
-    var size: UInt64 { base.size }
-    var chunkSize: Int { base.chunkSize }
     func ids(_ slots: Range<Int>) throws(SyncError) -> [ChunkID?] {
         if slots.lowerBound >= slotCount / 2 {
             condition.lock()
@@ -124,21 +132,16 @@ final class WatchedSource: SyncSource {
 }
 
 /// A source whose slot ids cannot be read (a damaged vault): the comparison fails at once.
-final class UnreadableSource: SyncSource {
+final class UnreadableSource: WrappedSource {
     let base: any SyncSource
     init(_ base: any SyncSource) { self.base = base }
-    var label: String { base.label }
-    var resumeSpec: String { base.resumeSpec }
-    var diskName: String { base.diskName }
-    var size: UInt64 { base.size }
-    var chunkSize: Int { base.chunkSize }
     func ids(_ slots: Range<Int>) throws(SyncError) -> [ChunkID?] { throw .invalidArgument("injected failure to read slot ids") }
     func read(_ slots: Range<Int>, into buffer: UnsafeMutableRawBufferPointer) throws(SyncError) { try base.read(slots, into: buffer) }
 }
 
 /// A source that fails (as a damaged vault would) once `budget` reads are spent, or hands out
 /// wrong bytes for one slot: for interrupted syncs and verification failures.
-final class FaultySource: SyncSource {
+final class FaultySource: WrappedSource {
     let base: any SyncSource
     let reads = Atomic<Int>(0)
     let budget: Int
@@ -150,11 +153,6 @@ final class FaultySource: SyncSource {
         self.corruptSlot = corruptSlot
     }
 
-    var label: String { base.label }
-    var resumeSpec: String { base.resumeSpec }
-    var diskName: String { base.diskName }
-    var size: UInt64 { base.size }
-    var chunkSize: Int { base.chunkSize }
     func ids(_ slots: Range<Int>) throws(SyncError) -> [ChunkID?] { try base.ids(slots) }
     func read(_ slots: Range<Int>, into buffer: UnsafeMutableRawBufferPointer) throws(SyncError) {
         if reads.add(1, ordering: .relaxed).newValue > budget { throw .invalidArgument("injected source failure") }
