@@ -45,6 +45,10 @@ extension SyncEngine {
             defer { journal.close() }
             let target = try Target(path: state.target, isDevice: state.isDevice, undo: true)
             defer { target.close() }
+            // From the first write back, no slot holds the new image for sure: a resume after an
+            // interrupted rollback must compare from the start, not from the last checkpoint.
+            try journal.truncateToEnd()
+            try journal.checkpoint(0)
             let undo = records.filter { $0.kind != .checkpoint }
             let total = undo.reduce(UInt64(0)) { $0 + UInt64($1.length) }
             let largest = undo.map(\.length).max() ?? 0

@@ -146,6 +146,10 @@ public struct SyncEngine: Sendable {
         let lock = try TargetLock.acquire(dir, target: identity.path)
         defer { lock.release() }
         let previous = try dir.load()
+        // Another sync may have taken the lock first and written the file this one created:
+        // then it is not new (its zero slots must be written, and rolling back must not remove it).
+        var st = stat()
+        if created, stat(identity.path, &st) == 0, st.st_size != 0 { created = false }
         if !created, let state = previous, state.phase == .running, state.undo || undo {
             throw .unfinished(path: identity.path, source: state.sourceLabel, undo: state.undo)
         }
@@ -264,7 +268,11 @@ public struct SyncEngine: Sendable {
     /// A sync stopped before its first write: the target keeps its old image, so it gets its
     /// old state back, and the journal goes.
     private func restore(_ previous: SyncState?, _ dir: SyncStateDirectory) {
-        if let previous { try? dir.save(previous) } else { try? dir.removeState() }
+        // The journal goes only once the state no longer names it (else resume and rollback
+        // would find a running sync without its journal).
+        do throws(SyncError) {
+            if let previous { try dir.save(previous) } else { try dir.removeState() }
+        } catch { return }
         try? dir.removeJournal()
     }
 

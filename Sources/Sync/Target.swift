@@ -60,6 +60,7 @@ final class Target: Sendable {
     private let buffered: SystemFile
     private let direct: SystemFile?
     private let directRefused = Atomic<Bool>(false)
+    private let flushFailure = Mutex<SyncError?>(nil)
 
     init(path: String, isDevice: Bool, undo: Bool) throws(SyncError) {
         self.path = path
@@ -169,9 +170,17 @@ final class Target: Sendable {
         return regions
     }
 
+    /// A failed flush fails every later one: Linux reports a writeback error once and marks the
+    /// lost pages clean, so a second fdatasync would succeed and a checkpoint would claim bytes
+    /// that never reached the disk.
     func dataSync() throws(SyncError) {
-        if fdatasync(buffered.fd) != 0 {
-            throw .targetIO(path: path, offset: 0, writing: true, cause: SystemError("flush", path: path), undo: undo)
+        try flushFailure.withLock { (failed: inout SyncError?) throws(SyncError) in
+            if let failed { throw failed }
+            if fdatasync(buffered.fd) != 0 {
+                let error = SyncError.targetIO(path: path, offset: 0, writing: true, cause: SystemError("flush", path: path), undo: undo)
+                failed = error
+                throw error
+            }
         }
     }
 

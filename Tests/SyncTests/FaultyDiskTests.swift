@@ -9,11 +9,12 @@ import TestSupport
 import Vault
 
 /// A one-file FUSE filesystem (`/disk.img`, backed by a plain file) that fails writes touching
-/// chosen byte ranges with EIO, as a failing disk would.
+/// chosen byte ranges with EIO, as a failing disk would, and the next `failingFlushes` flushes.
 final class FaultyDisk: Sendable {
     let backing: SystemFile
     let mountpoint: String
     let failing = Mutex<[Range<UInt64>]>([])
+    let failingFlushes = Atomic<Int>(0)
     private let finished = DispatchSemaphore(value: 0)
     private let handle = Mutex<UInt>(0)
 
@@ -33,7 +34,7 @@ final class FaultyDisk: Sendable {
         ops.read = { _, buffer, size, offset, _ in faultyDisk()?.read(buffer, size, offset) ?? -EIO }
         ops.write = { _, buffer, size, offset, _ in faultyDisk()?.write(buffer, size, offset) ?? -EIO }
         ops.truncate = { _, size, _ in faultyDisk()?.truncate(size) ?? -EIO }
-        ops.fsync = { _, _, _ in 0 }
+        ops.fsync = { _, _, _ in faultyDisk()?.fsync() ?? -EIO }
         ops.`init` = { _, _ in fuse_get_context()?.pointee.private_data }
 
         var arguments = ["faulty-disk"]
@@ -60,6 +61,11 @@ final class FaultyDisk: Sendable {
             fuse_destroy(fuse)
             finished.signal()
         }.start()
+    }
+
+    /// As Linux reports a lost writeback: once, then the next flush succeeds.
+    func fsync() -> Int32 {
+        failingFlushes.wrappingSubtract(1, ordering: .relaxed).oldValue > 0 ? -EIO : 0
     }
 
     func stop() {
@@ -147,5 +153,63 @@ private func faultyDisk() -> FaultyDisk? {
         // And a delta sync through the same (now healthy) filesystem works.
         _ = try f.engine.sync(try f.source(2), to: disk.image, mode: .delta, verify: true)
         #expect(try sha256(file: backing) == f.hashes[2])
+    }
+
+    /// A rollback stopped part way has put old bytes back below the sync's last checkpoint: a
+    /// resume must look at every slot again, not start from that checkpoint.
+    @Test func aResumeAfterARollbackStoppedPartWayGivesTheNewImage() throws {
+        let f = try SyncFixture()
+        defer { f.dir.remove() }
+        let backing = try f.target("backing.img", holding: 0)
+        let disk = try FaultyDisk(backing: backing, at: f.dir.file("mnt"))
+        defer { disk.stop() }
+        var engine = f.engine
+        engine.batchBytes = 256 << 10
+        engine.writeBatchBytes = 256 << 10
+        engine.streamJobBytes = 256 << 10
+        engine.checkpointBytes = 1 << 20
+        #expect(throws: SyncError.self) {
+            try engine.sync(FaultySource(try f.source(2), failAfterReads: 30), to: disk.image, mode: .full)
+        }
+        let status = try f.engine.status(disk.image)
+        #expect(status.condition == .midSync)
+        // Day 0 and day 2 differ in MiB 1 and 2 (zeroed on days 1 and 2).
+        try #require((status.progressBytes ?? 0) >= 3 << 20, "the sync must have checkpointed past MiB 3")
+        // Records are written back newest first: failing on the first batch, whose records are
+        // among the oldest, stops the rollback after most slots below the checkpoint are old again.
+        disk.failing.withLock { $0 = [0..<(256 << 10)] }
+        #expect(throws: SyncError.self) { try f.engine.rollback(disk.image) }
+        disk.failing.withLock { $0 = [] }
+        #expect(try f.engine.status(disk.image).condition == .midSync)
+        _ = try f.engine.resume(disk.image, resolve: f.resolve)
+        #expect(try sha256(file: backing) == f.hashes[2])
+        #expect(try f.engine.status(disk.image).condition == .consistent)
+    }
+
+    /// Linux reports a lost writeback once: the flush after a failed one succeeds although the
+    /// data is gone. A failed flush of the target must never be followed by a checkpoint.
+    @Test func aFailedFlushOfTheTargetIsNeverFollowedByACheckpoint() throws {
+        let f = try SyncFixture()
+        defer { f.dir.remove() }
+        let backing = try f.target("backing.img", holding: 0)
+        let disk = try FaultyDisk(backing: backing, at: f.dir.file("mnt"))
+        defer { disk.stop() }
+        var engine = f.engine
+        engine.batchBytes = 256 << 10
+        engine.writeBatchBytes = 256 << 10
+        engine.streamJobBytes = 256 << 10
+        engine.checkpointBytes = 1 << 20
+        disk.failingFlushes.store(1, ordering: .relaxed)
+        do throws(SyncError) {
+            _ = try engine.sync(try f.source(2), to: disk.image, mode: .full)
+            Issue.record("the sync must fail on the failed flush")
+        } catch {
+            #expect(error.kind == .io, "\(error.description)")
+        }
+        let status = try f.engine.status(disk.image)
+        #expect(status.condition == .midSync)
+        #expect(status.progressBytes == 0, "a checkpoint after the failed flush claims bytes that may be lost")
+        _ = try f.engine.rollback(disk.image)
+        #expect(try sha256(file: backing) == f.hashes[0])
     }
 }
