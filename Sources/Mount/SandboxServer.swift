@@ -28,7 +28,7 @@ public final class SandboxServer: Sendable {
     enum SandboxFile: Sendable {
         case disk(SandboxDisk, footer: [UInt8]?)
         case bytes([UInt8])
-        case freeze([SandboxDisk], held: FreezeHold)
+        case freeze([(SandboxDisk, UInt64)], held: FreezeHold)
 
         var isFreeze: Bool { if case .freeze = self { return true } else { return false } }
     }
@@ -198,17 +198,17 @@ public final class SandboxServer: Sendable {
         case .freeze:
             if writing { return -EACCES }
             // Writes stop, and what was written is made durable, before the opener goes on.
-            for disk in sandbox.disks { disk.gate.freeze() }
+            let frozen = sandbox.disks.map { ($0, $0.gate.freeze()) }
             for disk in sandbox.disks {
                 do {
                     try disk.flush()
                 } catch {
-                    for d in sandbox.disks { d.gate.thaw() }
+                    for (d, token) in frozen { d.gate.thaw(token) }
                     log("sandbox \(sandbox.record.name): \(error.description)")
                     return -EIO
                 }
             }
-            file = .freeze(sandbox.disks, held: FreezeHold())
+            file = .freeze(frozen, held: FreezeHold())
             info.pointee.direct_io = 1
         default:
             return -EISDIR
@@ -223,8 +223,9 @@ public final class SandboxServer: Sendable {
         guard let info else { return 0 }
         let handle = info.pointee.fh
         guard let file = files.withLock({ $0.removeValue(forKey: handle) }) else { return 0 }
-        if case .freeze(let disks, let held) = file, held.held.load(ordering: .acquiring) {
-            for disk in disks { disk.gate.thaw() }
+        // Every disk it froze is thawed, whether or not the freeze held on all of them.
+        if case .freeze(let frozen, _) = file {
+            for (disk, token) in frozen { disk.gate.thaw(token) }
         }
         return 0
     }
@@ -245,7 +246,7 @@ public final class SandboxServer: Sendable {
             return copyOut(bytes, at: UInt64(offset), into: out)
         case .freeze(let disks, let held):
             // "frozen" while the freeze held from open to now; "expired" if writes had to go on.
-            if !disks.allSatisfy({ $0.gate.holds }) { held.held.store(false, ordering: .releasing) }
+            if !disks.allSatisfy({ disk, token in disk.gate.holds(token) }) { held.held.store(false, ordering: .releasing) }
             let holds = held.held.load(ordering: .acquiring)
             return copyOut(Array((holds ? "frozen\n" : "expired\n").utf8), at: UInt64(offset), into: out)
         case .disk(let disk, let footer):

@@ -70,7 +70,7 @@ public final class DiskReader: Sendable {
     /// of what was decoded.
     public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64,
                      wholeSlot: ((UInt64, UnsafeRawBufferPointer) -> Void)?) throws(VirtualDiskError) -> Int {
-        guard offset < disk.size else { return 0 }
+        guard offset < disk.size, buffer.count > 0 else { return 0 }
         let length = Int(min(UInt64(buffer.count), disk.size - offset))
         let chunkSize = UInt64(disk.chunkSize)
         let firstSlot = Int(offset / chunkSize)

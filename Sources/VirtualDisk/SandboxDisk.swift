@@ -46,13 +46,19 @@ public enum SandboxError: LifeboatError {
 /// Lets writes through, or holds them while the overlay is read as one consistent image
 /// (promote of a running sandbox). A freeze never blocks writes for longer than `maximumWait`:
 /// a guest whose I/O hangs is worse than a promote that has to be retried.
+///
+/// Each freeze has a token of its own: whether it held, and its thaw, concern that freeze only
+/// (one that expired must not end, or be reported as, a later one).
 public final class WriteGate: @unchecked Sendable {
     // @unchecked: the vars are read and written only while holding `condition`.
     public static let maximumWait: TimeInterval = 60
     private let condition = NSCondition()
     private var writers = 0
-    private var frozen = false
-    private var expired = false
+    /// The freeze that holds, if any.
+    private var holder: UInt64? = nil
+    private var nextToken: UInt64 = 1
+    /// Freezes that expired and are not thawed yet.
+    private var expired: Set<UInt64> = []
 
     public init() {}
 
@@ -60,10 +66,10 @@ public final class WriteGate: @unchecked Sendable {
         condition.lock()
         defer { condition.unlock() }
         let deadline = Date().addingTimeInterval(WriteGate.maximumWait)
-        while frozen {
-            if !condition.wait(until: deadline) && frozen {
-                frozen = false
-                expired = true
+        while let token = holder {
+            if !condition.wait(until: deadline) && holder == token {
+                holder = nil
+                expired.insert(token)
                 condition.broadcast()
             }
         }
@@ -77,35 +83,37 @@ public final class WriteGate: @unchecked Sendable {
         condition.unlock()
     }
 
-    /// Waits for other freezes and for writes in flight; new writes wait until `thaw`.
-    public func freeze() {
+    /// Waits for other freezes and for writes in flight; new writes wait until `thaw(token)`.
+    /// Returns the freeze's token.
+    public func freeze() -> UInt64 {
         condition.lock()
         defer { condition.unlock() }
-        while frozen { condition.wait() }
-        frozen = true
-        expired = false
+        while holder != nil { condition.wait() }
+        let token = nextToken
+        nextToken += 1
+        holder = token
         while writers > 0 { condition.wait() }
+        return token
     }
 
-    /// Ends the freeze; false when it had expired (writes went on while it was held).
+    /// Ends the freeze `token`; false when it had expired (writes went on while it was held).
     @discardableResult
-    public func thaw() -> Bool {
+    public func thaw(_ token: UInt64) -> Bool {
         condition.lock()
         defer { condition.unlock() }
-        let held = !expired
-        if frozen {
-            frozen = false
+        let held = expired.remove(token) == nil
+        if holder == token {
+            holder = nil
             condition.broadcast()
         }
-        expired = false
         return held
     }
 
-    /// True while a freeze holds (it has not expired).
-    public var holds: Bool {
+    /// True while the freeze `token` holds (it has not expired nor been thawed).
+    public func holds(_ token: UInt64) -> Bool {
         condition.lock()
         defer { condition.unlock() }
-        return frozen && !expired
+        return holder == token
     }
 }
 
@@ -194,6 +202,8 @@ public final class SandboxDisk: Sendable {
         self.base = base
         let blockCount = Int((base.size + UInt64(SandboxDisk.blockSize) - 1) / UInt64(SandboxDisk.blockSize))
         var loaded = BlockMap(blocks: blockCount)
+        // A map whose data file is gone (or was cut) would read its blocks as zeros.
+        let hadData = FileSystem.exists(prefix + ".data")
         do {
             data = try SystemFile.open(prefix + ".data", .createOrOpen(permissions: 0o600))
             let second = try SystemFile.open(prefix + ".data", .readWrite)
@@ -204,7 +214,7 @@ public final class SandboxDisk: Sendable {
                 direct = nil
             }
             mapFile = try SystemFile.open(prefix + ".map", .createOrOpen(permissions: 0o600))
-            if try data.size() != base.size { try data.truncate(to: base.size) }
+            let dataSize = try data.size()
             let header = BlockMap.header(blockSize: SandboxDisk.blockSize, diskSize: base.size)
             let mapBytes = loaded.words.count * 8
             if try mapFile.size() == 0 {
@@ -223,6 +233,12 @@ public final class SandboxDisk: Sendable {
                 }
                 loaded.count = loaded.words.reduce(0) { $0 + $1.nonzeroBitCount }
             }
+            if loaded.count > 0 && (!hadData || dataSize != base.size) {
+                throw SandboxError.damagedOverlay(path: prefix + ".data", why: hadData
+                    ? "it holds \(dataSize) bytes where disk \(name) has \(base.size), under a map of \(loaded.count) written blocks"
+                    : "it is missing, under a map of \(loaded.count) written blocks")
+            }
+            if dataSize != base.size { try data.truncate(to: base.size) }
         } catch let error as SandboxError {
             throw error
         } catch let error as SystemError {
@@ -243,7 +259,7 @@ public final class SandboxDisk: Sendable {
 
     /// Reads up to `buffer.count` bytes at `offset`; fewer only at the end of the disk.
     public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(SandboxError) -> Int {
-        guard offset < size else { return 0 }
+        guard offset < size, buffer.count > 0 else { return 0 }
         let length = Int(min(UInt64(buffer.count), size - offset))
         let end = offset + UInt64(length)
         let bs = UInt64(SandboxDisk.blockSize)

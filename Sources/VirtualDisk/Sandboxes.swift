@@ -206,12 +206,16 @@ public final class Sandboxes: Sendable {
     public func reset(_ name: String) throws(SandboxError) {
         let sandbox = try open(name)
         defer { sandbox.close() }
+        // The map goes first, durably: a map left over a missing data file would make its
+        // written blocks read as zeros.
+        let disks = path(name) + "/disks"
         for disk in sandbox.record.disks {
-            for suffix in [".data", ".map"] {
-                let file = path(name) + "/disks/" + disk.name + suffix
+            for suffix in [".map", ".data"] {
+                let file = disks + "/" + disk.name + suffix
                 if FileSystem.exists(file) {
                     do {
                         try FileSystem.remove(file)
+                        try FileSystem.syncDirectory(disks)
                     } catch { throw .system(error) }
                 }
             }
