@@ -74,12 +74,19 @@ extension Vault {
     }
 
     /// Every chunk id a point needs: the nodes of its disk index trees and the slots' chunks.
+    /// A manifest it cannot read stops it: that point's chunks would count as dead.
     func liveChunks() throws(VaultError) -> (Set<ChunkID>, Int) {
-        var live = Set<ChunkID>()
-        let all = try points()
+        var live = Set<ChunkID>(), walked = Set<ChunkID>()
+        var unreadable: [(name: String, error: VaultError)] = []
+        let all = try points { name, error in unreadable.append((name, error)) }
+        if let first = unreadable.first {
+            throw .badManifest(first.name, "\(first.error.description); garbage collection cannot tell which chunks "
+                + "this point needs, so it stops (\(unreadable.count) manifest\(unreadable.count == 1 ? "" : "s") unreadable): "
+                + "repair or remove it, then run gc again")
+        }
         do {
             for point in all {
-                for disk in point.disks { try collectChunkIDs(of: disk, into: &live) }
+                for disk in point.disks { try collectChunkIDs(of: disk, into: &live, walked: &walked) }
             }
         } catch let error as ChunkStoreError {
             throw .chunks(error)
@@ -90,13 +97,16 @@ extension Vault {
     }
 
     /// Adds every chunk id a disk needs to `ids`: its index nodes and its slots' chunks.
-    /// Subtrees already in `ids` (shared with another point) are not walked again.
-    func collectChunkIDs(of disk: PointDisk, into ids: inout Set<ChunkID>) throws {
-        try walk(disk.root, level: disk.indexDepth - 1, into: &ids)
+    /// Nodes in `walked` (shared with another point) are not walked again. Nodes are tracked
+    /// apart from `ids`: a slot whose bytes equal an index node has the node's id, and taking
+    /// it for walked would leave the node's children unmarked.
+    func collectChunkIDs(of disk: PointDisk, into ids: inout Set<ChunkID>, walked: inout Set<ChunkID>) throws {
+        try walk(disk.root, level: disk.indexDepth - 1, into: &ids, walked: &walked)
     }
 
-    private func walk(_ id: ChunkID, level: Int, into ids: inout Set<ChunkID>) throws {
-        guard !id.isZero, ids.insert(id).inserted else { return }
+    private func walk(_ id: ChunkID, level: Int, into ids: inout Set<ChunkID>, walked: inout Set<ChunkID>) throws {
+        guard !id.isZero, walked.insert(id).inserted else { return }
+        ids.insert(id)
         let bytes = try chunks.read(id)
         try bytes.withUnsafeBytes { raw in
             for i in 0..<(raw.count / 32) {
@@ -104,7 +114,7 @@ extension Vault {
                 if level == 0 {
                     if !child.isZero { ids.insert(child) }
                 } else {
-                    try walk(child, level: level - 1, into: &ids)
+                    try walk(child, level: level - 1, into: &ids, walked: &walked)
                 }
             }
         }

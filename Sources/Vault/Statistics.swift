@@ -41,10 +41,10 @@ extension Vault {
         var users: [ChunkID: Int] = [:]
         var used: [String: Set<ChunkID>] = [:]
         for point in all {
-            var ids = Set<ChunkID>()
+            var ids = Set<ChunkID>(), walked = Set<ChunkID>()
             for disk in point.disks {
                 do {
-                    try collectChunkIDs(of: disk, into: &ids)
+                    try collectChunkIDs(of: disk, into: &ids, walked: &walked)
                 } catch let error as ChunkStoreError {
                     throw .chunks(error)
                 } catch {

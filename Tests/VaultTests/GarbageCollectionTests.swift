@@ -49,6 +49,39 @@ func storedPackBytes(_ vault: String) throws -> UInt64 {
         #expect(try f.open().collectGarbage().bytesFreed == 0)
     }
 
+    /// A point whose manifest cannot be read is not a point without chunks: gc stops, names it,
+    /// and deletes nothing; once the manifest is readable again the point restores.
+    @Test func anUnreadableManifestStopsGarbageCollection() throws {
+        let f = Fixture()
+        defer { f.dir.remove() }
+        let vault = try f.create()
+        let disk = f.dir.file("d.img")
+        var random = SeededBytes(seed: 12)
+        try writeAt(disk, 0, random.bytes(4 << 20))
+        let first = try vault.backup(BackupRequest(machine: "m", disks: [("os", .path(disk))], time: Date(timeIntervalSince1970: 0)))
+        let hash = try sha256(file: disk)
+        try writeAt(disk, 0, random.bytes(4 << 20))
+        _ = try vault.backup(BackupRequest(machine: "n", disks: [("os", .path(disk))], time: Date(timeIntervalSince1970: 86400)))
+        let manifest = f.vaultPath + "/points/m/" + first.point
+        let good = try Array(Data(contentsOf: URL(fileURLWithPath: manifest)))
+        var bad = good
+        bad[bad.count / 2] ^= 0x01
+        try Data(bad).write(to: URL(fileURLWithPath: manifest))
+        let before = try storedPackBytes(f.vaultPath)
+        let reopened = try f.open()
+        do throws(VaultError) {
+            _ = try reopened.collectGarbage(grace: 0)
+            Issue.record("gc must stop on a manifest it cannot read")
+        } catch {
+            #expect(error.description.contains(first.point) && error.description.contains("garbage collection"), "\(error.description)")
+        }
+        #expect(try storedPackBytes(f.vaultPath) == before)
+        try Data(good).write(to: URL(fileURLWithPath: manifest))
+        let out = f.dir.file("out.img")
+        _ = try f.open().restore(point: try f.open().point("m@latest"), disk: "os", to: out)
+        #expect(try sha256(file: out) == hash)
+    }
+
     /// A backup that started before a gc plan holds its deletion back; a later gc completes it.
     @Test func deletionWaitsForBackupsThatStartedBeforeThePlan() throws {
         let f = Fixture()
