@@ -61,16 +61,16 @@ public final class LocationTable: Sendable {
             let mid = (lo + hi) / 2
             let record = try readRecords(mid, 1)
             let midID = record.withUnsafeBytes { ChunkID($0) }
-            if midID == id { return record.withUnsafeBytes { decodeLocation($0, at: 0) } }
+            if midID == id { return try record.withBytes { (raw) throws(ChunkStoreError) in try decodeLocation(raw, at: 0) } }
             if midID < id { lo = mid + 1 } else { hi = mid }
         }
         let records = try readRecords(lo, hi - lo)
-        return records.withUnsafeBytes { raw in
+        return try records.withBytes { (raw) throws(ChunkStoreError) -> ChunkLocation? in
             var a = 0, b = hi - lo
             while a < b {
                 let m = (a + b) / 2
                 let mid = ChunkID(raw, at: m * size)
-                if mid == id { return decodeLocation(raw, at: m * size) }
+                if mid == id { return try decodeLocation(raw, at: m * size) }
                 if mid < id { a = m + 1 } else { b = m }
             }
             return nil
@@ -93,8 +93,13 @@ public final class LocationTable: Sendable {
         }
     }
 
-    private func decodeLocation(_ raw: UnsafeRawBufferPointer, at o: Int) -> ChunkLocation {
+    private func decodeLocation(_ raw: UnsafeRawBufferPointer, at o: Int) throws(ChunkStoreError) -> ChunkLocation {
         let packNumber = Int(raw.loadLE(UInt32.self, at: o + 32))
+        // The cache is a local file that may be damaged: an error, not a trap.
+        guard packNumber < packs.count else {
+            throw .cache(SystemError("use (a record names pack \(packNumber) of \(packs.count); delete the cache directory to rebuild it)",
+                                     path: table.path, errno: EIO))
+        }
         let rawAndFlags = raw.loadLE(UInt32.self, at: o + 44)
         return ChunkLocation(
             pack: packs[packNumber],

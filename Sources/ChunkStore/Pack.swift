@@ -96,7 +96,9 @@ public enum PackFormat {
             let offset = raw.loadLE(UInt64.self, at: 0)
             let count = raw.loadLE(UInt32.self, at: 8)
             let expected = UInt64(count) * UInt64(PackEntry.encodedSize)
-            guard offset >= UInt64(headerSize), offset + expected + UInt64(trailerSize) == packSize else {
+            // Checked without overflow: the offset is read from a file that may be damaged.
+            guard offset >= UInt64(headerSize), offset <= packSize, packSize - offset >= UInt64(trailerSize),
+                  packSize - offset - UInt64(trailerSize) == expected else {
                 throw .badPack(pack, "directory size \(expected) at \(offset) does not fit the pack size \(packSize)")
             }
             return Trailer(directoryOffset: offset, count: count, directoryDigest: ChunkID(raw, at: 16))

@@ -266,14 +266,17 @@ public enum FileSystem {
         return stat(path, &st) == 0 && (st.st_mode & S_IFMT) == S_IFDIR
     }
 
-    /// mkdir -p
+    /// mkdir -p. Each directory it makes is made durable in its parent: a file fsynced into a
+    /// new directory is lost with it after a power cut if the directory's own entry is not.
     public static func createDirectories(_ path: String, permissions: mode_t = 0o755) throws(SystemError) {
         if isDirectory(path) { return }
         let parent = parentDirectory(of: path)
         if parent != path && !parent.isEmpty { try createDirectories(parent, permissions: permissions) }
-        if mkdir(path, permissions) != 0 && errno != EEXIST {
+        if mkdir(path, permissions) != 0 {
+            if errno == EEXIST { return }
             throw SystemError("create the directory", path: path)
         }
+        try syncDirectory(parent.isEmpty ? "." : parent)
     }
 
     public static func parentDirectory(of path: String) -> String {
