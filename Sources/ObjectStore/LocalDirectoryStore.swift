@@ -145,7 +145,10 @@ public struct LocalDirectoryStore: ObjectStore {
             // Prune subtrees that cannot match the prefix.
             if !child.hasPrefix(prefix) && !prefix.hasPrefix(child + "/") { continue }
             var st = stat()
-            guard stat(root + "/" + child, &st) == 0 else { continue }
+            guard stat(root + "/" + child, &st) == 0 else {
+                if errno == ENOENT { continue }  // removed since the directory was read
+                throw .failed(SystemError("stat", path: root + "/" + child))
+            }
             if (st.st_mode & S_IFMT) == S_IFDIR {
                 try walk(child, prefix: prefix, into: &results)
             } else if (st.st_mode & S_IFMT) == S_IFREG && child.hasPrefix(prefix) {
@@ -155,10 +158,12 @@ public struct LocalDirectoryStore: ObjectStore {
         }
     }
 
+    /// The removal is durable when it returns: garbage collection orders its deletions.
     public func delete(_ name: String) throws(ObjectStoreError) {
         let target = try path(name)
         do {
             try FileSystem.remove(target)
+            try FileSystem.syncDirectory(FileSystem.parentDirectory(of: target))
         } catch { throw .failed(error) }
     }
 }

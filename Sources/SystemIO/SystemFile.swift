@@ -323,12 +323,17 @@ public enum FileSystem {
         guard let dir = opendir(path) else { throw SystemError("list", path: path) }
         defer { closedir(dir) }
         var names: [String] = []
+        // readdir returns nil at the end and on an error; only errno tells them apart, and a
+        // listing cut short must not pass for a whole one (gc would take what it missed for gone).
+        errno = 0
         while let entry = readdir(dir) {
             let name = withUnsafePointer(to: entry.pointee.d_name) {
                 $0.withMemoryRebound(to: CChar.self, capacity: 256) { String(cString: $0) }
             }
             if name != "." && name != ".." { names.append(name) }
+            errno = 0
         }
+        if errno != 0 { throw SystemError("list", path: path) }
         return names
     }
 

@@ -192,8 +192,9 @@ extension Vault {
                 retiring.insert(pack)
             }
         }
+        // Only a pack that exists holds a copy: an index object may still name one that is gone.
         var heldElsewhere = Set<ChunkID>()
-        for (pack, entries) in holds where !retiring.contains(pack) && !pending.contains(pack) {
+        for (pack, entries) in holds where sizes[pack] != nil && !retiring.contains(pack) && !pending.contains(pack) {
             for entry in entries where live.contains(entry.id) { heldElsewhere.insert(entry.id) }
         }
         let rewritten = retiring.subtracting(dead)
@@ -304,8 +305,12 @@ extension Vault {
                     throw error
                 }
             }
+            // Only packs that exist hold copies: an index object may still name one that is gone.
+            let present = Set(try store.list(prefix: "packs/").compactMap { PackFormat.id(fromObjectName: $0.name) })
             var entriesOf: [ChunkID: [PackEntry]] = [:]
-            for (_, index) in indexes { for (pack, entries) in index.packs { entriesOf[pack] = entries } }
+            for (_, index) in indexes {
+                for (pack, entries) in index.packs where present.contains(pack) || doomed.contains(pack) { entriesOf[pack] = entries }
+            }
             // A doomed pack holding a live chunk that no surviving pack holds is spared.
             while true {
                 var outside = Set<ChunkID>()
