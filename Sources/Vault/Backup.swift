@@ -160,7 +160,9 @@ extension Vault {
                 tags: request.tags, parent: parent?.id, keepUntil: request.keepUntil.map(Timestamp.format), disks: disks)
             let bytes = point.encoded()
             let id = ChunkID.sha256(bytes).hex
-            // The commit: everything the manifest names is durable by now.
+            // The commit: everything the manifest names is durable by now, and kept by gc while
+            // the lock holds.
+            try lock.confirm()
             try store.put(RecoveryPoint.objectName(machine: request.machine, id: id), bytes)
             chunks.refresh()
             for (fingerprints, slots) in made { fingerprints.commit(point: id, slots: slots) }

@@ -70,6 +70,7 @@ extension Vault {
                 tags: tags, parent: base.id, keepUntil: nil, disks: disks)
             let bytes = point.encoded()
             let id = ChunkID.sha256(bytes).hex
+            try lock.confirm()
             try store.put(RecoveryPoint.objectName(machine: base.machine, id: id), bytes)
             chunks.refresh()
             let read = UInt64(total) * UInt64(config.chunkSize)

@@ -16,6 +16,7 @@ public enum VaultError: LifeboatError {
     case unknownDisk(point: String, disk: String, known: [String])
     case badManifest(String, String)
     case locked(machine: String, holder: String)
+    case lockLost(object: String, why: String)
     case sourceShort(path: String, expected: UInt64, got: UInt64)
     case source(SystemError)
     case targetTooSmall(path: String, size: UInt64, needed: UInt64)
@@ -43,6 +44,8 @@ public enum VaultError: LifeboatError {
         case .locked(let machine, let holder):
             if machine == "garbage collection" { return "garbage collection is already running (\(holder))" }
             return "machine \(machine) is being backed up by another process (\(holder)); try again when it has finished"
+        case .lockLost(let object, let why):
+            return "the lock \(object) was lost (\(why)): garbage collection may have removed chunks this backup reused, so its point was not written; run the backup again"
         case .sourceShort(let path, let expected, let got): return "source \(path) ended at byte \(got) but was \(expected) bytes long when the backup started"
         case .source(let error): return "source: \(error.description)"
         case .targetTooSmall(let path, let size, let needed): return "target \(path) holds \(size) bytes, but the disk needs \(needed)"
@@ -61,7 +64,7 @@ public enum VaultError: LifeboatError {
         case .noVault, .unknownMachine, .unknownPoint, .unknownDisk: return .notFound
         case .foreignVault, .unsupportedFormat, .invalidName, .invalidArgument, .ambiguousPoint, .vaultExists, .targetExists, .targetTooSmall: return .usage
         case .badConfig, .badManifest, .damagedPoint, .sourceShort: return .damaged
-        case .locked: return .busy
+        case .locked, .lockLost: return .busy
         case .source(let e), .target(let e): return e.kind
         case .chunks(let e): return e.kind
         case .store(let e): return e.kind

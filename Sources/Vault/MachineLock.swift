@@ -1,6 +1,7 @@
 import Foundation
 import Glibc
 import ObjectStore
+import Synchronization
 import SystemIO
 
 /// An exclusive lock for the length of a backup: the object `locks/<machine>`, created only if
@@ -13,6 +14,12 @@ public final class MachineLock: Sendable {
     private let holder: Holder
     private let stop = DispatchSemaphore(value: 0)
     private let beating: Worker?
+    /// When the lock object last said this holder was alive.
+    private let lastBeat = LastBeat()
+
+    private final class LastBeat: Sendable {
+        let seconds = Atomic<Double>(Date().timeIntervalSince1970)
+    }
 
     static let heartbeat: TimeInterval = 300
     static let staleAfter: TimeInterval = 1800
@@ -40,13 +47,40 @@ public final class MachineLock: Sendable {
         self.store = store
         self.holder = holder
         let stop = self.stop
+        let lastBeat = self.lastBeat
         beating = heartbeat ? Worker(name: "lock-heartbeat") {
             var current = holder
             while stop.wait(timeout: .now() + MachineLock.heartbeat) == .timedOut {
-                current.refreshed = Timestamp.format(Date())
-                if let bytes = try? JSONEncoder().encode(current) { try? store.put(name, Array(bytes)) }
+                let now = Date()
+                current.refreshed = Timestamp.format(now)
+                // A failed refresh is tried again at the next beat; `confirm` sees how long ago one worked.
+                if let bytes = try? JSONEncoder().encode(current), (try? store.put(name, Array(bytes))) != nil {
+                    lastBeat.seconds.store(now.timeIntervalSince1970, ordering: .relaxed)
+                }
             }
         } : nil
+    }
+
+    /// Before a commit that relies on the lock (a backup's manifest names chunks it reused, which
+    /// garbage collection spares only while the lock holds): the lock object must still be this
+    /// holder's, and refreshed recently enough that nobody can have taken it for stale.
+    public func confirm() throws(VaultError) {
+        let age = Date().timeIntervalSince1970 - lastBeat.seconds.load(ordering: .relaxed)
+        guard age < MachineLock.staleAfter / 2 else {
+            throw .lockLost(object: name, why: "it could not be refreshed for \(Int(age / 60)) minutes")
+        }
+        let current: Holder
+        do {
+            current = try JSONDecoder().decode(Holder.self, from: Data(try store.get(name)))
+        } catch let error as ObjectStoreError {
+            if case .notFound = error { throw .lockLost(object: name, why: "it was removed") }
+            throw .store(error)
+        } catch {
+            throw .lockLost(object: name, why: "it no longer reads as a lock")
+        }
+        guard current.host == holder.host, current.pid == holder.pid, current.started == holder.started else {
+            throw .lockLost(object: name, why: "it is now held by \(current.operation), pid \(current.pid) on \(current.host) since \(current.started)")
+        }
     }
 
     public static func acquire(machine: String, operation: String, store: any ObjectStore) throws(VaultError) -> MachineLock {

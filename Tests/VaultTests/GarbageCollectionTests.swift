@@ -221,4 +221,25 @@ func storedPackBytes(_ vault: String) throws -> UInt64 {
         _ = try vault.prune(machine: "n", dryRun: false)
         #expect(try vault.collectGarbage().deferred)
     }
+
+    /// A backup commits only while its lock is still its own: one taken over (its heartbeat
+    /// failed, or another host judged it stale) may have let gc delete chunks it reused.
+    @Test func aBackupWhoseLockWasTakenOverDoesNotCommit() throws {
+        let f = Fixture()
+        defer { f.dir.remove() }
+        _ = try f.create()
+        let store = LocalDirectoryStore(root: f.vaultPath)
+        let held = try MachineLock.acquire(machine: "m", operation: "backup", store: store)
+        try held.confirm()
+        try store.put("locks/m", lock(host: "elsewhere", started: Date(), refreshed: Date()))
+        #expect { try held.confirm() } throws: { error in
+            guard case VaultError.lockLost = error else { return false }
+            return (error as! VaultError).description.contains("elsewhere")
+        }
+        try store.delete("locks/m")
+        #expect { try held.confirm() } throws: { error in
+            guard case VaultError.lockLost = error else { return false }
+            return true
+        }
+    }
 }
