@@ -189,7 +189,10 @@ public final class SandboxDisk: Sendable {
     private let mapFile: SystemFile
     private let map: Mutex<BlockMap>
     private let stripes: [NSLock] = (0..<64).map { _ in NSLock() }
-    private let flushing = Mutex<Void>(())
+    /// Held while flushing; the first failed sync of the data file, which fails every later
+    /// flush (Linux reports a lost writeback once: a second sync would succeed over lost data,
+    /// and the map would then claim it).
+    private let flushing = Mutex<SystemError?>(nil)
 
     public var size: UInt64 { base.size }
     public var blocks: Int { Int((base.size + UInt64(SandboxDisk.blockSize) - 1) / UInt64(SandboxDisk.blockSize)) }
@@ -421,6 +424,12 @@ public final class SandboxDisk: Sendable {
         do throws(SystemError) {
             gate.enter()
             defer { gate.leave() }
+            // The blocks' stripe locks, as a write takes them: a partial write's copy-up racing
+            // the punch could otherwise bring back what the punch discarded.
+            let first = Int(wholeStart / bs), last = Int((wholeEnd - 1) / bs)
+            let locks = Set((first...last).prefix(64).map { $0 % 64 }).sorted().map { stripes[$0] }
+            for lock in locks { lock.lock() }
+            defer { for lock in locks.reversed() { lock.unlock() } }
             punched = try data.punchHole(at: wholeStart, length: wholeEnd - wholeStart)
             if punched { map.withLock { $0.insert(Int(wholeStart / bs)...Int((wholeEnd - 1) / bs)) } }
         } catch {
@@ -446,7 +455,8 @@ public final class SandboxDisk: Sendable {
     /// Makes everything written so far durable: the data first, then the map pages that changed.
     public func flush() throws(SandboxError) {
         do throws(SystemError) {
-            try flushing.withLock { _ throws(SystemError) in
+            try flushing.withLock { (failed: inout SystemError?) throws(SystemError) in
+                if let failed { throw failed }
                 // The pages are taken before the data is synced: every bit in them belongs to a
                 // write that had reached the data file, so the sync covers it.
                 let pages: [(Int, [UInt8])] = map.withLock { m in
@@ -455,7 +465,12 @@ public final class SandboxDisk: Sendable {
                     return taken
                 }
                 do throws(SystemError) {
-                    try data.syncData()
+                    do throws(SystemError) {
+                        try data.syncData()
+                    } catch {
+                        failed = error
+                        throw error
+                    }
                     for (n, bytes) in pages {
                         try mapFile.write(bytes, at: UInt64(BlockMap.headerSize + n * BlockMap.pageBytes))
                     }

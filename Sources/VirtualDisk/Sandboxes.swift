@@ -278,10 +278,15 @@ public final class Sandboxes: Sendable {
     /// the server first; then opening the freeze file stops new writes and flushes the overlay.
     /// The freeze lasts until the returned descriptor is closed.
     static func freeze(_ mount: SandboxMount) throws(SandboxError) -> Int32 {
+        // A failed writeback means the guest's cached writes never reached the overlay: the
+        // image read now would not be what the guest wrote.
         let root = Glibc.open(mount.mountpoint, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
-        if root >= 0 {
-            _ = lifeboat_syncfs(root)
-            Glibc.close(root)
+        guard root >= 0 else { throw .system(SystemError("open the mounted sandbox", path: mount.mountpoint)) }
+        let synced = lifeboat_syncfs(root)
+        let failure = errno
+        Glibc.close(root)
+        guard synced == 0 else {
+            throw .system(SystemError("write back the cached writes of the mounted sandbox", path: mount.mountpoint, errno: failure))
         }
         let path = mount.mountpoint + "/" + Sandboxes.freezeFile
         let freeze = Glibc.open(path, O_RDONLY | O_CLOEXEC)
