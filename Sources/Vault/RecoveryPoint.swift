@@ -101,9 +101,16 @@ public struct RecoveryPoint: Codable, Sendable {
         guard point.machine == String(parts[1]) else { throw .badManifest(name, "names machine \(point.machine)") }
         guard let date = Timestamp.parse(point.time) else { throw .badManifest(name, "bad time \(point.time)") }
         point.date = date
+        // A manifest's checksum proves only that it was not changed since it was written: its
+        // fields are checked as input (a crafted one must not trap, loop or escape a path).
         for disk in point.disks {
-            guard disk.chunkSize > 0, ChunkID(hex: disk.indexRoot) != nil, disk.indexDepth >= 1, disk.indexDepth <= 8 else {
-                throw .badManifest(name, "disk \(disk.name) has a bad index")
+            do { try validateName(disk.name, what: "disk") } catch { throw .badManifest(name, "disk name \"\(disk.name)\" is not valid") }
+            guard disk.chunkSize >= 4096, disk.chunkSize <= 8 << 20, disk.chunkSize & (disk.chunkSize - 1) == 0,
+                  disk.size <= 1 << 56 else {
+                throw .badManifest(name, "disk \(disk.name) has a bad size (\(disk.size) bytes in chunks of \(disk.chunkSize))")
+            }
+            guard ChunkID(hex: disk.indexRoot) != nil, disk.indexDepth == DiskIndex.depth(forSlots: disk.slotCount) else {
+                throw .badManifest(name, "disk \(disk.name) has a bad index (depth \(disk.indexDepth) for \(disk.slotCount) slots)")
             }
         }
         point.id = String(id)

@@ -64,6 +64,35 @@ struct Fixture {
         #expect(try sha256(file: out) == sha256(file: disk))
     }
 
+    /// A manifest whose checksum matches but whose fields are crafted (an index depth that does
+    /// not fit the disk, a chunk size that is not a power of two, a disk name that is a path) is
+    /// damage, reported by name: never a trap or an endless walk.
+    @Test func craftedManifestsAreDamageNotCrashes() throws {
+        let f = Fixture()
+        defer { f.dir.remove() }
+        let vault = try f.create()
+        let disk = try f.makeDisk("os.img", size: 1_000_000, seed: 3)
+        let report = try vault.backup(BackupRequest(machine: "m", disks: [("os", .path(disk))]))
+        let good = try Data(contentsOf: URL(fileURLWithPath: f.vaultPath + "/points/m/" + report.point))
+        let store = LocalDirectoryStore(root: f.vaultPath)
+        for (field, value) in [("indexDepth", 3 as Any), ("chunkSize", 65537 as Any), ("name", "../../x" as Any), ("size", UInt64.max as Any)] {
+            var json = try #require(try JSONSerialization.jsonObject(with: good) as? [String: Any])
+            var disks = try #require(json["disks"] as? [[String: Any]])
+            disks[0][field] = value
+            json["disks"] = disks
+            let bytes = Array(try JSONSerialization.data(withJSONObject: json))
+            let name = "points/m/" + ChunkID.sha256(bytes).hex
+            #expect(throws: VaultError.self, "\(field)") { try RecoveryPoint.decode(bytes, name: name) }
+            try store.put(name, bytes)
+            var damaged: [String] = []
+            _ = try f.open().points { object, _ in damaged.append(object) }
+            #expect(damaged == [name], "\(field)")
+            #expect(try !f.open().check(readData: false).ok, "\(field)")
+            try store.delete(name)
+        }
+        #expect(try f.open().check(readData: true).ok)
+    }
+
     /// Batches are read two blocks at a time; the order must cover every batch once, and the
     /// ids of the second block never wait for more than a block.
     @Test func theReadOrderCoversEveryBatchOnce() {
