@@ -119,8 +119,20 @@ public final class ChunkStore: Sendable {
         }
     }
 
+    /// No stored chunk is larger than the largest chunk size (8 MiB) plus zstd's worst case: a
+    /// larger length comes from a damaged index and must not become a read of gigabytes.
+    public static let maximumStoredLength: UInt32 = (8 << 20) + (1 << 20)
+
+    private static func checkLength(_ location: ChunkLocation, of id: ChunkID) throws(ChunkStoreError) {
+        guard location.storedLength <= maximumStoredLength else {
+            throw .damagedChunk(id, pack: PackFormat.objectName(location.pack), offset: location.offset,
+                                reason: "its index entry gives a stored length of \(location.storedLength) bytes")
+        }
+    }
+
     private func readOnce(_ id: ChunkID) throws(ChunkStoreError) -> [UInt8] {
         guard let location = try location(id) else { throw .missingChunk(id) }
+        try ChunkStore.checkLength(location, of: id)
         var out = [UInt8](repeating: 0, count: Int(location.rawLength))
         let stored: [UInt8]
         do {
@@ -193,6 +205,7 @@ public final class ChunkStore: Sendable {
         located.reserveCapacity(ids.count)
         for (i, id) in ids.enumerated() {
             guard let location = try location(id) else { throw .missingChunk(id) }
+            try ChunkStore.checkLength(location, of: id)
             located.append((i, location))
         }
         located.sort { a, b in

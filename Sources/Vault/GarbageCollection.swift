@@ -223,6 +223,10 @@ extension Vault {
                     if Cancellation.requested { throw VaultError.interrupted }
                     let name = PackFormat.objectName(pack)
                     for entry in holds[pack] ?? [] where live.contains(entry.id) && !heldElsewhere.contains(entry.id) && !copied.contains(entry.id) {
+                        guard entry.storedLength <= ChunkStore.maximumStoredLength else {
+                            throw VaultError.chunks(.damagedChunk(entry.id, pack: name, offset: entry.offset,
+                                                                  reason: "its index entry gives a stored length of \(entry.storedLength) bytes"))
+                        }
                         let stored = try store.read(name, at: UInt64(entry.offset), count: Int(entry.storedLength))
                         try writer.add(id: entry.id, stored: stored, rawLength: Int(entry.rawLength), flags: entry.flags)
                         copied.insert(entry.id)
