@@ -54,10 +54,14 @@ public final class SlotFingerprints: @unchecked Sendable {
             var raw = [UInt8](repeating: 0, count: headerSize)
             guard (try? raw.withUnsafeMutableBytes { try file.read(into: $0, at: 0) }) == headerSize,
                   Array(raw[0..<8]) == magic else { return nil }
+            // A damaged record is ignored, never trusted nor trapped on: the slot count is checked
+            // before it is used in arithmetic.
+            let slots = raw.withUnsafeBytes { UInt64(littleEndian: $0.loadUnaligned(fromByteOffset: 32, as: UInt64.self)) }
+            guard slots <= 1 << 40 else { return nil }
             let header = raw.withUnsafeBytes {
                 Header(key: Array(raw[8..<24]),
                        chunkSize: Int(UInt32(littleEndian: $0.loadUnaligned(fromByteOffset: 24, as: UInt32.self))),
-                       slots: Int(UInt64(littleEndian: $0.loadUnaligned(fromByteOffset: 32, as: UInt64.self))),
+                       slots: Int(slots),
                        point: Array(raw[40..<72]))
             }
             guard (try? file.size()) == UInt64(headerSize + header.slots * tagSize) else { return nil }
