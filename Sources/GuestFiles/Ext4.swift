@@ -52,11 +52,16 @@ public final class Ext4FileSystem: GuestFileSystem, @unchecked Sendable {
             do throws(GuestFilesError) {
                 let replay = try Ext4FileSystem.replay(opened, image: image, source: box, volume: volume)
                 if !replay.blocks.isEmpty {
+                    // The replayed view is opened first; the on-disk one is closed only once that
+                    // worked (a journal that rewrites the superblock with garbage must leave the
+                    // on-disk view usable, not freed).
+                    let blockSize = Int(lb_block_size(opened))
+                    let remapped = try Ext4FileSystem.openRaw(RemappedImage(base: image, blockSize: blockSize, blocks: replay.blocks),
+                                                              volume: volume)
                     var closing: ext2_filsys? = opened
                     ext2fs_close_free(&closing)
                     raw.deallocate()
-                    (opened, box, raw) = try Ext4FileSystem.openRaw(
-                        RemappedImage(base: image, blockSize: Int(lb_block_size(opened)), blocks: replay.blocks), volume: volume)
+                    (opened, box, raw) = remapped
                 }
                 replayed = true
             } catch {
@@ -115,7 +120,7 @@ public final class Ext4FileSystem: GuestFileSystem, @unchecked Sendable {
         guard journal != 0 else { throw .unsupported(volume: volume, what: "replaying an external journal") }
         let blockSize = Int(lb_block_size(fs))
         return try JournalReplay.scan(
-            blockSize: blockSize,
+            blockSize: blockSize, volumeBlocks: image.size / UInt64(blockSize),
             read: { (offset, count) throws(GuestFilesError) in
                 do throws(VirtualDiskError) {
                     return try image.bytes(at: offset, count: count, what: "journal")
@@ -127,7 +132,11 @@ public final class Ext4FileSystem: GuestFileSystem, @unchecked Sendable {
                 guard status == 0, physical != 0 else {
                     throw Ext4FileSystem.error(status, volume: volume, what: "journal block \(logical) is not mapped", source: source)
                 }
-                return physical * UInt64(blockSize)
+                let (byte, overflow) = physical.multipliedReportingOverflow(by: UInt64(blockSize))
+                guard !overflow, byte < image.size else {
+                    throw .corrupt(volume: volume, what: "journal block \(logical) maps to block \(physical), past the end of the volume")
+                }
+                return byte
             },
             volume: volume)
     }

@@ -101,7 +101,8 @@ public final class FileRestore {
         case .directory:
             var sum: UInt64 = 0
             for child in try fs.list(entry.inode) where child.type == .regular || child.type == .directory {
-                sum += (try? size(of: child, depth: depth + 1, counted: &counted)) ?? 0
+                let (total, overflow) = sum.addingReportingOverflow((try? size(of: child, depth: depth + 1, counted: &counted)) ?? 0)
+                sum = overflow ? .max : total
             }
             return sum
         default:

@@ -18,7 +18,9 @@ struct JournalReplay {
     var transactions = 0
 
     /// `journalBlock(n)` maps the journal's logical block n to its byte offset in the volume.
-    static func scan(blockSize: Int, read: (UInt64, Int) throws(GuestFilesError) -> [UInt8],
+    /// `volumeBlocks`: the volume's size in blocks; the journal cannot be longer (nor, as mke2fs
+    /// makes them, longer than 10,240,000 blocks).
+    static func scan(blockSize: Int, volumeBlocks: UInt64, read: (UInt64, Int) throws(GuestFilesError) -> [UInt8],
                      journalBlock: (UInt64) throws(GuestFilesError) -> UInt64, volume: String) throws(GuestFilesError) -> JournalReplay {
         func be32(_ b: [UInt8], _ at: Int) -> UInt32? {
             guard at >= 0, at + 4 <= b.count else { return nil }
@@ -36,6 +38,11 @@ struct JournalReplay {
         var result = JournalReplay()
         guard start != 0 else { return result }  // clean: nothing to replay
         guard first >= 1, first < maxlen, start >= first, start < maxlen else { throw bad("start \(start) outside \(first)..<\(maxlen)") }
+        // A crafted length would make the scan below (and what it collects) as long as it says.
+        guard UInt64(maxlen) <= min(volumeBlocks, 10_240_000) else {
+            throw bad("its length of \(maxlen) blocks exceeds what the volume (\(volumeBlocks) blocks) can hold")
+        }
+        var entries = 0
         let incompat = type == 4 ? (be32(superblock, 0x28) ?? 0) : 0
         let is64 = incompat & 0x2 != 0, csum2 = incompat & 0x8 != 0, csum3 = incompat & 0x10 != 0
         let tagBytes: Int = csum3 ? 16 : (8 + (csum2 ? 2 : 0) + (is64 ? 4 : 0))
@@ -74,6 +81,7 @@ struct JournalReplay {
                         if is64 { high = be32(bytes, at + 8) ?? 0 }
                     }
                     current.tags.append((UInt64(high) << 32 | UInt64(low), data, flags & 1 != 0))
+                    entries += 1
                     data = next(data)
                     at += tagBytes
                     if flags & 2 == 0 { at += 16 }  // a UUID follows unless SAME_UUID
@@ -94,11 +102,13 @@ struct JournalReplay {
                 while at + width <= Int(used) {
                     let value = is64 ? (UInt64(be32(bytes, at) ?? 0) << 32 | UInt64(be32(bytes, at + 4) ?? 0)) : UInt64(be32(bytes, at) ?? 0)
                     current.revokes.append(value)
+                    entries += 1
                     at += width
                 }
             default:
                 break scan
             }
+            guard entries <= 1 << 22 else { throw bad("more than \(1 << 22) block records") }
             block = next(block)
         }
         var revoked: [UInt64: UInt32] = [:]

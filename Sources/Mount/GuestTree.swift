@@ -132,7 +132,7 @@ final class GuestTree: Sendable {
             st.pointee.st_uid = info.uid
             st.pointee.st_gid = info.gid
             st.pointee.st_size = off_t(clamping: info.size)
-            st.pointee.st_blocks = blkcnt_t(clamping: (info.size + 511) / 512)
+            st.pointee.st_blocks = blkcnt_t(clamping: info.size / 512 + (info.size % 512 == 0 ? 0 : 1))
             st.pointee.st_ino = ino_t(info.inode)
             st.pointee.st_rdev = dev_t(info.device)
             st.pointee.st_atim = timespec(tv_sec: Int(info.accessed.seconds), tv_nsec: Int(info.accessed.nanoseconds))

@@ -326,7 +326,9 @@ extension PartitionTable {
                 warnings.append("partition \(i + 1) ends before it starts: skipped")
                 continue
             }
-            guard let (start, count) = clipped(number: i + 1, first: first, count: last - first + 1, limit: sectors,
+            // A last LBA of 2^64-1 with a first of 0 is a count of 2^64: clipped below, not an overflow.
+            let span = (last - first).addingReportingOverflow(1)
+            guard let (start, count) = clipped(number: i + 1, first: first, count: span.overflow ? .max : span.partialValue, limit: sectors,
                                                within: "disk", warnings: &warnings) else { continue }
             partitions.append(Partition(number: i + 1, scheme: .gpt, start: start * sectorSize, size: count * sectorSize,
                                         type: guid(typeBytes), name: utf16Name(rawName), guid: guid(unique)))

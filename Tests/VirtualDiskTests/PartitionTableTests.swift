@@ -144,6 +144,27 @@ import VirtualDisk
         try writeAt(path, lba * 512, header)
     }
 
+    /// An entry whose last LBA is 2^64-1 (its CRCs made right) is clipped to the disk, not an
+    /// overflow that kills the mount.
+    @Test func gptEntryEndingAtTheLastPossibleSectorIsClipped() throws {
+        let dir = TemporaryDirectory("gptend")
+        defer { dir.remove() }
+        let path = try gptDisk(dir)
+        let header = try FileImage(path: path).bytes(at: 512, count: 92, what: "header")
+        func le<T: FixedWidthInteger>(_ at: Int, _: T.Type) -> T {
+            header[at..<(at + MemoryLayout<T>.size)].reversed().reduce(T(0)) { $0 << 8 | T($1) }
+        }
+        let arrayLBA = le(72, UInt64.self), count = Int(le(80, UInt32.self)), size = Int(le(84, UInt32.self))
+        var array = try FileImage(path: path).bytes(at: arrayLBA * 512, count: count * size, what: "entries")
+        array.replaceSubrange(40..<48, with: withUnsafeBytes(of: UInt64.max.littleEndian, Array.init))
+        try writeAt(path, arrayLBA * 512, array)
+        try patchGPTHeader(path, at: 1, field: 88, withUnsafeBytes(of: CRC32.checksum(array).littleEndian, Array.init))
+        let table = try PartitionTable.read(from: FileImage(path: path))
+        let first = try #require(table.partitions.first { $0.number == 1 })
+        #expect(first.start + first.size <= UInt64(fileSize(path)!))
+        #expect(table.warnings.contains { $0.contains("partition 1") }, "\(table.warnings) \(first.start) \(first.size)")
+    }
+
     @Test func gptClaimingABillionEntriesIsRefused() throws {
         let dir = TemporaryDirectory("gpthuge")
         defer { dir.remove() }
