@@ -49,6 +49,9 @@ public final class FileRestore {
     /// linked from several places (crafted) would multiply the restore with every level.
     private var restoredDirectories: [UInt64: String] = [:]
     private var openDirectories: [Int32] = []
+    /// The one duplicate kept of each target directory that holds a hard-linked file, by the
+    /// directory's device and inode (descriptor numbers are reused once a directory is closed).
+    private var linkDirectories: [[UInt64]: Int32] = [:]
     private var buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 4096)
     private var lastProgress = Date.distantPast
 
@@ -120,6 +123,12 @@ public final class FileRestore {
             fail(display, "unsafe name \"\(entry.text)\" in the image; skipped")
             return
         }
+        // Each level holds a descriptor and a stack frame: a crafted chain of directories must
+        // not exhaust either.
+        guard display.utf8.lazy.filter({ $0 == UInt8(ascii: "/") }).count <= 256 else {
+            fail(display, "more than 256 directories deep; skipped")
+            return
+        }
         let info: GuestFileInfo
         do {
             info = try fs.stat(entry.inode)
@@ -147,12 +156,18 @@ public final class FileRestore {
             return
         }
         if info.type != .directory && info.links > 1 {
-            // The descriptor must stay open for later links: keep it with the others.
-            let copy = dup(directory)
-            if copy >= 0 {
-                openDirectories.append(copy)
-                linked[entry.inode] = (copy, entry.name, display)
+            // The descriptor must stay open for later links: one duplicate per directory.
+            var st = stat()
+            let parent = fstat(directory, &st) == 0 ? [UInt64(st.st_dev), UInt64(st.st_ino)] : []
+            var copy = parent.isEmpty ? -1 : linkDirectories[parent] ?? -1
+            if copy < 0 {
+                copy = dup(directory)
+                if copy >= 0 {
+                    openDirectories.append(copy)
+                    if !parent.isEmpty { linkDirectories[parent] = copy }
+                }
             }
+            if copy >= 0 { linked[entry.inode] = (copy, entry.name, display) }
         }
     }
 
