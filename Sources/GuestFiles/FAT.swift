@@ -44,6 +44,9 @@ public final class FATFileSystem: GuestFileSystem {
     /// Cached directory entries in all, and files whose cluster runs are cached.
     static let maxCachedEntries = 200_000
     static let maxCachedFiles = 256
+    /// Cluster runs cached in all (16 bytes each): files sharing one crafted, fragmented chain
+    /// must not multiply it in memory.
+    static let maxCachedRuns = 1 << 22
     /// A file more fragmented than this is refused rather than mapped in memory.
     static let maxRunsPerFile = 1 << 20
 
@@ -222,6 +225,11 @@ public final class FATFileSystem: GuestFileSystem {
                                  volume: volume, fat: fatPages)
         runs.withLock { cache in
             if cache.count >= Self.maxCachedFiles { cache.remove(at: cache.startIndex) }
+            var total = cache.values.reduce(0) { $0 + $1.runs.count }
+            while total + map.runs.count > Self.maxCachedRuns, let first = cache.first {
+                total -= first.value.runs.count
+                cache.remove(at: cache.startIndex)
+            }
             cache[inode] = map
         }
         return map
