@@ -144,8 +144,8 @@ import VirtualDisk
         try writeAt(path, lba * 512, header)
     }
 
-    /// An entry whose last LBA is 2^64-1 (its CRCs made right) is clipped to the disk, not an
-    /// overflow that kills the mount.
+    /// An entry from LBA 0 to 2^64-1 (its CRCs made right: 2^64 sectors) is clipped to the
+    /// disk, not an overflow that kills the mount.
     @Test func gptEntryEndingAtTheLastPossibleSectorIsClipped() throws {
         let dir = TemporaryDirectory("gptend")
         defer { dir.remove() }
@@ -156,6 +156,7 @@ import VirtualDisk
         }
         let arrayLBA = le(72, UInt64.self), count = Int(le(80, UInt32.self)), size = Int(le(84, UInt32.self))
         var array = try FileImage(path: path).bytes(at: arrayLBA * 512, count: count * size, what: "entries")
+        array.replaceSubrange(32..<40, with: withUnsafeBytes(of: UInt64(0).littleEndian, Array.init))
         array.replaceSubrange(40..<48, with: withUnsafeBytes(of: UInt64.max.littleEndian, Array.init))
         try writeAt(path, arrayLBA * 512, array)
         try patchGPTHeader(path, at: 1, field: 88, withUnsafeBytes(of: CRC32.checksum(array).littleEndian, Array.init))
