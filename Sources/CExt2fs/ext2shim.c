@@ -157,12 +157,20 @@ struct lb_dir_context {
     lb_dirent_fn visit;
     void *context;
     int seen_dot_dot;
+    unsigned long long blocks, max_blocks;
+    int too_long;
 };
 
 static int lb_dir_callback(ext2_ino_t dir, int entry, struct ext2_dir_entry *dirent, int offset, int blocksize,
                            char *buf, void *private) {
     struct lb_dir_context *c = private;
     int length = ext2fs_dirent_name_len(dirent);
+    // Every block's first entry (empty ones included): a crafted directory whose extents map
+    // billions of blocks onto one block of empty entries would otherwise be read for hours.
+    if (offset == 0 && ++c->blocks > c->max_blocks) {
+        c->too_long = 1;
+        return DIRENT_ABORT;
+    }
     if (dirent->inode == 0) return 0;
     // Only the directory's own "." and ".." (the first two entries of its first block) are
     // left out; a "." or ".." anywhere else is damage or a crafted image, and is passed on
@@ -179,8 +187,19 @@ static int lb_dir_callback(ext2_ino_t dir, int entry, struct ext2_dir_entry *dir
 }
 
 errcode_t lb_list_directory(ext2_filsys fs, ext2_ino_t dir, lb_dirent_fn visit, void *context) {
-    struct lb_dir_context c = { visit, context, 0 };
-    return ext2fs_dir_iterate2(fs, dir, 0, NULL, lb_dir_callback, &c);
+    // No more blocks than the directory's size says (a few more for inline data, whose parts
+    // each start at offset 0), and never more than 2 GiB of them.
+    unsigned long long cap = (2ULL << 30) / fs->blocksize, max = cap;
+    struct ext2_inode inode;
+    if (ext2fs_read_inode(fs, dir, &inode) == 0) {
+        unsigned long long size = EXT2_I_SIZE(&inode);
+        max = size / fs->blocksize + 4;
+        if (max > cap) max = cap;
+    }
+    struct lb_dir_context c = { visit, context, 0, 0, max, 0 };
+    errcode_t status = ext2fs_dir_iterate2(fs, dir, DIRENT_FLAG_INCLUDE_EMPTY, NULL, lb_dir_callback, &c);
+    if (status == 0 && c.too_long) return EXT2_ET_DIR_CORRUPTED;
+    return status;
 }
 
 // ---- Files ----
