@@ -9,6 +9,12 @@ import SystemIO
 extension Vault {
     static let holdPrefix = "holds/"
 
+    /// Written by prune before it reads a point's holds and deletes it; a hold placed meanwhile
+    /// sees it and fails (each side writes, then reads the other's object: one of them sees).
+    static func pruningMarker(machine: String, id: String) -> String { gcPrefix + "pruning-" + machine + "-" + id }
+    /// A marker older than this was left by a prune that died; it no longer stops holds.
+    static let pruningMarkerLifetime: TimeInterval = 600
+
     public struct Hold: Codable, Sendable {
         public var holder: String
         public var host: String
@@ -26,12 +32,17 @@ extension Vault {
             try store.put(Vault.holdPrefix + point.machine + "/" + point.id + "/" + holder, bytes)
         } catch { throw .store(error) }
         let present: Bool
+        let pruning: Bool
         do {
             present = try store.size(RecoveryPoint.objectName(machine: point.machine, id: point.id)) != nil
+            let marker = Vault.pruningMarker(machine: point.machine, id: point.id)
+            pruning = try store.list(prefix: marker).contains {
+                $0.name == marker && Date().timeIntervalSince1970 - $0.modified < Vault.pruningMarkerLifetime
+            }
         } catch { throw .store(error) }
-        if !present {
+        if !present || pruning {
             try? store.delete(Vault.holdPrefix + point.machine + "/" + point.id + "/" + holder)
-            throw .unknownPoint(point.label, "it was removed (pruned) just now")
+            throw .unknownPoint(point.label, present ? "it is being pruned" : "it was removed (pruned) just now")
         }
     }
 

@@ -232,15 +232,26 @@ extension Vault {
                     return PruneDecision(machine: d.machine, point: d.point, time: d.time, keep: true, reason: "held by \(holder)")
                 }
             }
-            decisions += plan
             if !dryRun {
-                for decision in plan where !decision.keep {
+                for (i, decision) in plan.enumerated() where !decision.keep {
                     if Cancellation.requested { throw .interrupted }
+                    // Marker first, then this point's holds once more, then the deletion: a
+                    // sandbox placing a hold meanwhile either is seen here or sees the marker.
+                    let marker = Vault.pruningMarker(machine: name, id: decision.point)
                     do {
-                        try store.delete(RecoveryPoint.objectName(machine: name, id: decision.point))
+                        try store.put(marker, [])
+                        let held = try store.list(prefix: Vault.holdPrefix + name + "/" + decision.point + "/")
+                        if let hold = held.first {
+                            plan[i] = PruneDecision(machine: name, point: decision.point, time: decision.time, keep: true,
+                                                    reason: "held by \(hold.name.split(separator: "/").last.map(String.init) ?? "a hold")")
+                        } else {
+                            try store.delete(RecoveryPoint.objectName(machine: name, id: decision.point))
+                        }
+                        try store.delete(marker)
                     } catch { throw .store(error) }
                 }
             }
+            decisions += plan
         }
         let removed = decisions.filter { !$0.keep }.count
         return PruneReport(decisions: decisions, removed: removed, kept: decisions.count - removed, dryRun: dryRun,

@@ -144,9 +144,17 @@ import VirtualDisk
         try sandboxes.cleanup("s")
         #expect(sandboxes.names().isEmpty)
         #expect(throws: SandboxError.self) { _ = try sandboxes.open("s") }
+        // A prune between its last look at the holds and the deletion has its marker out: a
+        // sandbox created in that moment fails instead of losing its base.
+        let marker = "gc/pruning-m-" + point.id
+        try vault.store.put(marker, [])
+        #expect { _ = try sandboxes.create("late", from: point) } throws: { error in "\(error)".contains("being pruned") }
+        #expect(try vault.holds(machine: "m").isEmpty)
+        try vault.store.delete(marker)
         let pruned = try vault.prune(dryRun: false)
         #expect(pruned.removed == 1)
         #expect(try vault.points(machine: "m").map(\.id) != [point.id])
+        #expect(try vault.store.list(prefix: "gc/pruning-").isEmpty)
     }
 
     /// A sandbox in use cannot be opened twice, reset or cleaned up; reset discards the writes.
