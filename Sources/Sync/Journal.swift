@@ -60,9 +60,10 @@ final class UndoJournal: Sendable {
 
     let file: SystemFile
     private let end: Mutex<UInt64>
-    /// How far the journal is known durable, and the first failed flush; held while flushing, so
-    /// that writers waiting for the same records share one flush.
-    private let durable = Mutex<(position: UInt64, failed: SyncError?)>((0, nil))
+    /// How far the journal is known durable; held while flushing, so that writers waiting for
+    /// the same records share one flush.
+    private let durable = Mutex<UInt64>(0)
+    private let dataFlush = DataFlush()
 
     private init(file: SystemFile, end: UInt64) {
         self.file = file
@@ -200,20 +201,13 @@ final class UndoJournal: Sendable {
 
     /// Makes the records before `position` durable, with one flush for every caller waiting
     /// at once (records are written in order, so one fdatasync covers all before it).
-    /// A failed flush fails every later one: Linux reports a writeback error once and marks the
-    /// lost pages clean, so a second fdatasync would succeed over records that never reached the
-    /// disk.
+    /// A failed flush fails every later one (DataFlush).
     func flush(through position: UInt64) throws(SyncError) {
-        try durable.withLock { (durable: inout (position: UInt64, failed: SyncError?)) throws(SyncError) in
-            if let failed = durable.failed { throw failed }
-            guard durable.position < position else { return }
+        try durable.withLock { (durable: inout UInt64) throws(SyncError) in
+            guard durable < position else { return }
             let covered = size
-            if fdatasync(file.fd) != 0 {
-                let error = SyncError.journal(SystemError("flush", path: file.path))
-                durable.failed = error
-                throw error
-            }
-            durable.position = covered
+            do throws(SystemError) { try dataFlush.sync(file) } catch { throw .journal(error) }
+            durable = covered
         }
     }
 

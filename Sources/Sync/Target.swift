@@ -60,7 +60,7 @@ final class Target: Sendable {
     private let buffered: SystemFile
     private let direct: SystemFile?
     private let directRefused = Atomic<Bool>(false)
-    private let flushFailure = Mutex<SyncError?>(nil)
+    private let dataFlush = DataFlush()
 
     init(path: String, isDevice: Bool, undo: Bool) throws(SyncError) {
         self.path = path
@@ -170,17 +170,12 @@ final class Target: Sendable {
         return regions
     }
 
-    /// A failed flush fails every later one: Linux reports a writeback error once and marks the
-    /// lost pages clean, so a second fdatasync would succeed and a checkpoint would claim bytes
-    /// that never reached the disk.
+    /// A failed flush fails every later one (DataFlush): no checkpoint after it.
     func dataSync() throws(SyncError) {
-        try flushFailure.withLock { (failed: inout SyncError?) throws(SyncError) in
-            if let failed { throw failed }
-            if fdatasync(buffered.fd) != 0 {
-                let error = SyncError.targetIO(path: path, offset: 0, writing: true, cause: SystemError("flush", path: path), undo: undo)
-                failed = error
-                throw error
-            }
+        do throws(SystemError) {
+            try dataFlush.sync(buffered)
+        } catch {
+            throw .targetIO(path: path, offset: 0, writing: true, cause: error, undo: undo)
         }
     }
 

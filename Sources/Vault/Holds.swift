@@ -66,9 +66,18 @@ extension Vault {
 
     /// Held points of a machine: point id -> who holds it ("sandbox test1 on host h").
     public func holds(machine: String) throws(VaultError) -> [String: String] {
+        try holds(under: Vault.holdPrefix + machine + "/")
+    }
+
+    /// Who holds one point, as `holds(machine:)` says it; nil when nothing does.
+    func holder(machine: String, point: String) throws(VaultError) -> String? {
+        try holds(under: Vault.holdPrefix + machine + "/" + point + "/")[point]
+    }
+
+    private func holds(under prefix: String) throws(VaultError) -> [String: String] {
         var result: [String: String] = [:]
         do {
-            for object in try store.list(prefix: Vault.holdPrefix + machine + "/") {
+            for object in try store.list(prefix: prefix) {
                 let parts = object.name.split(separator: "/")
                 guard parts.count == 4 else { continue }
                 let description: String

@@ -224,29 +224,23 @@ extension Vault {
             var plan = Retention.plan(points, policy: policy, now: now, protected: try protections(machine: name),
                                       held: try holds(machine: name))
             if !dryRun {
-                // Holds are read again just before deleting: a sandbox created since the plan
-                // keeps its base (its creator checks the point after writing the hold).
-                let late = try holds(machine: name)
-                plan = plan.map { d in
-                    guard !d.keep, let holder = late[d.point] else { return d }
-                    return PruneDecision(machine: d.machine, point: d.point, time: d.time, keep: true, reason: "held by \(holder)")
-                }
-            }
-            if !dryRun {
                 for (i, decision) in plan.enumerated() where !decision.keep {
                     if Cancellation.requested { throw .interrupted }
                     // Marker first, then this point's holds once more, then the deletion: a
-                    // sandbox placing a hold meanwhile either is seen here or sees the marker.
+                    // sandbox placing a hold since the plan either is seen here or sees the marker.
                     let marker = Vault.pruningMarker(machine: name, id: decision.point)
                     do {
                         try store.put(marker, [])
-                        let held = try store.list(prefix: Vault.holdPrefix + name + "/" + decision.point + "/")
-                        if let hold = held.first {
-                            plan[i] = PruneDecision(machine: name, point: decision.point, time: decision.time, keep: true,
-                                                    reason: "held by \(hold.name.split(separator: "/").last.map(String.init) ?? "a hold")")
-                        } else {
+                    } catch { throw .store(error) }
+                    if let holder = try holder(machine: name, point: decision.point) {
+                        plan[i] = PruneDecision(machine: name, point: decision.point, time: decision.time, keep: true,
+                                                reason: "held by \(holder)")
+                    } else {
+                        do {
                             try store.delete(RecoveryPoint.objectName(machine: name, id: decision.point))
-                        }
+                        } catch { throw .store(error) }
+                    }
+                    do {
                         try store.delete(marker)
                     } catch { throw .store(error) }
                 }

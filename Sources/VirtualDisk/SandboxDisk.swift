@@ -189,10 +189,9 @@ public final class SandboxDisk: Sendable {
     private let mapFile: SystemFile
     private let map: Mutex<BlockMap>
     private let stripes: [NSLock] = (0..<64).map { _ in NSLock() }
-    /// Held while flushing; the first failed sync of the data file, which fails every later
-    /// flush (Linux reports a lost writeback once: a second sync would succeed over lost data,
-    /// and the map would then claim it).
-    private let flushing = Mutex<SystemError?>(nil)
+    private let flushing = Mutex<Void>(())
+    /// A failed sync of the data file fails every later one: the map must never claim lost data.
+    private let dataFlush = DataFlush()
 
     public var size: UInt64 { base.size }
     public var blocks: Int { Int((base.size + UInt64(SandboxDisk.blockSize) - 1) / UInt64(SandboxDisk.blockSize)) }
@@ -455,8 +454,7 @@ public final class SandboxDisk: Sendable {
     /// Makes everything written so far durable: the data first, then the map pages that changed.
     public func flush() throws(SandboxError) {
         do throws(SystemError) {
-            try flushing.withLock { (failed: inout SystemError?) throws(SystemError) in
-                if let failed { throw failed }
+            try flushing.withLock { _ throws(SystemError) in
                 // The pages are taken before the data is synced: every bit in them belongs to a
                 // write that had reached the data file, so the sync covers it.
                 let pages: [(Int, [UInt8])] = map.withLock { m in
@@ -465,12 +463,7 @@ public final class SandboxDisk: Sendable {
                     return taken
                 }
                 do throws(SystemError) {
-                    do throws(SystemError) {
-                        try data.syncData()
-                    } catch {
-                        failed = error
-                        throw error
-                    }
+                    try dataFlush.sync(data)
                     for (n, bytes) in pages {
                         try mapFile.write(bytes, at: UInt64(BlockMap.headerSize + n * BlockMap.pageBytes))
                     }

@@ -163,11 +163,7 @@ private func faultyDisk() -> FaultyDisk? {
         let backing = try f.target("backing.img", holding: 0)
         let disk = try FaultyDisk(backing: backing, at: f.dir.file("mnt"))
         defer { disk.stop() }
-        var engine = f.engine
-        engine.batchBytes = 256 << 10
-        engine.writeBatchBytes = 256 << 10
-        engine.streamJobBytes = 256 << 10
-        engine.checkpointBytes = 1 << 20
+        let engine = f.smallBatchEngine
         #expect(throws: SyncError.self) {
             try engine.sync(FaultySource(try f.source(2), failAfterReads: 30), to: disk.image, mode: .full)
         }
@@ -194,11 +190,7 @@ private func faultyDisk() -> FaultyDisk? {
         let backing = try f.target("backing.img", holding: 0)
         let disk = try FaultyDisk(backing: backing, at: f.dir.file("mnt"))
         defer { disk.stop() }
-        var engine = f.engine
-        engine.batchBytes = 256 << 10
-        engine.writeBatchBytes = 256 << 10
-        engine.streamJobBytes = 256 << 10
-        engine.checkpointBytes = 1 << 20
+        let engine = f.smallBatchEngine
         disk.failingFlushes.store(1, ordering: .relaxed)
         do throws(SyncError) {
             _ = try engine.sync(try f.source(2), to: disk.image, mode: .full)

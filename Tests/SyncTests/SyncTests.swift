@@ -45,6 +45,16 @@ struct SyncFixture {
 
     var engine: SyncEngine { SyncEngine(stateDirectory: dir.file("state")) }
 
+    /// An engine with 256 KiB batches and a checkpoint every MiB: a 12 MiB disk makes many.
+    var smallBatchEngine: SyncEngine {
+        var engine = self.engine
+        engine.batchBytes = 256 << 10
+        engine.writeBatchBytes = 256 << 10
+        engine.streamJobBytes = 256 << 10
+        engine.checkpointBytes = 1 << 20
+        return engine
+    }
+
     func source(_ day: Int) throws(SyncError) -> PointSource {
         try resolve("m@2026-03-0\(day + 1)T00:00:00Z", "os") as! PointSource
     }
@@ -246,11 +256,7 @@ final class FaultySource: WrappedSource {
         let smaller = f.dir.file("smaller.img")
         try writeAt(smaller, 0, randomBytes(seed: 11, count: 3 << 20))
         let plain = try f.target("plain.img", holding: 0)
-        var engineSmallBatches = engine
-        engineSmallBatches.batchBytes = 256 << 10
-        engineSmallBatches.writeBatchBytes = 256 << 10
-        engineSmallBatches.streamJobBytes = 256 << 10
-        engineSmallBatches.checkpointBytes = 1 << 20
+        let engineSmallBatches = f.smallBatchEngine
         for target in [plain, larger, smaller] {
             for (mode, budget) in [(SyncMode.full, 9), (.delta, 2), (.full, 30)] {
                 let oldHash = try sha256(file: target), oldSize = fileSize(target)
