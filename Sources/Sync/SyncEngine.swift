@@ -110,7 +110,7 @@ public struct SyncEngine: Sendable {
     public var checkpointBytes: UInt64 = 256 << 20
     /// Readers of the comparison pass: each reads a region, then hashes it while the others'
     /// reads are in flight.
-    public var compareWorkers = 4
+    public var compareWorkers = 12
     /// The most bytes a delta's comparison may journal; nil: half the state directory's free space.
     public var comparisonJournalLimit: UInt64? = nil
     /// Whether a delta whose whole journal fits within that limit writes while it compares.
