@@ -22,66 +22,93 @@ public struct ChunkLocation: Sendable, Hashable {
 
 /// The local, on-disk map from chunk id to pack location, built from the vault's index objects.
 ///
-/// It is a cache (state directory, never in the vault): a sorted file of 48-byte records
-/// (id | pack number u32 | offset u32 | stored length u32 | raw length u24 + flags u8), a fan-out
-/// table over the first bits of the id, and the list of pack ids. Lookups read a few records with
-/// one pread, so memory stays bounded whatever the vault's size; the kernel's page cache does the
-/// rest. The cache records which index objects it holds; on open, new index objects are merged in,
-/// and if one it holds has disappeared (garbage collection rewrote it) it is rebuilt.
+/// It is a cache (state directory, never in the vault): runs of sorted 48-byte records
+/// (id | pack number u32 | offset u32 | stored length u32 | raw length u24 + flags u8), each with
+/// a fan-out table over the first bits of the id, and the list of pack ids. Lookups read a few
+/// records of each run with one pread, so memory stays bounded whatever the vault's size; the
+/// kernel's page cache does the rest. The cache records which index objects it holds. On open,
+/// the new index objects become a new run, and a run merges with the one before it once it
+/// holds a quarter as many records: a backup's few thousand new chunks are written once, not
+/// merged into a table of the whole vault (160 M records, 7.7 GB at 10 TB), and a record is
+/// rewritten a few times over its life. If an index object it holds has disappeared (garbage
+/// collection rewrote it), the cache is rebuilt.
 public final class LocationTable: Sendable {
-    private let table: SystemFile
-    private let fanout: [UInt32]
-    private let bits: Int
+    /// One file of sorted records and its fan-out.
+    private struct Run: Sendable {
+        let table: SystemFile
+        let fanout: [UInt32]
+        let bits: Int
+        let count: Int
+    }
+
+    /// Oldest (and largest) first.
+    private let runs: [Run]
     public let packs: [ChunkID]
+    /// Records in all runs (an id stored twice, by two backups at once, may count twice).
     public let count: Int
     public let includedIndexes: Set<String>
 
     static let recordSize = 48
-    static let formatVersion = 1
+    static let formatVersion = 2
+    /// A run merges with the one before it once it holds at least 1/mergeRatio as many records.
+    static let mergeRatio = 4
+    /// Whatever the sizes, never more runs than this: a lookup of a new chunk reads every run.
+    static let maximumRuns = 8
+    /// Records of new index objects sorted in memory at once (~24 MiB).
+    static let groupRecords = 1 << 19
 
-    private init(table: SystemFile, fanout: [UInt32], bits: Int, packs: [ChunkID], count: Int, included: Set<String>) {
-        self.table = table
-        self.fanout = fanout
-        self.bits = bits
+    private init(runs: [Run], packs: [ChunkID], included: Set<String>) {
+        self.runs = runs
         self.packs = packs
-        self.count = count
+        self.count = runs.reduce(0) { $0 + $1.count }
         self.includedIndexes = included
     }
 
-    deinit { table.close() }
+    deinit { for run in runs { run.table.close() } }
+
+    /// The number of runs: what a lookup of an unknown id reads.
+    var runCount: Int { runs.count }
 
     public func lookup(_ id: ChunkID) throws(ChunkStoreError) -> ChunkLocation? {
-        let bucket = Int(id.w0 >> UInt64(64 - bits))
-        var lo = Int(fanout[bucket])
-        var hi = Int(fanout[bucket + 1])
+        // Oldest first: where two runs know an id, the older location wins, as in a merge.
+        for run in runs {
+            if let found = try lookup(id, in: run) { return found }
+        }
+        return nil
+    }
+
+    private func lookup(_ id: ChunkID, in run: Run) throws(ChunkStoreError) -> ChunkLocation? {
+        let bucket = Int(id.w0 >> UInt64(64 - run.bits))
+        var lo = Int(run.fanout[bucket])
+        var hi = Int(run.fanout[bucket + 1])
         if lo == hi { return nil }
         let size = LocationTable.recordSize
         // Narrow a large range by binary search on single records, then read the rest at once.
         while hi - lo > 256 {
             let mid = (lo + hi) / 2
-            let record = try readRecords(mid, 1)
+            let record = try readRecords(run, mid, 1)
             let midID = record.withUnsafeBytes { ChunkID($0) }
-            if midID == id { return try record.withBytes { (raw) throws(ChunkStoreError) in try decodeLocation(raw, at: 0) } }
+            if midID == id { return try record.withBytes { (raw) throws(ChunkStoreError) in try decodeLocation(raw, at: 0, run: run) } }
             if midID < id { lo = mid + 1 } else { hi = mid }
         }
-        let records = try readRecords(lo, hi - lo)
+        let records = try readRecords(run, lo, hi - lo)
         return try records.withBytes { (raw) throws(ChunkStoreError) -> ChunkLocation? in
             var a = 0, b = hi - lo
             while a < b {
                 let m = (a + b) / 2
                 let mid = ChunkID(raw, at: m * size)
-                if mid == id { return try decodeLocation(raw, at: m * size) }
+                if mid == id { return try decodeLocation(raw, at: m * size, run: run) }
                 if mid < id { a = m + 1 } else { b = m }
             }
             return nil
         }
     }
 
-    private func readRecords(_ first: Int, _ n: Int) throws(ChunkStoreError) -> [UInt8] {
+    private func readRecords(_ run: Run, _ first: Int, _ n: Int) throws(ChunkStoreError) -> [UInt8] {
         do {
-            let bytes = try table.readAll(from: UInt64(first * LocationTable.recordSize), count: n * LocationTable.recordSize)
+            let bytes = try run.table.readAll(from: UInt64(first * LocationTable.recordSize), count: n * LocationTable.recordSize)
             guard bytes.count == n * LocationTable.recordSize else {
-                throw ChunkStoreError.cache(SystemError("read (truncated)", path: table.path, errno: EIO))
+                throw ChunkStoreError.cache(SystemError("read (truncated)", path: run.table.path, errno: EIO))
             }
             return bytes
         } catch let error as SystemError {
@@ -89,16 +116,16 @@ public final class LocationTable: Sendable {
         } catch let error as ChunkStoreError {
             throw error
         } catch {
-            throw .cache(SystemError("read", path: table.path, errno: EIO))
+            throw .cache(SystemError("read", path: run.table.path, errno: EIO))
         }
     }
 
-    private func decodeLocation(_ raw: UnsafeRawBufferPointer, at o: Int) throws(ChunkStoreError) -> ChunkLocation {
+    private func decodeLocation(_ raw: UnsafeRawBufferPointer, at o: Int, run: Run) throws(ChunkStoreError) -> ChunkLocation {
         let packNumber = Int(raw.loadLE(UInt32.self, at: o + 32))
         // The cache is a local file that may be damaged: an error, not a trap.
         guard packNumber < packs.count else {
             throw .cache(SystemError("use (a record names pack \(packNumber) of \(packs.count); delete the cache directory to rebuild it)",
-                                     path: table.path, errno: EIO))
+                                     path: run.table.path, errno: EIO))
         }
         let rawAndFlags = raw.loadLE(UInt32.self, at: o + 44)
         return ChunkLocation(
@@ -112,11 +139,19 @@ public final class LocationTable: Sendable {
 
     // MARK: - Building and synchronising
 
-    struct State: Codable {
-        var version: Int
-        var generation: UInt64
+    struct RunState: Codable, Equatable {
+        /// The run's files are table-<file> and fanout-<file>.
+        var file: UInt64
         var count: Int
         var bits: Int
+    }
+
+    struct State: Codable {
+        var version: Int
+        /// The highest file number used so far; the pack list is packs-<generation>.
+        var generation: UInt64
+        /// Oldest first.
+        var runs: [RunState]
         var indexes: [String]
     }
 
@@ -141,9 +176,8 @@ public final class LocationTable: Sendable {
         } catch { throw .store(error) }
         let names = Set(listing.map(\.name).filter(accept))
 
-        var state = readState(directory)
-        // New files never reuse the numbers of the state on disk, even when rebuilding.
-        let lastGeneration = state?.generation ?? 0
+        let committed = readState(directory)
+        var state = committed
         if let current = state, !Set(current.indexes).isSubset(of: names) {
             state = nil  // an index object it holds is gone: start again
         }
@@ -154,41 +188,47 @@ public final class LocationTable: Sendable {
         let missing = names.subtracting(included).sorted()
         if let loaded, missing.isEmpty { return loaded }
 
-        var generation = lastGeneration + 1
-        var packs: [ChunkID] = []
-        var count = 0
-        var previousTable: String? = nil
-        var committedTable: String? = nil
-        if let current = state, let old = loaded {
-            committedTable = tablePath(directory, current.generation)
-            packs = old.packs
-            count = old.count
-            previousTable = tablePath(directory, current.generation)
+        // New files never reuse the numbers of the state on disk, even when rebuilding.
+        var lastFile = committed?.generation ?? 0
+        func newFile() -> UInt64 {
+            lastFile += 1
+            return lastFile
         }
+        // The files the state on disk names stay until the new state is in place (a crash in
+        // between must find them); this update's intermediate runs go as soon as they are merged.
+        let committedFiles = Set(committed?.runs.map(\.file) ?? [])
+        func discard(_ run: RunState) {
+            guard !committedFiles.contains(run.file) else { return }
+            try? FileSystem.remove(tablePath(directory, run.file))
+            try? FileSystem.remove(fanoutPath(directory, run.file))
+        }
+        var runs = state?.runs ?? []
+        func compact() throws(ChunkStoreError) {
+            while runs.count >= 2,
+                  runs[runs.count - 1].count * mergeRatio >= runs[runs.count - 2].count || runs.count > maximumRuns {
+                let newer = runs.removeLast(), older = runs.removeLast()
+                let merged = try mergeRuns([older, newer], directory: directory, into: newFile())
+                discard(older)
+                discard(newer)
+                runs.append(merged)
+            }
+        }
+
+        var packs = loaded?.packs ?? []
         var packNumbers: [ChunkID: UInt32] = [:]
         for (i, pack) in packs.enumerated() { packNumbers[pack] = UInt32(i) }
-
-        // Merge new index objects in groups, so memory stays bounded on a large vault.
         var done = Array(included)
-        var group: [[UInt8]] = []
+        var group = RecordGroup()
         var groupNames: [String] = []
-        var groupEntries = 0
         func flush() throws(ChunkStoreError) {
-            guard !group.isEmpty else { return }
-            group.sort { lhs, rhs in
-                lhs.withUnsafeBytes { l in rhs.withUnsafeBytes { r in memcmp(l.baseAddress!, r.baseAddress!, 32) < 0 } }
+            if !group.isEmpty {
+                let sorted = Cursor(sorting: group)
+                runs.append(try writeRun([sorted], directory: directory, into: newFile()))
+                try compact()
             }
-            let out = tablePath(directory, generation)
-            count = try mergeSorted(previous: previousTable, previousCount: count, new: group, into: out)
-            // Intermediate tables of this update go at once; the one the current state names
-            // stays until the new state is in place (a crash in between must find it).
-            if let previousTable, previousTable != out, previousTable != committedTable { try? FileSystem.remove(previousTable) }
-            previousTable = out
             done += groupNames
-            group.removeAll(keepingCapacity: true)
+            group = RecordGroup()
             groupNames.removeAll()
-            groupEntries = 0
-            generation += 1
         }
         for name in missing {
             let bytes: [UInt8]
@@ -208,87 +248,61 @@ public final class LocationTable: Sendable {
                     packs.append(pack)
                     packNumbers[pack] = number
                 }
-                for entry in entries {
-                    var record: [UInt8] = []
-                    record.reserveCapacity(recordSize)
-                    entry.id.append(to: &record)
-                    record.appendLE(number)
-                    record.appendLE(entry.offset)
-                    record.appendLE(entry.storedLength)
-                    record.appendLE((entry.rawLength & 0x00ff_ffff) | UInt32(entry.flags.raw) << 24)
-                    group.append(record)
-                }
-                groupEntries += entries.count
+                for entry in entries { group.append(entry, pack: number) }
             }
             groupNames.append(name)
-            if groupEntries >= 1 << 19 { try flush() }
+            if group.count >= groupRecords { try flush() }
         }
         try flush()
 
-        let finalGeneration = generation - 1
-        let finalTable = tablePath(directory, finalGeneration)
-        if previousTable == nil || previousTable != finalTable {
-            // Nothing was merged (every new index object vanished): write an empty or copied table.
-            count = try mergeSorted(previous: previousTable, previousCount: count, new: [], into: finalTable)
-        }
-        let bits = fanoutBits(count)
+        let packsGeneration = newFile()
+        let newState = State(version: formatVersion, generation: packsGeneration, runs: runs, indexes: done.sorted())
         do {
             var packBytes: [UInt8] = []
             packBytes.reserveCapacity(packs.count * 32)
             for pack in packs { pack.append(to: &packBytes) }
-            try writeFile(packsPath(directory, finalGeneration), packBytes)
-            // The fan-out is computed here, once per update, so that opening never scans the table.
-            let table = try SystemFile.open(finalTable, .readOnly)
-            let fanout = try buildFanout(table, count: count, bits: bits)
-            table.close()
-            var fanoutBytes: [UInt8] = []
-            fanoutBytes.reserveCapacity(fanout.count * 4)
-            for value in fanout { fanoutBytes.appendLE(value) }
-            try writeFile(fanoutPath(directory, finalGeneration), fanoutBytes)
-            let newState = State(version: formatVersion, generation: finalGeneration, count: count, bits: bits, indexes: done.sorted())
+            try FileSystem.replace(packsPath(directory, packsGeneration), with: packBytes)
             let json = try JSONEncoder().encode(newState)
-            try writeFile(directory + "/state.json", Array(json))
+            try FileSystem.replace(directory + "/state.json", with: Array(json))
+            try FileSystem.syncDirectory(directory)
         } catch let error as SystemError {
             throw .cache(error)
         } catch {
             throw .cache(SystemError("write", path: directory + "/state.json", errno: EIO))
         }
-        // Remove files of older generations.
+        // Remove the files no state names any more (older updates, and any a crash left).
+        let kept = Set(runs.flatMap { ["table-\($0.file)", "fanout-\($0.file)"] } + ["packs-\(packsGeneration)"])
         if let names = try? FileSystem.list(directory) {
             for name in names where name.hasPrefix("table-") || name.hasPrefix("packs-") || name.hasPrefix("fanout-") {
-                if !name.hasSuffix("-\(finalGeneration)") { try? FileSystem.remove(directory + "/" + name) }
+                if !kept.contains(name) { try? FileSystem.remove(directory + "/" + name) }
             }
         }
-        let state2 = State(version: formatVersion, generation: finalGeneration, count: count, bits: bits, indexes: done.sorted())
-        return try load(directory: directory, state: state2)
+        return try load(directory: directory, state: newState)
     }
 
-    private static func tablePath(_ directory: String, _ generation: UInt64) -> String { directory + "/table-\(generation)" }
+    private static func tablePath(_ directory: String, _ file: UInt64) -> String { directory + "/table-\(file)" }
     private static func packsPath(_ directory: String, _ generation: UInt64) -> String { directory + "/packs-\(generation)" }
-    private static func fanoutPath(_ directory: String, _ generation: UInt64) -> String { directory + "/fanout-\(generation)" }
+    private static func fanoutPath(_ directory: String, _ file: UInt64) -> String { directory + "/fanout-\(file)" }
 
-    /// The stored fan-out of a generation, if it is whole and agrees with the table.
-    private static func readFanout(_ directory: String, _ state: State) -> [UInt32]? {
-        guard let file = try? SystemFile.open(fanoutPath(directory, state.generation), .readOnly) else { return nil }
+    /// The stored fan-out of a run, if it is whole and agrees with the run.
+    private static func readFanout(_ directory: String, _ run: RunState) -> [UInt32]? {
+        guard let file = try? SystemFile.open(fanoutPath(directory, run.file), .readOnly) else { return nil }
         defer { file.close() }
-        let entries = (1 << state.bits) + 1
+        let entries = (1 << run.bits) + 1
         guard let bytes = try? file.readAll(count: entries * 4), bytes.count == entries * 4 else { return nil }
         let fanout = bytes.withUnsafeBytes { raw in (0..<entries).map { raw.loadLE(UInt32.self, at: $0 * 4) } }
-        guard fanout.last == UInt32(state.count), zip(fanout, fanout.dropFirst()).allSatisfy({ $0 <= $1 }) else { return nil }
+        guard fanout.first == 0, fanout.last == UInt32(run.count), zip(fanout, fanout.dropFirst()).allSatisfy({ $0 <= $1 }) else { return nil }
         return fanout
     }
 
     private static func readState(_ directory: String) -> State? {
         guard let file = try? SystemFile.open(directory + "/state.json", .readOnly) else { return nil }
         defer { file.close() }
-        guard let size = try? file.size(), let bytes = try? file.readAll(count: Int(size)),
+        guard let size = try? file.size(), size < 1 << 30, let bytes = try? file.readAll(count: Int(size)),
               let state = try? JSONDecoder().decode(State.self, from: Data(bytes)),
-              state.version == formatVersion else { return nil }
+              state.version == formatVersion,
+              state.runs.allSatisfy({ (8...24).contains($0.bits) && $0.count >= 0 && $0.file <= state.generation }) else { return nil }
         return state
-    }
-
-    private static func writeFile(_ path: String, _ bytes: [UInt8]) throws(SystemError) {
-        try FileSystem.replace(path, with: bytes)
     }
 
     static func fanoutBits(_ count: Int) -> Int {
@@ -298,12 +312,11 @@ public final class LocationTable: Sendable {
     }
 
     private static func load(directory: String, state: State) throws(ChunkStoreError) -> LocationTable {
+        var runs: [Run] = []
         do throws(SystemError) {
-            let table = try SystemFile.open(tablePath(directory, state.generation), .readOnly)
-            let size = try table.size()
-            guard size == UInt64(state.count * recordSize) else {
-                table.close()
-                throw SystemError("use (size does not match its state)", path: table.path, errno: EIO)
+            defer {
+                // Only reached with runs left open on an error: a returned table owns them.
+                if runs.count < state.runs.count { for run in runs { run.table.close() } }
             }
             let packFile = try SystemFile.open(packsPath(directory, state.generation), .readOnly)
             defer { packFile.close() }
@@ -313,40 +326,44 @@ public final class LocationTable: Sendable {
             packBytes.withUnsafeBytes { raw in
                 for i in 0..<(raw.count / 32) { packs.append(ChunkID(raw, at: i * 32)) }
             }
-            // Normally stored beside the table; rebuilt by one pass over it if missing.
-            let fanout: [UInt32]
-            if let stored = readFanout(directory, state) {
-                fanout = stored
-            } else {
-                fanout = try buildFanout(table, count: state.count, bits: state.bits)
+            for saved in state.runs {
+                let table = try SystemFile.open(tablePath(directory, saved.file), .readOnly)
+                guard (try? table.size()) == UInt64(saved.count * recordSize) else {
+                    table.close()
+                    throw SystemError("use (size does not match its state)", path: table.path, errno: EIO)
+                }
+                // Normally stored beside the table; rebuilt by one pass over it if missing.
+                let fanout: [UInt32]
+                if let stored = readFanout(directory, saved) {
+                    fanout = stored
+                } else {
+                    do {
+                        fanout = try buildFanout(table, count: saved.count, bits: saved.bits)
+                    } catch {
+                        table.close()
+                        throw error
+                    }
+                }
+                runs.append(Run(table: table, fanout: fanout, bits: saved.bits, count: saved.count))
             }
-            return LocationTable(table: table, fanout: fanout, bits: state.bits, packs: packs, count: state.count,
-                                 included: Set(state.indexes))
+            return LocationTable(runs: runs, packs: packs, included: Set(state.indexes))
         } catch {
             throw .cache(error)
         }
     }
 
     private static func buildFanout(_ table: SystemFile, count: Int, bits: Int) throws(SystemError) -> [UInt32] {
-        var fanout = [UInt32](repeating: 0, count: (1 << bits) + 1)
         var counts = [UInt32](repeating: 0, count: 1 << bits)
-        let perRead = 1 << 16
-        var index = 0
-        var buffer = [UInt8](repeating: 0, count: perRead * recordSize)
-        while index < count {
-            let n = min(perRead, count - index)
-            let got = try buffer.withMutableBytes { (raw) throws(SystemError) -> Int in
-                try table.read(into: UnsafeMutableRawBufferPointer(rebasing: raw[0..<(n * recordSize)]), at: UInt64(index * recordSize))
-            }
-            guard got == n * recordSize else { throw SystemError("read (truncated)", path: table.path, errno: EIO) }
-            buffer.withUnsafeBytes { raw in
-                for i in 0..<n {
-                    let w0 = UInt64(bigEndian: raw.loadUnaligned(fromByteOffset: i * recordSize, as: UInt64.self))
-                    counts[Int(w0 >> UInt64(64 - bits))] += 1
-                }
-            }
-            index += n
+        let cursor = try Cursor(file: table, count: count)
+        while !cursor.atEnd {
+            counts[Int(cursor.id.w0 >> UInt64(64 - bits))] += 1
+            try cursor.advance()
         }
+        return prefixSums(counts)
+    }
+
+    private static func prefixSums(_ counts: [UInt32]) -> [UInt32] {
+        var fanout = [UInt32](repeating: 0, count: counts.count + 1)
         var running: UInt32 = 0
         for i in 0..<counts.count {
             fanout[i] = running
@@ -356,76 +373,147 @@ public final class LocationTable: Sendable {
         return fanout
     }
 
-    /// Streams the previous sorted table and the sorted new records into `path`; drops duplicate ids.
-    private static func mergeSorted(previous: String?, previousCount: Int, new: [[UInt8]], into path: String) throws(ChunkStoreError) -> Int {
-        do {
+    /// Merges runs (oldest first) into a new one.
+    private static func mergeRuns(_ inputs: [RunState], directory: String, into file: UInt64) throws(ChunkStoreError) -> RunState {
+        var tables: [SystemFile] = []
+        defer { for table in tables { table.close() } }
+        var cursors: [Cursor] = []
+        do throws(SystemError) {
+            for run in inputs {
+                let table = try SystemFile.open(tablePath(directory, run.file), .readOnly)
+                tables.append(table)
+                cursors.append(try Cursor(file: table, count: run.count))
+            }
+        } catch { throw .cache(error) }
+        return try writeRun(cursors, directory: directory, into: file)
+    }
+
+    /// Streams sorted inputs (oldest first) into run `file`, its fan-out computed on the way.
+    /// Where inputs share an id, the oldest input's record is kept and the others dropped.
+    private static func writeRun(_ inputs: [Cursor], directory: String, into file: UInt64) throws(ChunkStoreError) -> RunState {
+        let path = tablePath(directory, file)
+        do throws(SystemError) {
+            // The bits for the most records the run can hold: dropped duplicates only make buckets smaller.
+            let bits = fanoutBits(inputs.reduce(0) { $0 + $1.count })
+            var counts = [UInt32](repeating: 0, count: 1 << bits)
             let temporary = path + ".tmp"
             try? FileSystem.remove(temporary)
             let out = try SystemFile.open(temporary, .createExclusive(permissions: 0o644))
             defer { out.close() }
-            let input = try previous.map { (p) throws(SystemError) in try SystemFile.open(p, .readOnly) }
-            defer { input?.close() }
-
-            var written = 0
             var outBuffer: [UInt8] = []
             outBuffer.reserveCapacity(1 << 20)
             var outOffset: UInt64 = 0
+            var written = 0
             var lastID: ChunkID? = nil
-            func emit(_ record: UnsafeRawBufferPointer) throws(SystemError) {
-                let id = ChunkID(record)
-                if id == lastID { return }
-                lastID = id
-                outBuffer.append(contentsOf: record)
-                written += 1
-                if outBuffer.count >= 1 << 20 {
-                    try out.write(outBuffer, at: outOffset)
-                    outOffset += UInt64(outBuffer.count)
-                    outBuffer.removeAll(keepingCapacity: true)
+            while true {
+                var best = -1
+                var bestID = ChunkID.zero
+                for (i, cursor) in inputs.enumerated() where !cursor.atEnd {
+                    let id = cursor.id
+                    if best < 0 || id < bestID { best = i; bestID = id }
                 }
-            }
-
-            let block = 1 << 14
-            var inBuffer = [UInt8]()
-            var inIndex = 0, inCount = 0, inPosition = 0
-            func refill() throws(SystemError) {
-                guard let input, inPosition < previousCount else { inCount = 0; inIndex = 0; return }
-                let n = min(block, previousCount - inPosition)
-                inBuffer = try input.readAll(from: UInt64(inPosition * recordSize), count: n * recordSize)
-                guard inBuffer.count == n * recordSize else { throw SystemError("read (truncated)", path: input.path, errno: EIO) }
-                inPosition += n
-                inCount = n
-                inIndex = 0
-            }
-            try refill()
-            var newIndex = 0
-            while inIndex < inCount || newIndex < new.count {
-                let takeOld: Bool
-                if inIndex >= inCount {
-                    takeOld = false
-                } else if newIndex >= new.count {
-                    takeOld = true
-                } else {
-                    let oldID = inBuffer.withUnsafeBytes { ChunkID($0, at: inIndex * recordSize) }
-                    let newID = new[newIndex].withUnsafeBytes { ChunkID($0) }
-                    takeOld = !(newID < oldID)
-                }
-                if takeOld {
-                    try inBuffer.withBytes { (raw) throws(SystemError) in
-                        try emit(UnsafeRawBufferPointer(rebasing: raw[(inIndex * recordSize)..<((inIndex + 1) * recordSize)]))
+                if best < 0 { break }
+                if bestID != lastID {
+                    lastID = bestID
+                    outBuffer.append(contentsOf: inputs[best].record)
+                    counts[Int(bestID.w0 >> UInt64(64 - bits))] += 1
+                    written += 1
+                    if outBuffer.count >= 1 << 20 {
+                        try out.write(outBuffer, at: outOffset)
+                        outOffset += UInt64(outBuffer.count)
+                        outBuffer.removeAll(keepingCapacity: true)
                     }
-                    inIndex += 1
-                    if inIndex == inCount { try refill() }
-                } else {
-                    try new[newIndex].withBytes { (raw) throws(SystemError) in try emit(raw) }
-                    newIndex += 1
                 }
+                try inputs[best].advance()
             }
             if !outBuffer.isEmpty { try out.write(outBuffer, at: outOffset) }
             try out.sync()
             try FileSystem.rename(temporary, to: path)
-            return written
+            var fanoutBytes: [UInt8] = []
+            let fanout = prefixSums(counts)
+            fanoutBytes.reserveCapacity(fanout.count * 4)
+            for value in fanout { fanoutBytes.appendLE(value) }
+            try FileSystem.replace(fanoutPath(directory, file), with: fanoutBytes)
+            return RunState(file: file, count: written, bits: bits)
         } catch {
             throw .cache(error)
         }
+    }
+}
+
+/// Records of new index objects, in the order they came, for one sort.
+private struct RecordGroup {
+    var bytes: [UInt8] = []
+    var count: Int { bytes.count / LocationTable.recordSize }
+    var isEmpty: Bool { bytes.isEmpty }
+
+    mutating func append(_ entry: PackEntry, pack number: UInt32) {
+        entry.id.append(to: &bytes)
+        bytes.appendLE(number)
+        bytes.appendLE(entry.offset)
+        bytes.appendLE(entry.storedLength)
+        bytes.appendLE((entry.rawLength & 0x00ff_ffff) | UInt32(entry.flags.raw) << 24)
+    }
+}
+
+/// Sorted records, from a run's file (read in blocks) or sorted in memory, one at a time.
+private final class Cursor {
+    private let file: SystemFile?
+    let count: Int
+    private let buffer: UnsafeMutableRawBufferPointer
+    private var bufferFirst = 0
+    private var bufferCount = 0
+    private(set) var position = 0
+    private static let blockRecords = 1 << 14
+
+    /// The group's records, sorted by id (a stable sort: of equal ids, the first read stays first).
+    init(sorting group: RecordGroup) {
+        let size = LocationTable.recordSize
+        file = nil
+        count = group.count
+        buffer = .allocate(byteCount: max(1, group.bytes.count), alignment: 8)
+        group.bytes.withUnsafeBytes { raw in
+            let ids = (0..<group.count).map { ChunkID(raw, at: $0 * size) }
+            let order = (0..<group.count).sorted { ids[$0] < ids[$1] || (ids[$0] == ids[$1] && $0 < $1) }
+            for (k, i) in order.enumerated() {
+                UnsafeMutableRawBufferPointer(rebasing: buffer[(k * size)..<((k + 1) * size)])
+                    .copyMemory(from: UnsafeRawBufferPointer(rebasing: raw[(i * size)..<((i + 1) * size)]))
+            }
+        }
+        bufferCount = count
+    }
+
+    init(file: SystemFile, count: Int) throws(SystemError) {
+        self.file = file
+        self.count = count
+        buffer = .allocate(byteCount: Cursor.blockRecords * LocationTable.recordSize, alignment: 8)
+        try refill()
+    }
+
+    deinit { buffer.deallocate() }
+
+    var atEnd: Bool { position >= count }
+
+    private var at: Int { (position - bufferFirst) * LocationTable.recordSize }
+
+    var id: ChunkID { ChunkID(UnsafeRawBufferPointer(buffer), at: at) }
+
+    /// The current record; valid until `advance`.
+    var record: UnsafeRawBufferPointer { UnsafeRawBufferPointer(rebasing: buffer[at..<(at + LocationTable.recordSize)]) }
+
+    func advance() throws(SystemError) {
+        position += 1
+        if file != nil && position < count && position >= bufferFirst + bufferCount { try refill() }
+    }
+
+    private func refill() throws(SystemError) {
+        guard let file, position < count else { return }
+        let n = min(Cursor.blockRecords, count - position)
+        let bytes = n * LocationTable.recordSize
+        let got = try file.read(into: UnsafeMutableRawBufferPointer(rebasing: buffer[0..<bytes]),
+                                at: UInt64(position) * UInt64(LocationTable.recordSize))
+        guard got == bytes else { throw SystemError("read (truncated)", path: file.path, errno: EIO) }
+        bufferFirst = position
+        bufferCount = n
     }
 }

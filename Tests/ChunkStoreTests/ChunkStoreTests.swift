@@ -159,4 +159,89 @@ import TestSupport
         #expect(rebuilt.locations.count == 4000 - removed.packs.reduce(0) { $0 + $1.entries.count })
         #expect(try rebuilt.location(removed.packs[0].entries[0].id) == nil)
     }
+
+    /// The cache's sorted runs: (file name, inode), oldest first.
+    func runFiles(_ directory: String) throws -> [(String, UInt)] {
+        try FileSystem.list(directory).filter { $0.hasPrefix("table-") && !$0.hasSuffix(".tmp") }
+            .sorted { Int($0.dropFirst(6))! < Int($1.dropFirst(6))! }
+            .map { name in
+                let file = try SystemFile.open(directory + "/" + name, .readOnly)
+                defer { file.close() }
+                return (name, UInt(try file.status().st_ino))
+            }
+    }
+
+    @Test func smallUpdatesAddRunsWithoutRewritingTheTable() throws {
+        let dir = TemporaryDirectory("chunks")
+        defer { dir.remove() }
+        let objects = LocalDirectoryStore(root: dir.file("vault"))
+        let parameters = ChunkParameters(chunkSize: 4096, compression: .none)
+        var random = SeededBytes(seed: 11)
+        let cache = dir.file("cache")
+        var all = (0..<4000).map { _ in random.bytes(64) }
+        try writeChunks(try ChunkStore(store: objects, parameters: parameters, cacheDirectory: dir.file("writer")), all)
+        _ = try ChunkStore(store: objects, parameters: parameters, cacheDirectory: cache)
+        let base = try runFiles(cache)
+        #expect(base.count == 1)
+
+        // Backups' worth of new chunks, each written by another cache, then merged into this one:
+        // the big run stays as it was (same file, same inode), the new records go to small runs.
+        for _ in 0..<6 {
+            let batch = (0..<40).map { _ in random.bytes(64) }
+            try writeChunks(try ChunkStore(store: objects, parameters: parameters, cacheDirectory: dir.file("writer")), batch)
+            all += batch
+            let store = try ChunkStore(store: objects, parameters: parameters, cacheDirectory: cache)
+            let runs = try runFiles(cache)
+            #expect(runs.first?.0 == base[0].0 && runs.first?.1 == base[0].1)
+            #expect(runs.count >= 2 && runs.count <= 8)
+            #expect(store.locations.count == all.count)
+        }
+        let small = try ChunkStore(store: objects, parameters: parameters, cacheDirectory: cache)
+        for data in all { #expect(try small.location(ChunkID.sha256(data)) != nil) }
+        #expect(try small.location(ChunkID.sha256([1, 2, 3])) == nil)
+
+        // A large update merges the runs: fewer of them, nothing lost, the files of the old runs gone.
+        let large = (0..<3000).map { _ in random.bytes(64) }
+        try writeChunks(try ChunkStore(store: objects, parameters: parameters, cacheDirectory: dir.file("writer")), large)
+        all += large
+        let merged = try ChunkStore(store: objects, parameters: parameters, cacheDirectory: cache)
+        let runs = try runFiles(cache)
+        #expect(runs.count == 1)
+        #expect(merged.locations.count == all.count)
+        for data in all {
+            let id = ChunkID.sha256(data)
+            #expect(try merged.read(id) == data)
+        }
+        let names = try FileSystem.list(cache)
+        #expect(names.filter { $0.hasPrefix("fanout-") }.count == runs.count)
+        #expect(names.filter { $0.hasPrefix("packs-") }.count == 1)
+        #expect(!names.contains { $0.hasSuffix(".tmp") })
+    }
+
+    @Test func aCacheWithAMissingRunOrLeftoversIsRebuiltWhole() throws {
+        let dir = TemporaryDirectory("chunks")
+        defer { dir.remove() }
+        let objects = LocalDirectoryStore(root: dir.file("vault"))
+        let parameters = ChunkParameters(chunkSize: 4096, compression: .none)
+        var random = SeededBytes(seed: 12)
+        let cache = dir.file("cache")
+        let a = (0..<3000).map { _ in random.bytes(64) }
+        let b = (0..<50).map { _ in random.bytes(64) }
+        try writeChunks(try ChunkStore(store: objects, parameters: parameters, cacheDirectory: dir.file("writer")), a)
+        _ = try ChunkStore(store: objects, parameters: parameters, cacheDirectory: cache)
+        try writeChunks(try ChunkStore(store: objects, parameters: parameters, cacheDirectory: dir.file("writer")), b)
+        _ = try ChunkStore(store: objects, parameters: parameters, cacheDirectory: cache)
+        let runs = try runFiles(cache)
+        #expect(runs.count == 2)
+
+        // What a crash in the middle of an update leaves, and a run's table lost.
+        try FileSystem.replace(cache + "/table-999", with: [1, 2, 3])
+        try FileSystem.replace(cache + "/fanout-998.tmp", with: [4])
+        try FileSystem.remove(cache + "/" + runs[1].0)
+        let rebuilt = try ChunkStore(store: objects, parameters: parameters, cacheDirectory: cache)
+        #expect(rebuilt.locations.count == a.count + b.count)
+        for data in a + b { #expect(try rebuilt.location(ChunkID.sha256(data)) != nil) }
+        let names = try FileSystem.list(cache)
+        #expect(!names.contains("table-999") && !names.contains("fanout-998.tmp"))
+    }
 }
