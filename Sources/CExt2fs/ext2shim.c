@@ -1,5 +1,6 @@
 #include "ext2shim.h"
 #include <errno.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -204,11 +205,46 @@ errcode_t lb_list_directory(ext2_filsys fs, ext2_ino_t dir, lb_dirent_fn visit, 
 
 // ---- Files ----
 
+// libext2fs's file reader copies inline data into a buffer of three blocks without checking the
+// size of the inode's system.data attribute, which an ea_inode filesystem lets reach 64 KiB: a
+// crafted inode would write past the buffer. Inline data is read here instead, into a buffer of
+// the size the attribute gives, and refused when it is larger than the inode (where the kernel
+// keeps all inline data: i_block and the in-inode attribute space).
+static errcode_t lb_read_inline(ext2_filsys fs, ext2_ino_t ino, struct ext2_inode *inode, unsigned long long offset,
+                                void *buffer, unsigned int length, unsigned int *got) {
+    size_t size = 0;
+    errcode_t error = ext2fs_inline_data_size(fs, ino, &size);
+    if (error) return error;
+    if (size > (size_t)EXT2_INODE_SIZE(fs->super)) return EXT2_ET_INLINE_DATA_NO_SPACE;
+    char *data = malloc(size ? size : 1);
+    if (!data) return EXT2_ET_NO_MEMORY;
+    size_t filled = size;
+    error = ext2fs_inline_data_get(fs, ino, inode, data, &filled);
+    if (!error && filled > size) error = EXT2_ET_INLINE_DATA_NO_SPACE;  // cannot happen: the same attribute, read twice
+    if (!error) {
+        // Never past the file's size: the inline area holds zeros after the data.
+        unsigned long long end = EXT2_I_SIZE(inode);
+        if (end > filled) end = filled;
+        if (offset < end) {
+            unsigned long long n = end - offset;
+            if (n > length) n = length;
+            memcpy(buffer, data + offset, (size_t)n);
+            *got = (unsigned int)n;
+        }
+    }
+    free(data);
+    return error;
+}
+
 errcode_t lb_read_file(ext2_filsys fs, ext2_ino_t ino, unsigned long long offset, void *buffer,
                        unsigned int length, unsigned int *got) {
     ext2_file_t file;
     *got = 0;
-    errcode_t error = ext2fs_file_open(fs, ino, 0, &file);
+    struct ext2_inode inode;
+    errcode_t error = ext2fs_read_inode(fs, ino, &inode);
+    if (error) return error;
+    if (inode.i_flags & EXT4_INLINE_DATA_FL) return lb_read_inline(fs, ino, &inode, offset, buffer, length, got);
+    error = ext2fs_file_open(fs, ino, 0, &file);
     if (error) return error;
     error = ext2fs_file_llseek(file, offset, EXT2_SEEK_SET, NULL);
     // Never past the size: libext2fs returns a file kept inline (inline_data) as its whole
@@ -254,7 +290,14 @@ errcode_t lb_list_xattrs(ext2_filsys fs, ext2_ino_t ino, lb_xattr_fn visit, void
     return error;
 }
 
-const char *lb_error_message(errcode_t code) { return error_message(code); }
+static pthread_once_t lb_error_table_once = PTHREAD_ONCE_INIT;
+static void lb_register_error_table(void) { initialize_ext2_error_table(); }
+
+// libext2fs's codes read "Unknown code ext2 N" until its table is registered.
+const char *lb_error_message(errcode_t code) {
+    pthread_once(&lb_error_table_once, lb_register_error_table);
+    return error_message(code);
+}
 
 int lb_needs_recovery(ext2_filsys fs) {
     return ext2fs_has_feature_journal_needs_recovery(fs->super) ? 1 : 0;

@@ -19,7 +19,21 @@ public final class Ext4FileSystem: GuestFileSystem, @unchecked Sendable {
     public private(set) var replayed = false
     /// Why a needed replay could not be done (the files are then shown as on disk).
     public private(set) var replayError: String?
+    /// The journal has a fast-commit area, which is not replayed.
+    public let fastCommit: Bool
     public let volume: String
+
+    /// What a reader of this volume must be told: a journal that was not, or not wholly, replayed.
+    public var warnings: [String] {
+        if let replayError {
+            return ["\(volume): the journal's last transactions could not be replayed (\(replayError)); files are shown "
+                    + "as they were written in place before the crash, which may be inconsistent"]
+        }
+        if neededRecovery && replayed && fastCommit {
+            return ["\(volume): the journal's fast-commit area is not replayed; changes made just before the crash may be missing"]
+        }
+        return []
+    }
 
     private let source: SourceBox
     private var fs: ext2_filsys?
@@ -33,8 +47,19 @@ public final class Ext4FileSystem: GuestFileSystem, @unchecked Sendable {
     final class SourceBox: @unchecked Sendable {
         let image: any DiskImage
         var lastError: VirtualDiskError?
+        /// Reads left for the current request (see `readBudget`); nil outside requests.
+        var readsLeft: Int?
+        var overBudget = false
+        var interrupted = false
         init(_ image: any DiskImage) { self.image = image }
     }
+
+    /// The most reads of the volume one request (a listing, a lookup, one read of a file) may
+    /// make. libext2fs walks extent trees without remembering the nodes it has seen: a crafted
+    /// directory whose index blocks point at each other would be walked for days with the
+    /// filesystem locked (and every mount thread waiting on it). A real request makes far fewer:
+    /// a directory's blocks are capped at 2 GiB, a read at a few MiB.
+    static let readBudget = 2_000_000
 
     /// True when the image holds an ext2/3/4 superblock (magic 0xEF53 at byte 1080).
     public static func probe(_ image: any DiskImage) -> Bool {
@@ -48,6 +73,7 @@ public final class Ext4FileSystem: GuestFileSystem, @unchecked Sendable {
         self.volume = volume
         var (opened, box, raw) = try Ext4FileSystem.openRaw(image, volume: volume)
         neededRecovery = lb_needs_recovery(opened) != 0
+        fastCommit = lb_has_fast_commit(opened) != 0
         if neededRecovery && replayJournal {
             do throws(GuestFilesError) {
                 let replay = try Ext4FileSystem.replay(opened, image: image, source: box, volume: volume)
@@ -92,6 +118,17 @@ public final class Ext4FileSystem: GuestFileSystem, @unchecked Sendable {
         raw.initialize(to: lb_source(read: { context, offset, buffer, length in
             guard let context, let buffer else { return EINVAL }
             let box = Unmanaged<SourceBox>.fromOpaque(context).takeUnretainedValue()
+            if let left = box.readsLeft {
+                guard left > 0 else {
+                    box.overBudget = true
+                    return EIO
+                }
+                box.readsLeft = left - 1
+                if left % 1024 == 0 && Cancellation.requested {
+                    box.interrupted = true
+                    return EINTR
+                }
+            }
             do throws(VirtualDiskError) {
                 let out = UnsafeMutableRawBufferPointer(start: buffer, count: Int(length))
                 let n = try box.image.read(into: out, at: offset)
@@ -147,6 +184,11 @@ public final class Ext4FileSystem: GuestFileSystem, @unchecked Sendable {
     }
 
     static func error(_ code: errcode_t, volume: String, what: String, source: SourceBox) -> GuestFilesError {
+        if source.interrupted { return .local(SystemError(what, path: volume, errno: EINTR)) }
+        if source.overBudget {
+            return .corrupt(volume: volume, what: "\(what): more than \(readBudget) reads of the volume for one request "
+                                + "(an extent tree whose nodes point at each other?)")
+        }
         if case .outOfRange(_, let offset, let size)? = source.lastError {
             // The filesystem points past its own volume: damaged metadata, not a bad request.
             return .corrupt(volume: volume, what: "\(what): a block at byte \(offset) is past the end of the volume (\(size) bytes)")
@@ -161,6 +203,10 @@ public final class Ext4FileSystem: GuestFileSystem, @unchecked Sendable {
         defer { lock.unlock() }
         guard let fs else { throw .corrupt(volume: volume, what: "the filesystem is closed") }
         source.lastError = nil
+        source.overBudget = false
+        source.interrupted = false
+        source.readsLeft = Ext4FileSystem.readBudget
+        defer { source.readsLeft = nil }
         return try body(fs)
     }
 

@@ -6,6 +6,10 @@ public struct FileRestoreOptions: Sendable {
     public var overwrite = false
     /// Owners are restored only when the process may (root).
     public var restoreOwners = getuid() == 0
+    /// Set-user-id and set-group-id bits of files, file capabilities (security.capability) and
+    /// device nodes: what a compromised guest would plant to take the host over once its files
+    /// are restored there by root. Left out unless asked for; the report counts what was.
+    public var keepPrivileges = false
     public init() {}
 }
 
@@ -25,6 +29,19 @@ public struct FileRestoreReport: Codable, Sendable {
     public var seconds: Double
     /// One sentence per entry that could not be restored; the rest was.
     public var errors: [String]
+    /// Set-id bits cleared, file capabilities and device nodes left out (see `keepPrivileges`).
+    public var setIDBitsCleared = 0
+    public var capabilitiesLeftOut = 0
+    public var deviceNodesLeftOut = 0
+
+    /// One sentence on what was left out for safety, if anything.
+    public var leftOut: String? {
+        var parts: [String] = []
+        if setIDBitsCleared > 0 { parts.append("set-user/group-id bits cleared on \(setIDBitsCleared) files") }
+        if capabilitiesLeftOut > 0 { parts.append("\(capabilitiesLeftOut) file capabilities left out") }
+        if deviceNodesLeftOut > 0 { parts.append("\(deviceNodesLeftOut) device nodes left out") }
+        return parts.isEmpty ? nil : parts.joined(separator: ", ") + " (--keep-privileges restores them)"
+    }
 }
 
 /// Copies a file or a tree out of a guest filesystem into a local directory, with modes, times,
@@ -45,6 +62,8 @@ public final class FileRestore {
     /// Restored paths of inodes with several links: later names become hard links.
     private var linked: [UInt64: (directory: Int32, name: [UInt8], path: String)] = [:]
     private var visiting = Set<UInt64>()
+    /// Inodes with one link restored so far.
+    private var restoredOnce = Set<UInt64>()
     /// Directories restored so far: a directory has one name in a sound filesystem, and one
     /// linked from several places (crafted) would multiply the restore with every level.
     private var restoredDirectories: [UInt64: String] = [:]
@@ -76,6 +95,13 @@ public final class FileRestore {
         do {
             try FileSystem.createDirectories(target)
         } catch { throw .local(error) }
+        // A descriptor stays open for each directory holding a hard-linked file (a Nix store or
+        // a snapshot tree has thousands): allow as many as the hard limit does.
+        var limit = rlimit()
+        if getrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit) == 0 && limit.rlim_cur < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max
+            _ = setrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit)
+        }
         let top = Glibc.open(target, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
         guard top >= 0 else { throw .local(SystemError("open the target directory", path: target)) }
         defer { close(top) }
@@ -136,7 +162,19 @@ public final class FileRestore {
             fail(display, error.description)
             return
         }
+        // A crafted image could give one big file a link count of 1 and a hundred thousand names:
+        // a second name of such an inode is refused, not copied again.
+        if info.type != .directory && info.links <= 1 && !restoredOnce.insert(entry.inode).inserted {
+            fail(display, "inode \(entry.inode) has one link but another name in the image (damaged or crafted); skipped")
+            return
+        }
         if info.type != .directory && info.links > 1, let first = linked[entry.inode] {
+            do throws(GuestFilesError) {
+                _ = try prepare(entry.name, in: directory, display: display, directoryWanted: false)
+            } catch {
+                fail(display, error.description)
+                return
+            }
             if entry.name.withCString({ name in first.name.withCString { linkat(first.directory, $0, directory, name, 0) } }) == 0 {
                 report.hardLinks += 1
             } else {
@@ -283,6 +321,10 @@ public final class FileRestore {
         case .socket: type = S_IFSOCK
         default: return
         }
+        if (info.type == .characterDevice || info.type == .blockDevice) && !options.keepPrivileges {
+            report.deviceNodesLeftOut += 1
+            return
+        }
         guard getuid() == 0 || info.type == .fifo else {
             fail(display, "device nodes are restored only as root; skipped")
             return
@@ -309,12 +351,21 @@ public final class FileRestore {
             for (name, value) in attributes {
                 // security.* and trusted.* need privileges; system.* are ACLs libext2fs encodes its own way.
                 guard name.hasPrefix("user.") || (getuid() == 0 && (name.hasPrefix("security.") || name.hasPrefix("trusted."))) else { continue }
+                if name == "security.capability" && !options.keepPrivileges {
+                    report.capabilitiesLeftOut += 1
+                    continue
+                }
                 if value.withUnsafeBytes({ lifeboat_fsetxattr(fd, name, $0.baseAddress, $0.count, 0) }) != 0 && errno != ENOTSUP {
                     fail(display, "cannot set the extended attribute \(name): \(String(cString: strerror(errno)))")
                 }
             }
         }
-        if fchmod(fd, mode_t(info.permissions)) != 0 {
+        var mode = mode_t(info.permissions)
+        if info.type != .directory && mode & 0o6000 != 0 && !options.keepPrivileges {
+            mode &= ~mode_t(0o6000)
+            report.setIDBitsCleared += 1
+        }
+        if fchmod(fd, mode) != 0 {
             fail(display, "cannot set the mode: \(String(cString: strerror(errno)))")
         }
         var times = [timespec(tv_sec: Int(info.accessed.seconds), tv_nsec: Int(info.accessed.nanoseconds)),

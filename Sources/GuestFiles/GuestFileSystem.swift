@@ -130,9 +130,12 @@ public protocol GuestFileSystem: AnyObject, Sendable {
     func readlink(_ inode: UInt64) throws(GuestFilesError) -> [UInt8]
     /// Extended attributes, name to value ("user.x", "security.selinux", ...).
     func extendedAttributes(_ inode: UInt64) throws(GuestFilesError) -> [(name: String, value: [UInt8])]
+    /// What whoever reads this filesystem must be told (a journal that could not be replayed).
+    var warnings: [String] { get }
 }
 
 extension GuestFileSystem {
+    public var warnings: [String] { [] }
     public func extendedAttributes(_ inode: UInt64) throws(GuestFilesError) -> [(name: String, value: [UInt8])] { [] }
 
     /// Follows a path from the root. Symbolic links in the middle are followed inside this

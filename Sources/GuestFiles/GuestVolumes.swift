@@ -131,6 +131,6 @@ public struct PointFiles: Sendable {
             volume = volumes[0]
         }
         let fs = try GuestVolumes.open(volume, label: "\(point.machine)@\(point.time):\(disk.name):\(volume.name)")
-        return PointFiles(point: point, disk: disk, volume: volume, fs: fs, warnings: warnings)
+        return PointFiles(point: point, disk: disk, volume: volume, fs: fs, warnings: warnings + fs.warnings)
     }
 }

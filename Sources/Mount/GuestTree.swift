@@ -65,6 +65,7 @@ final class GuestTree: Sendable {
         do {
             let fs = try GuestVolumes.open(volume, label: "\(point.label) disk \(disk.name) volume \(volume.name)")
             opened.withLock { $0[key]?.filesystems[volume.name] = fs }
+            for warning in fs.warnings { log(warning) }
             return .success(fs)
         } catch {
             // Logged once per volume: the directory is then empty, with EIO for its contents.

@@ -166,6 +166,7 @@ struct Cat: ParsableCommand {
         try report {
             let guest = try GuestPath.open(location, vault: try vault.open())
             let fs = guest.files.fs
+            for warning in guest.files.warnings { Terminal.warning(warning) }
             let entry = try fs.resolve(guest.path, followLast: true)
             let info = try fs.stat(entry.inode)
             guard info.type == .regular else { throw GuestFilesError.notAFile(path: guest.path) }
@@ -202,9 +203,11 @@ struct RestoreFiles: ParsableCommand {
         discussion: """
         Restores PATH under its own name into DIR (like `cp -a PATH DIR/`): modes, times,
         symbolic links (made, never followed), hard links, extended attributes (user.*; as root
-        also security.* and trusted.*) and, as root, owners and device nodes. Nothing in the image
-        can make it write outside DIR. Existing names are refused unless --overwrite. Entries
-        that cannot be restored are listed; the rest is restored, and the exit code is 4.
+        also security.* and trusted.*) and, as root, owners. Set-user/group-id bits, file
+        capabilities and device nodes, which a compromised guest could plant to take over the
+        host, are left out (and counted) unless --keep-privileges. Nothing in the image can make
+        it write outside DIR. Existing names are refused unless --overwrite. Entries that cannot
+        be restored are listed; the rest is restored, and the exit code is 4.
 
         Example:
           lifeboat restore-files web01@latest:/etc --to /tmp/restored
@@ -214,14 +217,18 @@ struct RestoreFiles: ParsableCommand {
     @Argument(help: "POINT[:DISK[:VOLUME]]:/PATH") var location: String
     @Option(help: ArgumentHelp("The directory to restore into (created if missing).", valueName: "dir")) var to: String
     @Flag(help: "Replace files that exist in DIR.") var overwrite = false
+    @Flag(help: "Restore set-user/group-id bits, file capabilities and device nodes as they are in the image.")
+    var keepPrivileges = false
     @Flag(help: "Print a JSON summary.") var json = false
 
     func run() throws {
         try report {
             installInterruptHandlers()
             let guest = try GuestPath.open(location, vault: try vault.open())
+            for warning in guest.files.warnings { Terminal.warning(warning) }
             var options = FileRestoreOptions()
             options.overwrite = overwrite
+            options.keepPrivileges = keepPrivileges
             let line = ProgressLine("restore-files", enabled: Terminal.isInteractive && !json)
             let restore = FileRestore(fs: guest.files.fs, volumeSize: guest.files.volume.image.size, options: options) { p in
                 line.update(done: p.bytesDone, total: p.bytesTotal)
@@ -234,6 +241,7 @@ struct RestoreFiles: ParsableCommand {
                 print("restored \(result.files) files, \(result.directories) directories, \(result.symlinks) links, \(result.hardLinks) hard links " +
                       "(\(formatBytes(result.bytes))) from \(guest.files.label):\(guest.path) into \(to) in \(String(format: "%.1f", result.seconds)) s")
             }
+            if let leftOut = result.leftOut { Terminal.warning(leftOut) }
             for error in result.errors { Terminal.error(error) }
             if !result.errors.isEmpty { throw ExitCode(4) }
         }

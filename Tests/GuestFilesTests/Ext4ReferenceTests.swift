@@ -92,7 +92,9 @@ func makeExtImage(_ kind: String, tree: String, at path: String, size: String = 
 
         // Restore everything, then compare with the kernel's reading (directory sizes differ
         // between filesystems and are left out).
-        let restore = FileRestore(fs: fs, volumeSize: try FileImage(path: image).size, options: FileRestoreOptions())
+        var faithful = FileRestoreOptions()
+        faithful.keepPrivileges = true
+        let restore = FileRestore(fs: fs, volumeSize: try FileImage(path: image).size, options: faithful)
         let report = try restore.restore("/", to: dir.file("out"))
         #expect(report.errors.isEmpty, "\(report.errors)")
         #expect(report.hardLinks == 3)
@@ -115,6 +117,16 @@ func makeExtImage(_ kind: String, tree: String, at path: String, size: String = 
             .restore("/random.bin", to: dir.file("one"))
         #expect(one.errors.isEmpty && one.files == 1)
         #expect(try sha256(file: dir.file("one/random.bin")) == sha256(file: source + "/random.bin"))
+
+        // By default the set-id bits are cleared (a guest could plant a set-user-id root shell),
+        // and counted; a directory's bits (sticky, setgid) are kept.
+        let safe = try FileRestore(fs: fs, volumeSize: try FileImage(path: image).size, options: FileRestoreOptions())
+            .restore("/", to: dir.file("safe"))
+        #expect(safe.errors.isEmpty, "\(safe.errors)")
+        #expect(safe.setIDBitsCleared == 2 && safe.leftOut?.contains("--keep-privileges") == true)
+        #expect(lstat(dir.file("safe/root/suid"), &st) == 0 && st.st_mode & 0o7777 == 0o755)
+        #expect(lstat(dir.file("safe/root/sgid"), &st) == 0 && st.st_mode & 0o7777 == 0o711)
+        #expect(lstat(dir.file("safe/root/sticky"), &st) == 0 && st.st_mode & 0o7777 == 0o1777)
     }
 }
 

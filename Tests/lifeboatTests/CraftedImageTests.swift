@@ -40,6 +40,13 @@ import TestSupport
         write eight /pastend
         sif /pastend block[5] 0x10000000
         mkdir /zeroed
+        mkdir /many
+        write eight /many/one
+        ln /many/one /many/two
+        ln /many/one /many/three
+        mknod blockdev b 8 0
+        write good /setuid
+        sif /setuid mode 0104755
 
         """
         for i in 1...40 { commands += "write good /zeroed/z\(i)\n" }
@@ -105,6 +112,12 @@ import TestSupport
         #expect(output.contains("/pastend"), "\(output)")
         #expect(output.contains("/zeroed/z26"), "\(output)")
         #expect(output.contains("links/up") && output.contains("already exists"), "\(output)")
+        // One inode with a link count of 1 and three names is restored once, not three times.
+        #expect(output.contains("/many/two: inode") && output.contains("has one link but another name"), "\(output)")
+        #expect(FileSystem.exists(jail + "/out/root/many/one") && !FileSystem.exists(jail + "/out/root/many/three"))
+        // A device node and a set-user-id bit are what a guest would plant to take the host over.
+        #expect(output.contains("set-user/group-id bits cleared on 1 files, 1 device nodes left out"), "\(output)")
+        #expect(!FileSystem.exists(jail + "/out/root/blockdev"))
         // The good files are there; the rest of each damaged directory too.
         #expect(try String(contentsOfFile: jail + "/out/root/good/file", encoding: .utf8) == "good content\n")
         #expect(FileSystem.exists(jail + "/out/root/names/fine"))
@@ -112,6 +125,7 @@ import TestSupport
         #expect(FileSystem.exists(jail + "/out/root/zeroed/z1") && FileSystem.exists(jail + "/out/root/zeroed/z40"))
         var st = stat()
         #expect(lstat(jail + "/out/root/links/up", &st) == 0 && (st.st_mode & S_IFMT) == S_IFLNK)
+        #expect(lstat(jail + "/out/root/setuid", &st) == 0 && st.st_mode & 0o7777 == 0o755)
 
         // Nothing appeared or changed outside the target.
         let after = CraftedImageTests.everything(under: cli.dir.path).filter { !$0.hasPrefix(jail + "/out") }

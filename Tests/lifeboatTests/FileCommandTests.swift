@@ -49,10 +49,11 @@ import TestSupport
         let missing = cli("cat", "vm@latest:/no/such")
         #expect(missing.status == 3 && missing.stderr.contains("no such file"))
 
-        let restored = cli("restore-files", "vm@latest:/", "--to", cli.dir.file("out"), "--json")
+        let restored = cli("restore-files", "vm@latest:/", "--to", cli.dir.file("out"), "--keep-privileges", "--json")
         #expect(restored.status == 0, "\(restored.stderr)")
         let summary = try #require(try cli.json(restored) as? [String: Any])
         #expect(summary["hardLinks"] as? Int == 3)
+        #expect(summary["setIDBitsCleared"] as? Int == 0)
         let differences = GuestTrees.differences(kernel, try GuestTrees.localManifest(cli.dir.file("out/root"), directorySizes: false))
         #expect(differences.isEmpty, "\(differences.joined(separator: "\n"))")
         #expect(allocatedBytes(cli.dir.file("out/root/sparse")) < 1 << 20)
