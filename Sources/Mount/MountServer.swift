@@ -244,6 +244,10 @@ public final class MountServer: Sendable {
         st.pointee.st_uid = getuid()
         st.pointee.st_gid = getgid()
         var time = snapshot.machines.values.compactMap { $0.last?.point.date }.max() ?? started
+        // A point's files carry its id in their times' nanoseconds: a path that comes to name
+        // another point (one removed, another made with the same time) changes its mtime, and the
+        // kernel then drops the pages it cached for the old one.
+        var nanoseconds = 0
         switch node {
         case .root, .machines, .byID, .machine, .point, .disks:
             st.pointee.st_mode = S_IFDIR | 0o555
@@ -259,12 +263,14 @@ public final class MountServer: Sendable {
             st.pointee.st_blocks = blkcnt_t((disk.dataBytes + 511) / 512) + (vhd ? 1 : 0)
             st.pointee.st_blksize = blksize_t(disk.chunkSize)
             time = point.date
+            nanoseconds = MountServer.nanoseconds(point)
         case .pointJSON(let point, let bytes):
             st.pointee.st_mode = S_IFREG | 0o444
             st.pointee.st_nlink = 1
             st.pointee.st_size = off_t(bytes.count)
             st.pointee.st_blocks = blkcnt_t((bytes.count + 511) / 512)
             time = point.date
+            nanoseconds = MountServer.nanoseconds(point)
         case .link(let target, let when):
             st.pointee.st_mode = S_IFLNK | 0o777
             st.pointee.st_nlink = 1
@@ -276,11 +282,16 @@ public final class MountServer: Sendable {
             case .failure(let e): return -e.code
             }
         }
-        let seconds = timespec(tv_sec: Int(time.timeIntervalSince1970), tv_nsec: 0)
+        let seconds = timespec(tv_sec: Int(time.timeIntervalSince1970), tv_nsec: nanoseconds)
         st.pointee.st_mtim = seconds
         st.pointee.st_atim = seconds
         st.pointee.st_ctim = seconds
         return 0
+    }
+
+    /// Nanoseconds (below one second) taken from a point's id.
+    static func nanoseconds(_ point: RecoveryPoint) -> Int {
+        Int(UInt64(point.id.prefix(15), radix: 16) ?? 0) % 1_000_000_000
     }
 
     func readdir(_ path: UnsafePointer<CChar>?, _ buffer: UnsafeMutableRawPointer?, _ filler: fuse_fill_dir_t?, plus: Bool) -> Int32 {

@@ -60,8 +60,9 @@ public final class SandboxServer: Sendable {
         var ops = fuse_operations()
         ops.`init` = { conn, config in
             if let config {
-                // Only this server writes the files, through the kernel: cached pages stay true.
-                config.pointee.kernel_cache = 1
+                // Not kernel_cache: libfuse would then keep the cache on every open, and a disk's
+                // two names (.img, .vhd) are two inodes with two page caches (see `open`).
+                config.pointee.kernel_cache = 0
                 config.pointee.entry_timeout = 60
                 config.pointee.attr_timeout = 60
                 config.pointee.nullpath_ok = 0
@@ -72,6 +73,9 @@ public final class SandboxServer: Sendable {
                 // The kernel keeps written pages and sends them in the background, as for any
                 // file; fsync writes them back before it reaches us, so flushes keep their meaning.
                 if conn.pointee.capable & UInt32(1 << 16) != 0 { conn.pointee.want |= UInt32(1 << 16) }  // FUSE_CAP_WRITEBACK_CACHE
+                // O_TRUNC as a SETATTR that `truncate` refuses, not a size the kernel sets to 0 on
+                // its own (dropping other writers' pages) while the open succeeds.
+                conn.pointee.want &= ~UInt32(1 << 3)  // FUSE_CAP_ATOMIC_O_TRUNC
             }
             return fuse_get_context()?.pointee.private_data
         }
@@ -80,7 +84,7 @@ public final class SandboxServer: Sendable {
         ops.open = { path, info in sandboxServer()?.open(path, info) ?? -EIO }
         ops.read = { _, buffer, size, offset, info in sandboxServer()?.read(buffer, size, offset, info) ?? -EIO }
         ops.write = { _, buffer, size, offset, info in sandboxServer()?.write(buffer, size, offset, info) ?? -EIO }
-        ops.flush = { _, info in sandboxServer()?.fsync(info) ?? -EIO }
+        ops.flush = { _, info in sandboxServer()?.flush(info) ?? -EIO }
         ops.fsync = { _, _, info in sandboxServer()?.fsync(info) ?? -EIO }
         ops.release = { _, info in sandboxServer()?.release(info) ?? 0 }
         ops.lseek = { _, offset, whence, info in sandboxServer()?.lseek(offset, whence, info) ?? off_t(-EIO) }
@@ -191,7 +195,6 @@ public final class SandboxServer: Sendable {
         switch node {
         case .disk(let disk, let vhd):
             file = .disk(disk, footer: vhd ? footers[disk.name] : nil)
-            info.pointee.keep_cache = 1
         case .pointJSON:
             if writing { return -EACCES }
             file = .bytes(pointJSON)
@@ -214,7 +217,23 @@ public final class SandboxServer: Sendable {
             return -EISDIR
         }
         let handle = nextHandle.add(1, ordering: .relaxed).oldValue
-        files.withLock { $0[handle] = file }
+        let refused = files.withLock { files -> Bool in
+            // A disk's .img and .vhd are two inodes with two page caches that know nothing of
+            // each other's writes: one name is refused while the other is open, and the first
+            // open of a name drops what its cache kept from before (the other name may have
+            // written since); later opens of the same name share its cache.
+            if case .disk(let disk, let footer) = file {
+                var same = false
+                for case .disk(let other, let otherFooter) in files.values where other === disk {
+                    if (otherFooter != nil) != (footer != nil) { return true }
+                    same = true
+                }
+                info.pointee.keep_cache = same ? 1 : 0
+            }
+            files[handle] = file
+            return false
+        }
+        if refused { return -EBUSY }
         info.pointee.fh = handle
         return 0
     }
@@ -286,6 +305,18 @@ public final class SandboxServer: Sendable {
         return Int32(size)
     }
 
+    /// close(): a disk's writes made durable, as by fsync. The freeze file's freeze ends here
+    /// rather than at RELEASE, which the kernel sends in the background, queued behind the
+    /// writes that wait for the freeze to end: twelve of those fill the queue, and the writers
+    /// would wait out their timeout although the promote was done.
+    func flush(_ info: UnsafeMutablePointer<fuse_file_info>?) -> Int32 {
+        if case .freeze(let frozen, _) = file(info) {
+            for (disk, token) in frozen { disk.gate.thaw(token) }
+            return 0
+        }
+        return fsync(info)
+    }
+
     func fsync(_ info: UnsafeMutablePointer<fuse_file_info>?) -> Int32 {
         guard case .disk(let disk, _) = file(info) else { return 0 }
         do {
@@ -305,6 +336,8 @@ public final class SandboxServer: Sendable {
             return UInt64(offset) + UInt64(length) <= disk.size ? 0 : -ENOSPC
         }
         guard mode & (punchHole | zeroRange) != 0 else { return -EOPNOTSUPP }
+        // Zeroing past the end without KEEP_SIZE would grow the file in the kernel's view.
+        if mode & keepSize == 0 && UInt64(offset) + UInt64(length) > disk.size { return -ENOSPC }
         let end = min(UInt64(offset) + UInt64(length), disk.size)
         guard UInt64(offset) < end else { return 0 }
         do {

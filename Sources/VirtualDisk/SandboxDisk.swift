@@ -223,6 +223,8 @@ public final class SandboxDisk: Sendable {
                 try mapFile.truncate(to: UInt64(BlockMap.headerSize + mapBytes))
                 try mapFile.write(header, at: 0)
                 try mapFile.sync()
+                // The new files' names too: a guest's first fsync must not be lost with them.
+                try FileSystem.syncDirectory(FileSystem.parentDirectory(of: prefix))
             } else {
                 let stored = try mapFile.readAll(count: BlockMap.headerSize + mapBytes)
                 guard stored.count == BlockMap.headerSize + mapBytes, Array(stored[0..<header.count]) == header else {
