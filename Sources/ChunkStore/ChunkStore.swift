@@ -52,14 +52,16 @@ public final class ChunkStore: Sendable {
     public let store: any ObjectStore
     public let parameters: ChunkParameters
     public let cacheDirectory: String
-    private let table: Mutex<LocationTable>
+    /// The table in use, and the ticket its opening took (see `install`).
+    private let table: Mutex<(table: LocationTable, ticket: UInt64)>
+    private let tickets = Atomic<UInt64>(0)
 
     public init(store: any ObjectStore, parameters: ChunkParameters, cacheDirectory: String,
                 acceptIndex: (String) -> Bool = { _ in true }) throws(ChunkStoreError) {
         self.store = store
         self.parameters = parameters
         self.cacheDirectory = cacheDirectory
-        self.table = Mutex(try LocationTable.open(store: store, directory: cacheDirectory, accept: acceptIndex))
+        self.table = Mutex((try LocationTable.open(store: store, directory: cacheDirectory, accept: acceptIndex), 0))
     }
 
     /// Refreshes asked for, and the last one the loaded table answers: counters, so that a
@@ -71,11 +73,21 @@ public final class ChunkStore: Sendable {
     /// on first use (a process that writes and exits never pays for the merge).
     public var locations: LocationTable {
         let wanted = requested.load(ordering: .acquiring)
-        if wanted != answered.load(ordering: .acquiring), let fresh = try? LocationTable.open(store: store, directory: cacheDirectory) {
-            table.withLock { $0 = fresh }
-            answered.store(wanted, ordering: .releasing)
+        if wanted != answered.load(ordering: .acquiring) {
+            let ticket = tickets.add(1, ordering: .acquiringAndReleasing).newValue
+            if let fresh = try? LocationTable.open(store: store, directory: cacheDirectory) {
+                install(fresh, ticket: ticket)
+                answered.store(wanted, ordering: .releasing)
+            }
         }
-        return table.withLock { $0 }
+        return table.withLock { $0.table }
+    }
+
+    /// Installs a table unless one whose opening began later is in place already: a table holds
+    /// every index object written before its ticket was taken, and two threads opening at once
+    /// must not leave the older one installed.
+    private func install(_ fresh: LocationTable, ticket: UInt64) {
+        table.withLock { if ticket > $0.ticket { $0 = (fresh, ticket) } }
     }
 
     /// Marks the table out of date: index objects were written (by this process or others).
@@ -95,8 +107,9 @@ public final class ChunkStore: Sendable {
     /// old table (a chunk it lists may have been deleted since).
     public func reload() throws(ChunkStoreError) {
         let wanted = requested.load(ordering: .acquiring)
+        let ticket = tickets.add(1, ordering: .acquiringAndReleasing).newValue
         let fresh = try LocationTable.open(store: store, directory: cacheDirectory)
-        table.withLock { $0 = fresh }
+        install(fresh, ticket: ticket)
         answered.store(wanted, ordering: .releasing)
     }
 

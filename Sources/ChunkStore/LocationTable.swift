@@ -54,8 +54,8 @@ public final class LocationTable: Sendable {
     static let mergeRatio = 4
     /// Whatever the sizes, never more runs than this: a lookup of a new chunk reads every run.
     static let maximumRuns = 8
-    /// Records of new index objects sorted in memory at once (~24 MiB).
-    static let groupRecords = 1 << 19
+    /// Records of new index objects sorted in memory at once (~24 MiB); smaller in tests.
+    nonisolated(unsafe) static var groupRecords = 1 << 19
 
     private init(runs: [Run], packs: [ChunkID], included: Set<String>) {
         self.runs = runs
@@ -150,6 +150,8 @@ public final class LocationTable: Sendable {
         var version: Int
         /// The highest file number used so far; the pack list is packs-<generation>.
         var generation: UInt64
+        /// Pack ids in the pack list (32 bytes each).
+        var packs: Int
         /// Oldest first.
         var runs: [RunState]
         var indexes: [String]
@@ -188,8 +190,14 @@ public final class LocationTable: Sendable {
         let missing = names.subtracting(included).sorted()
         if let loaded, missing.isEmpty { return loaded }
 
-        // New files never reuse the numbers of the state on disk, even when rebuilding.
+        // New files never reuse a number in use: not the state's, nor any file's in the directory
+        // (the state may be unreadable while its files are there).
         var lastFile = committed?.generation ?? 0
+        for name in (try? FileSystem.list(directory)) ?? [] {
+            for prefix in ["table-", "fanout-", "packs-"] where name.hasPrefix(prefix) {
+                if let n = UInt64(name.dropFirst(prefix.count).prefix { $0.isNumber }) { lastFile = max(lastFile, n) }
+            }
+        }
         func newFile() -> UInt64 {
             lastFile += 1
             return lastFile
@@ -220,11 +228,26 @@ public final class LocationTable: Sendable {
         var done = Array(included)
         var group = RecordGroup()
         var groupNames: [String] = []
+        // This update's runs, each with its level: a group of records is level 0, and sixteen
+        // runs of one level merge into one of the next. A rebuild of 160 M records (312 groups)
+        // then writes each record about four times, where merging every group into the runs
+        // before it would write it eleven times.
+        var fresh: [(run: RunState, level: Int)] = []
+        func mergeFresh(_ count: Int, level: Int) throws(ChunkStoreError) {
+            let inputs = fresh.suffix(count).map(\.run)
+            let merged = try mergeRuns(inputs, directory: directory, into: newFile())
+            for run in inputs { discard(run) }
+            fresh.removeLast(count)
+            fresh.append((merged, level))
+        }
         func flush() throws(ChunkStoreError) {
             if !group.isEmpty {
                 let sorted = Cursor(sorting: group)
-                runs.append(try writeRun([sorted], directory: directory, into: newFile()))
-                try compact()
+                fresh.append((try writeRun([sorted], directory: directory, into: newFile()), 0))
+                while fresh.count >= 16, let level = fresh.last?.level,
+                      fresh.suffix(16).allSatisfy({ $0.level == level }) {
+                    try mergeFresh(16, level: level + 1)
+                }
             }
             done += groupNames
             group = RecordGroup()
@@ -254,9 +277,12 @@ public final class LocationTable: Sendable {
             if group.count >= groupRecords { try flush() }
         }
         try flush()
+        if fresh.count > 1 { try mergeFresh(fresh.count, level: 0) }
+        runs += fresh.map(\.run)
+        try compact()
 
         let packsGeneration = newFile()
-        let newState = State(version: formatVersion, generation: packsGeneration, runs: runs, indexes: done.sorted())
+        let newState = State(version: formatVersion, generation: packsGeneration, packs: packs.count, runs: runs, indexes: done.sorted())
         do {
             var packBytes: [UInt8] = []
             packBytes.reserveCapacity(packs.count * 32)
@@ -301,7 +327,9 @@ public final class LocationTable: Sendable {
         guard let size = try? file.size(), size < 1 << 30, let bytes = try? file.readAll(count: Int(size)),
               let state = try? JSONDecoder().decode(State.self, from: Data(bytes)),
               state.version == formatVersion,
-              state.runs.allSatisfy({ (8...24).contains($0.bits) && $0.count >= 0 && $0.file <= state.generation }) else { return nil }
+              (0...(1 << 32)).contains(state.packs),
+              state.runs.allSatisfy({ (8...24).contains($0.bits) && (0...(1 << 40)).contains($0.count) && $0.file <= state.generation })
+        else { return nil }
         return state
     }
 
@@ -320,7 +348,10 @@ public final class LocationTable: Sendable {
             }
             let packFile = try SystemFile.open(packsPath(directory, state.generation), .readOnly)
             defer { packFile.close() }
-            let packBytes = try packFile.readAll(count: Int(try packFile.size()))
+            guard try packFile.size() == UInt64(state.packs) * 32 else {
+                throw SystemError("use (size does not match its state)", path: packFile.path, errno: EIO)
+            }
+            let packBytes = try packFile.readAll(count: state.packs * 32)
             var packs: [ChunkID] = []
             packs.reserveCapacity(packBytes.count / 32)
             packBytes.withUnsafeBytes { raw in

@@ -1,4 +1,4 @@
-import ChunkStore
+@testable import ChunkStore
 import Foundation
 import ObjectStore
 import SystemIO
@@ -216,6 +216,33 @@ import TestSupport
         #expect(names.filter { $0.hasPrefix("fanout-") }.count == runs.count)
         #expect(names.filter { $0.hasPrefix("packs-") }.count == 1)
         #expect(!names.contains { $0.hasSuffix(".tmp") })
+    }
+
+    /// A rebuild of many groups merges them by levels of sixteen, then into one run.
+    @Test func aRebuildOfManyGroupsEndsInOneRunWithEverything() throws {
+        let dir = TemporaryDirectory("chunks")
+        defer { dir.remove() }
+        let objects = LocalDirectoryStore(root: dir.file("vault"))
+        let parameters = ChunkParameters(chunkSize: 4096, compression: .none)
+        var random = SeededBytes(seed: 13)
+        var all: [[UInt8]] = []
+        // Many index objects (one per writing session), each a group of its own.
+        for _ in 0..<40 {
+            let batch = (0..<75).map { _ in random.bytes(64) }
+            try writeChunks(try ChunkStore(store: objects, parameters: parameters, cacheDirectory: dir.file("writer")), batch)
+            all += batch
+        }
+        let saved = LocationTable.groupRecords
+        LocationTable.groupRecords = 70
+        defer { LocationTable.groupRecords = saved }
+        let cache = dir.file("cache")
+        let store = try ChunkStore(store: objects, parameters: parameters, cacheDirectory: cache)
+        #expect(try runFiles(cache).count == 1)
+        #expect(store.locations.count == all.count)
+        for data in all { #expect(try store.location(ChunkID.sha256(data)) != nil) }
+        #expect(try store.location(ChunkID.sha256([7])) == nil)
+        let names = try FileSystem.list(cache)
+        #expect(names.filter { $0.hasPrefix("fanout-") }.count == 1 && !names.contains { $0.hasSuffix(".tmp") })
     }
 
     @Test func aCacheWithAMissingRunOrLeftoversIsRebuiltWhole() throws {
