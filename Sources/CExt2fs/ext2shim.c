@@ -1,5 +1,6 @@
 #include "ext2shim.h"
 #include <errno.h>
+#include <stddef.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -132,9 +133,13 @@ errcode_t lb_read_inode(ext2_filsys fs, ext2_ino_t ino, struct lb_inode *out) {
     out->blocks = ext2fs_get_stat_i_blocks(fs, small);
     int large = EXT2_INODE_SIZE(fs->super) > EXT2_GOOD_OLD_INODE_SIZE;
     int extra = large ? inode.i_extra_isize : 0;
-    lb_time(inode.i_atime, inode.i_atime_extra, extra >= 12, &out->atime, &out->atime_ns);
-    lb_time(inode.i_mtime, inode.i_mtime_extra, extra >= 8, &out->mtime, &out->mtime_ns);
-    lb_time(inode.i_ctime, inode.i_ctime_extra, extra >= 4, &out->ctime, &out->ctime_ns);
+    // A field of the large inode counts only if it lies within i_extra_isize (the kernel's
+    // EXT4_FITS_IN_INODE); past it begin the in-inode extended attributes.
+#define LB_FITS(field) (offsetof(struct ext2_inode_large, field) + sizeof(inode.field) <= EXT2_GOOD_OLD_INODE_SIZE + (size_t)extra)
+    lb_time(inode.i_atime, inode.i_atime_extra, LB_FITS(i_atime_extra), &out->atime, &out->atime_ns);
+    lb_time(inode.i_mtime, inode.i_mtime_extra, LB_FITS(i_mtime_extra), &out->mtime, &out->mtime_ns);
+    lb_time(inode.i_ctime, inode.i_ctime_extra, LB_FITS(i_ctime_extra), &out->ctime, &out->ctime_ns);
+#undef LB_FITS
     if (LINUX_S_ISCHR(inode.i_mode) || LINUX_S_ISBLK(inode.i_mode)) {
         // Old encoding in i_block[0], new (Linux's new_encode_dev) in i_block[1].
         if (inode.i_block[0]) {

@@ -335,7 +335,7 @@ public final class FileRestore {
         }
         report.special += 1
         if options.restoreOwners { _ = entry.name.withCString { fchownat(directory, $0, info.uid, info.gid, AT_SYMLINK_NOFOLLOW) } }
-        _ = entry.name.withCString { fchmodat(directory, $0, mode_t(info.permissions), 0) }
+        _ = entry.name.withCString { fchmodat(directory, $0, mode_t(info.permissions), AT_SYMLINK_NOFOLLOW) }
         var times = [timespec(tv_sec: Int(info.accessed.seconds), tv_nsec: Int(info.accessed.nanoseconds)),
                      timespec(tv_sec: Int(info.modified.seconds), tv_nsec: Int(info.modified.nanoseconds))]
         _ = entry.name.withCString { utimensat(directory, $0, &times, AT_SYMLINK_NOFOLLOW) }
