@@ -186,6 +186,8 @@ public final class SandboxDisk: Sendable {
     /// nil where the filesystem refuses O_DIRECT (tmpfs).
     private let direct: SystemFile?
     private let directBuffers = Mutex<[AlignedBuffer]>([])
+    private let directRefused = Atomic<Bool>(false)
+    private let modes = WriteModes()
     private let mapFile: SystemFile
     private let map: Mutex<BlockMap>
     private let stripes: [NSLock] = (0..<64).map { _ in NSLock() }
@@ -358,9 +360,19 @@ public final class SandboxDisk: Sendable {
 
         let spanStart = UInt64(first) * bs
         let spanEnd = min(UInt64(last + 1) * bs, size)
+        let whole = offset == spanStart && end == spanEnd
         do {
-            if offset == spanStart && end == spanEnd {
-                try writeWhole(buffer, at: offset)
+            if whole && direct != nil && !directRefused.load(ordering: .relaxed) && buffer.count >= 64 << 10
+                && buffer.count <= AlignedBuffer.size && buffer.count % SandboxDisk.blockSize == 0 {
+                if try writeDirect(buffer, at: offset) {
+                    map.withLock { $0.insert(first...last) }
+                    return
+                }
+            }
+            modes.enter(direct: false)
+            defer { modes.leave() }
+            if whole {
+                try data.write(buffer, at: offset)
             } else {
                 // Copy-up: the partial blocks at either end are completed from what the disk
                 // holds now (the overlay or the point) before the whole blocks are written.
@@ -389,22 +401,24 @@ public final class SandboxDisk: Sendable {
         map.withLock { $0.insert(first...last) }
     }
 
-    /// Writes whole blocks: large ones with O_DIRECT through an aligned buffer (the request's
-    /// own bytes are not aligned), the rest through the page cache.
-    private func writeWhole(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws(SystemError) {
-        guard let direct, buffer.count >= 64 << 10, buffer.count <= AlignedBuffer.size,
-              buffer.count % SandboxDisk.blockSize == 0, offset % UInt64(SandboxDisk.blockSize) == 0 else {
-            return try data.write(buffer, at: offset)
-        }
+    /// Writes whole blocks with O_DIRECT through an aligned buffer (the request's own bytes are
+    /// not aligned): large writes go to the device once instead of through a second page cache.
+    /// False when the filesystem refuses O_DIRECT (the caller then writes through the cache).
+    private func writeDirect(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws(SystemError) -> Bool {
+        guard let direct else { return false }
         let aligned = directBuffers.withLock { $0.popLast() } ?? AlignedBuffer()
         defer { directBuffers.withLock { if $0.count < 16 { $0.append(aligned) } } }
         let bytes = UnsafeMutableRawBufferPointer(rebasing: aligned.memory[0..<buffer.count])
         bytes.copyMemory(from: buffer)
+        modes.enter(direct: true)
+        defer { modes.leave() }
         do {
             try direct.write(UnsafeRawBufferPointer(bytes), at: offset)
+            return true
         } catch {
             guard error.errno == EINVAL else { throw error }
-            try data.write(buffer, at: offset)
+            directRefused.store(true, ordering: .relaxed)
+            return false
         }
     }
 
@@ -431,6 +445,8 @@ public final class SandboxDisk: Sendable {
             let locks = Set((first...last).prefix(64).map { $0 % 64 }).sorted().map { stripes[$0] }
             for lock in locks { lock.lock() }
             defer { for lock in locks.reversed() { lock.unlock() } }
+            modes.enter(direct: false)
+            defer { modes.leave() }
             punched = try data.punchHole(at: wholeStart, length: wholeEnd - wholeStart)
             if punched { map.withLock { $0.insert(Int(wholeStart / bs)...Int((wholeEnd - 1) / bs)) } }
         } catch {
@@ -497,6 +513,48 @@ public final class SandboxDisk: Sendable {
                 }
             }
             return slots
+        }
+    }
+}
+
+/// Lets the overlay's buffered writes run together, and its O_DIRECT writes together, never the
+/// two at once. An O_DIRECT write writes back and drops the cached folios over its range, before
+/// and after it; a buffered write dirtying the same large folio (a neighbouring block) meanwhile
+/// would leave that folio, with the old bytes of the direct write's blocks, in the cache (the
+/// kernel's "possible data corruption due to collision with buffered I/O"): later reads would see
+/// them, and a partial write would copy them up over acknowledged data. When both kinds wait,
+/// they take turns.
+final class WriteModes: @unchecked Sendable {
+    // @unchecked: every field is used under `condition`.
+    private let condition = NSCondition()
+    private var active = 0
+    private var activeDirect = false
+    private var waiting = [0, 0]  // buffered, direct
+    /// The kind that goes next once the active writes are done, when the other kind waited.
+    private var turn: Int? = nil
+
+    func enter(direct: Bool) {
+        condition.lock()
+        defer { condition.unlock() }
+        let kind = direct ? 1 : 0
+        waiting[kind] += 1
+        while active > 0 ? (activeDirect != direct || waiting[1 - kind] > 0) : (turn != nil && turn != kind) {
+            condition.wait()
+        }
+        waiting[kind] -= 1
+        if turn == kind { turn = nil }
+        activeDirect = direct
+        active += 1
+    }
+
+    func leave() {
+        condition.lock()
+        defer { condition.unlock() }
+        active -= 1
+        if active == 0 {
+            let other = activeDirect ? 0 : 1
+            turn = waiting[other] > 0 ? other : nil
+            condition.broadcast()
         }
     }
 }

@@ -1,11 +1,12 @@
 import ChunkStore
 import Foundation
 import ObjectStore
+import Synchronization
 import SystemIO
 import Testing
 import TestSupport
 import Vault
-import VirtualDisk
+@testable import VirtualDisk
 
 @Suite struct SandboxTests {
     /// A vault with one point of a 3 MiB + 1000 byte disk (random data, a 1 MiB hole, a short last slot).
@@ -198,5 +199,35 @@ import VirtualDisk
         try sandboxes.cleanup("half")
         #expect(try vault.holds(machine: "m").isEmpty)
         #expect(throws: SandboxError.self) { try sandboxes.cleanup("half") }
+    }
+}
+
+@Suite struct WriteModesTests {
+    /// Buffered and O_DIRECT writers never overlap, and neither kind starves the other.
+    @Test func theTwoKindsNeverRunTogetherAndBothGetTurns() {
+        let modes = WriteModes()
+        let state = Mutex<(buffered: Int, direct: Int, overlaps: Int, done: [Int])>((0, 0, 0, [0, 0]))
+        let threads = (0..<8).map { n in
+            Worker(name: "modes-\(n)") {
+                let direct = n % 2 == 1
+                for _ in 0..<300 {
+                    modes.enter(direct: direct)
+                    state.withLock { s in
+                        if direct { s.direct += 1 } else { s.buffered += 1 }
+                        if s.direct > 0 && s.buffered > 0 { s.overlaps += 1 }
+                    }
+                    usleep(50)
+                    state.withLock { s in
+                        if direct { s.direct -= 1 } else { s.buffered -= 1 }
+                        s.done[direct ? 1 : 0] += 1
+                    }
+                    modes.leave()
+                }
+            }
+        }
+        for thread in threads { thread.join() }
+        let final = state.withLock { $0 }
+        #expect(final.overlaps == 0)
+        #expect(final.done == [1200, 1200])
     }
 }
