@@ -23,6 +23,9 @@ public final class SandboxServer: Sendable {
     private let pointJSON: [UInt8]
     private let files = Mutex<[UInt64: SandboxFile]>([:])
     private let nextHandle = Atomic<UInt64>(1)
+    /// Disk handles open for writing, and their disks: while one is open, the kernel may hold
+    /// written pages (its writeback cache) that this server has not seen yet.
+    private let writers = Mutex<[UInt64: SandboxDisk]>([:])
     private let fuseHandle = Mutex<UInt>(0)
 
     enum SandboxFile: Sendable {
@@ -234,6 +237,7 @@ public final class SandboxServer: Sendable {
             return false
         }
         if refused { return -EBUSY }
+        if writing, case .disk(let disk, _) = file { writers.withLock { $0[handle] = disk } }
         info.pointee.fh = handle
         return 0
     }
@@ -241,6 +245,7 @@ public final class SandboxServer: Sendable {
     func release(_ info: UnsafeMutablePointer<fuse_file_info>?) -> Int32 {
         guard let info else { return 0 }
         let handle = info.pointee.fh
+        writers.withLock { _ = $0.removeValue(forKey: handle) }
         guard let file = files.withLock({ $0.removeValue(forKey: handle) }) else { return 0 }
         // Every disk it froze is thawed, whether or not the freeze held on all of them.
         if case .freeze(let frozen, _) = file {
@@ -314,6 +319,9 @@ public final class SandboxServer: Sendable {
             for (disk, token) in frozen { disk.gate.thaw(token) }
             return 0
         }
+        // A handle that could not write has nothing of its own to make durable (qemu-img info,
+        // blkid and the like close without a data sync).
+        guard let info, writers.withLock({ $0[info.pointee.fh] != nil }) else { return 0 }
         return fsync(info)
     }
 
@@ -364,6 +372,11 @@ public final class SandboxServer: Sendable {
         let position = UInt64(offset)
         guard position < total else { return off_t(-ENXIO) }
         guard position < disk.size else { return whence == 3 ? offset : off_t(total) }
+        // Pages written but not yet sent are invisible here: while the disk is open for writing,
+        // all of it is data (a copy that follows the holes must not skip written blocks).
+        if writers.withLock({ $0.values.contains { $0 === disk } }) {
+            return whence == 3 ? offset : whence == 4 ? off_t(total) : off_t(-EINVAL)
+        }
         do {
             switch whence {
             case 3:

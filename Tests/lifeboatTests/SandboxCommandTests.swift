@@ -109,6 +109,17 @@ import TestSupport
         // qemu-io: unaligned pattern writes (copy-up of partial blocks) through the raw and VHD views.
         let writes = shell("qemu-io -f raw -c 'write -P 0xab 513 1000' -c 'write -P 0xcd 65000 140000' -c 'write -P 0x11 \(48 << 20 - 300) 300' \(disk)")
         #expect(writes.status == 0, "\(writes.stderr)")
+        // The point's holes show through SEEK_HOLE, except while the disk is open for writing:
+        // the kernel may then hold written pages the server has not seen.
+        let holes = """
+            import os, sys
+            r = os.open(sys.argv[1], os.O_RDONLY)
+            first = os.lseek(r, 0, os.SEEK_HOLE)
+            w = os.open(sys.argv[1], os.O_RDWR)
+            print(first, os.lseek(r, 0, os.SEEK_HOLE), os.fstat(r).st_size)
+            """
+        let seen0 = GuestTrees.runPython(holes, [mnt + "/disks/os.img"]).stdout.split(separator: " ").compactMap { Int($0.trimmingCharacters(in: .whitespacesAndNewlines)) }
+        #expect(seen0.count == 3 && seen0[0] < seen0[2] && seen0[1] == seen0[2], "\(seen0)")
         #expect(shell("dd if=\(disk) bs=4096 skip=256 count=1 of=/dev/null status=none").status == 0)  // cached under .img
         let vhd = shell("qemu-io -f vpc -c 'write -P 0x5a 1048576 4096' \(mnt)/disks/os.vhd")
         #expect(vhd.status == 0, "\(vhd.stderr)")
