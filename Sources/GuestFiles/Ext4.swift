@@ -112,7 +112,35 @@ public final class Ext4FileSystem: GuestFileSystem, @unchecked Sendable {
         }
     }
 
+    /// libext2fs allocates and reads the group descriptors from the superblock's counts, which
+    /// it checks against each other but not against the volume. Refused here before it opens
+    /// the volume: more than 256 MiB of descriptors, or a volume claiming over 1024 times the
+    /// bytes it has (a damaged or crafted superblock; the error names the counts).
+    static func checkSuperblock(_ image: any DiskImage, volume: String) throws(GuestFilesError) {
+        let bytes: [UInt8]
+        do throws(VirtualDiskError) {
+            bytes = try image.bytes(at: 1024, count: 1024, what: "superblock")
+        } catch { throw .disk(error) }
+        func u32(_ o: Int) -> UInt64 { UInt64(bytes[o]) | UInt64(bytes[o + 1]) << 8 | UInt64(bytes[o + 2]) << 16 | UInt64(bytes[o + 3]) << 24 }
+        let logBlock = u32(0x18)
+        guard logBlock <= 6 else { throw .corrupt(volume: volume, what: "the superblock gives a block size of 2^\(10 + logBlock) bytes") }
+        let blockSize = UInt64(1024) << logBlock
+        let is64 = u32(0x60) & 0x80 != 0
+        let blocks = u32(0x4) | (is64 ? u32(0x150) << 32 : 0)
+        let perGroup = max(1, u32(0x20))
+        let descriptorSize = is64 ? max(32, UInt64(bytes[0xFE]) | UInt64(bytes[0xFF]) << 8) : 32
+        let groups = blocks / perGroup + 1
+        let (claimed, overflow) = blocks.multipliedReportingOverflow(by: blockSize)
+        if overflow || claimed / 1024 > image.size {
+            throw .corrupt(volume: volume, what: "the superblock claims \(blocks) blocks of \(blockSize) bytes, the volume has \(image.size) bytes")
+        }
+        if groups.multipliedReportingOverflow(by: descriptorSize).partialValue > 256 << 20 || groups > UInt64(UInt32.max) {
+            throw .corrupt(volume: volume, what: "the superblock claims \(groups) block groups of \(perGroup) blocks")
+        }
+    }
+
     private static func openRaw(_ image: any DiskImage, volume: String) throws(GuestFilesError) -> (ext2_filsys, SourceBox, UnsafeMutablePointer<lb_source>) {
+        try checkSuperblock(image, volume: volume)
         let box = SourceBox(image)
         let raw = UnsafeMutablePointer<lb_source>.allocate(capacity: 1)
         raw.initialize(to: lb_source(read: { context, offset, buffer, length in

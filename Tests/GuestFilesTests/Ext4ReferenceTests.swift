@@ -160,3 +160,34 @@ func makeExtImage(_ kind: String, tree: String, at path: String, size: String = 
         #expect(Date().timeIntervalSince(lookups) < 0.5)
     }
 }
+
+@Suite struct Ext4CraftedSuperblockTests {
+    /// An 8 MiB volume whose superblock claims 2^32 - 1 blocks in groups of 8: refused before
+    /// libext2fs sees it, with the counts named. (libext2fs refuses this one too, as "superblock is
+    /// corrupt"; the bound is for superblocks it would take and then allocate descriptors for.)
+    @Test func aSuperblockClaimingFarMoreThanItsVolumeIsRefusedWithItsCounts() throws {
+        let dir = TemporaryDirectory("ext-groups")
+        defer { dir.remove() }
+        let image = dir.file("crafted.img")
+        #expect(shell("truncate -s 8M '\(image)' && mkfs.ext4 -q -F -O ^metadata_csum,^64bit '\(image)'").status == 0)
+        let patch = GuestTrees.runPython("""
+            import struct, sys
+            f = open(sys.argv[1], 'r+b'); f.seek(1024); sb = bytearray(f.read(1024))
+            struct.pack_into('<I', sb, 0x04, 0xFFFFFFFF)   # blocks
+            struct.pack_into('<I', sb, 0x20, 8)            # blocks per group
+            struct.pack_into('<I', sb, 0x28, 1)            # inodes per group
+            struct.pack_into('<I', sb, 0x00, 0xFFFFFFFF // 8 + 1)  # inodes
+            f.seek(1024); f.write(sb); f.close()
+            """, [image])
+        #expect(patch.status == 0, "\(patch.stderr)")
+        let started = Date()
+        do {
+            _ = try Ext4FileSystem(image: try FileImage(path: image), volume: "crafted")
+            Issue.record("a superblock claiming 4 TB on an 8 MiB volume must be refused")
+        } catch {
+            guard case GuestFilesError.corrupt(_, let what) = error else { Issue.record("wrong error: \(error)"); return }
+            #expect(what.contains("claims 4294967295 blocks of 1024 bytes"), "\(what)")
+        }
+        #expect(Date().timeIntervalSince(started) < 5)
+    }
+}
