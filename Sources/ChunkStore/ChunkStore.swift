@@ -72,14 +72,7 @@ public final class ChunkStore: Sendable {
     /// The chunk locations known when the store was opened, brought up to date after a refresh
     /// on first use (a process that writes and exits never pays for the merge).
     public var locations: LocationTable {
-        let wanted = requested.load(ordering: .acquiring)
-        if wanted != answered.load(ordering: .acquiring) {
-            let ticket = tickets.add(1, ordering: .acquiringAndReleasing).newValue
-            if let fresh = try? LocationTable.open(store: store, directory: cacheDirectory) {
-                install(fresh, ticket: ticket)
-                answered.store(wanted, ordering: .releasing)
-            }
-        }
+        if requested.load(ordering: .acquiring) != answered.load(ordering: .acquiring) { try? reload() }
         return table.withLock { $0.table }
     }
 

@@ -121,14 +121,14 @@ public final class Ext4FileSystem: GuestFileSystem, @unchecked Sendable {
         do throws(VirtualDiskError) {
             bytes = try image.bytes(at: 1024, count: 1024, what: "superblock")
         } catch { throw .disk(error) }
-        func u32(_ o: Int) -> UInt64 { UInt64(bytes[o]) | UInt64(bytes[o + 1]) << 8 | UInt64(bytes[o + 2]) << 16 | UInt64(bytes[o + 3]) << 24 }
+        func u32(_ o: Int) -> UInt64 { UInt64(bytes.le32(at: o) ?? 0) }
         let logBlock = u32(0x18)
         guard logBlock <= 6 else { throw .corrupt(volume: volume, what: "the superblock gives a block size of 2^\(10 + logBlock) bytes") }
         let blockSize = UInt64(1024) << logBlock
         let is64 = u32(0x60) & 0x80 != 0
         let blocks = u32(0x4) | (is64 ? u32(0x150) << 32 : 0)
         let perGroup = max(1, u32(0x20))
-        let descriptorSize = is64 ? max(32, UInt64(bytes[0xFE]) | UInt64(bytes[0xFF]) << 8) : 32
+        let descriptorSize = is64 ? max(32, UInt64(bytes.le16(at: 0xFE) ?? 0)) : 32
         let groups = blocks / perGroup + 1
         let (claimed, overflow) = blocks.multipliedReportingOverflow(by: blockSize)
         if overflow || claimed / 1024 > image.size {

@@ -600,20 +600,3 @@ struct FATDirectoryParser {
         FATDirectory(entries: entries, byName: byName, subdirectories: subdirectories, bytes: bytes, label: label)
     }
 }
-
-extension Array where Element == UInt8 {
-    fileprivate func le16(at offset: Int) -> UInt16? {
-        guard offset >= 0, offset <= count - 2 else { return nil }
-        return UInt16(self[offset]) | UInt16(self[offset + 1]) << 8
-    }
-
-    fileprivate func le32(at offset: Int) -> UInt32? {
-        guard offset >= 0, offset <= count - 4 else { return nil }
-        return UInt32(self[offset]) | UInt32(self[offset + 1]) << 8 | UInt32(self[offset + 2]) << 16 | UInt32(self[offset + 3]) << 24
-    }
-
-    fileprivate func bytes(at offset: Int, _ length: Int) -> ArraySlice<UInt8>? {
-        guard offset >= 0, length >= 0, offset <= count - length else { return nil }
-        return self[offset..<(offset + length)]
-    }
-}

@@ -23,13 +23,12 @@ public final class SandboxServer: Sendable {
     private let pointJSON: [UInt8]
     private let files = Mutex<[UInt64: SandboxFile]>([:])
     private let nextHandle = Atomic<UInt64>(1)
-    /// Disk handles open for writing, and their disks: while one is open, the kernel may hold
-    /// written pages (its writeback cache) that this server has not seen yet.
-    private let writers = Mutex<[UInt64: SandboxDisk]>([:])
     private let fuseHandle = Mutex<UInt>(0)
 
     enum SandboxFile: Sendable {
-        case disk(SandboxDisk, footer: [UInt8]?)
+        /// `writable`: opened for writing. While such a handle is open, the kernel may hold written
+        /// pages (its writeback cache) that this server has not seen yet.
+        case disk(SandboxDisk, footer: [UInt8]?, writable: Bool)
         case bytes([UInt8])
         case freeze([(SandboxDisk, UInt64)], held: FreezeHold)
 
@@ -197,7 +196,7 @@ public final class SandboxServer: Sendable {
         let file: SandboxFile
         switch node {
         case .disk(let disk, let vhd):
-            file = .disk(disk, footer: vhd ? footers[disk.name] : nil)
+            file = .disk(disk, footer: vhd ? footers[disk.name] : nil, writable: writing)
         case .pointJSON:
             if writing { return -EACCES }
             file = .bytes(pointJSON)
@@ -225,9 +224,9 @@ public final class SandboxServer: Sendable {
             // each other's writes: one name is refused while the other is open, and the first
             // open of a name drops what its cache kept from before (the other name may have
             // written since); later opens of the same name share its cache.
-            if case .disk(let disk, let footer) = file {
+            if case .disk(let disk, let footer, _) = file {
                 var same = false
-                for case .disk(let other, let otherFooter) in files.values where other === disk {
+                for case .disk(let other, let otherFooter, _) in files.values where other === disk {
                     if (otherFooter != nil) != (footer != nil) { return true }
                     same = true
                 }
@@ -237,7 +236,6 @@ public final class SandboxServer: Sendable {
             return false
         }
         if refused { return -EBUSY }
-        if writing, case .disk(let disk, _) = file { writers.withLock { $0[handle] = disk } }
         info.pointee.fh = handle
         return 0
     }
@@ -245,7 +243,6 @@ public final class SandboxServer: Sendable {
     func release(_ info: UnsafeMutablePointer<fuse_file_info>?) -> Int32 {
         guard let info else { return 0 }
         let handle = info.pointee.fh
-        writers.withLock { _ = $0.removeValue(forKey: handle) }
         guard let file = files.withLock({ $0.removeValue(forKey: handle) }) else { return 0 }
         // Every disk it froze is thawed, whether or not the freeze held on all of them.
         if case .freeze(let frozen, _) = file {
@@ -273,7 +270,7 @@ public final class SandboxServer: Sendable {
             if !disks.allSatisfy({ disk, token in disk.gate.holds(token) }) { held.held.store(false, ordering: .releasing) }
             let holds = held.held.load(ordering: .acquiring)
             return copyOut(Array((holds ? "frozen\n" : "expired\n").utf8), at: UInt64(offset), into: out)
-        case .disk(let disk, let footer):
+        case .disk(let disk, let footer, _):
             var done = 0
             do {
                 if UInt64(offset) < disk.size { done = try disk.read(into: out, at: UInt64(offset)) }
@@ -287,7 +284,7 @@ public final class SandboxServer: Sendable {
 
     func write(_ buffer: UnsafePointer<CChar>?, _ size: Int, _ offset: off_t, _ info: UnsafeMutablePointer<fuse_file_info>?) -> Int32 {
         guard let buffer, offset >= 0 else { return -EINVAL }
-        guard case .disk(let disk, let footer) = file(info) else { return -EBADF }
+        guard case .disk(let disk, let footer, _) = file(info) else { return -EBADF }
         let position = UInt64(offset)
         var length = size
         if position + UInt64(size) > disk.size {
@@ -321,12 +318,12 @@ public final class SandboxServer: Sendable {
         }
         // A handle that could not write has nothing of its own to make durable (qemu-img info,
         // blkid and the like close without a data sync).
-        guard let info, writers.withLock({ $0[info.pointee.fh] != nil }) else { return 0 }
+        guard case .disk(_, _, writable: true) = file(info) else { return 0 }
         return fsync(info)
     }
 
     func fsync(_ info: UnsafeMutablePointer<fuse_file_info>?) -> Int32 {
-        guard case .disk(let disk, _) = file(info) else { return 0 }
+        guard case .disk(let disk, _, _) = file(info) else { return 0 }
         do {
             try disk.flush()
         } catch {
@@ -337,7 +334,7 @@ public final class SandboxServer: Sendable {
     }
 
     func fallocate(_ mode: Int32, _ offset: off_t, _ length: off_t, _ info: UnsafeMutablePointer<fuse_file_info>?) -> Int32 {
-        guard case .disk(let disk, _) = file(info), offset >= 0, length >= 0 else { return -EBADF }
+        guard case .disk(let disk, _, _) = file(info), offset >= 0, length >= 0 else { return -EBADF }
         let keepSize: Int32 = 1, punchHole: Int32 = 2, zeroRange: Int32 = 0x10
         if mode == 0 || mode == keepSize {
             // Allocation: every byte of the disk already exists.
@@ -366,7 +363,7 @@ public final class SandboxServer: Sendable {
 
     func lseek(_ offset: off_t, _ whence: Int32, _ info: UnsafeMutablePointer<fuse_file_info>?) -> off_t {
         guard offset >= 0 else { return off_t(-EINVAL) }
-        guard case .disk(let disk, let footer) = file(info) else { return off_t(-EINVAL) }
+        guard case .disk(let disk, let footer, _) = file(info) else { return off_t(-EINVAL) }
         let extra = UInt64(footer?.count ?? 0)
         let total = disk.size + extra
         let position = UInt64(offset)
@@ -374,7 +371,8 @@ public final class SandboxServer: Sendable {
         guard position < disk.size else { return whence == 3 ? offset : off_t(total) }
         // Pages written but not yet sent are invisible here: while the disk is open for writing,
         // all of it is data (a copy that follows the holes must not skip written blocks).
-        if writers.withLock({ $0.values.contains { $0 === disk } }) {
+        let writing = files.withLock { $0.values.contains { if case .disk(let d, _, writable: true) = $0 { d === disk } else { false } } }
+        if writing {
             return whence == 3 ? offset : whence == 4 ? off_t(total) : off_t(-EINVAL)
         }
         do {

@@ -362,34 +362,8 @@ public final class SandboxDisk: Sendable {
         let spanEnd = min(UInt64(last + 1) * bs, size)
         let whole = offset == spanStart && end == spanEnd
         do {
-            if whole && direct != nil && !directRefused.load(ordering: .relaxed) && buffer.count >= 64 << 10
-                && buffer.count <= AlignedBuffer.size && buffer.count % SandboxDisk.blockSize == 0 {
-                if try writeDirect(buffer, at: offset) {
-                    map.withLock { $0.insert(first...last) }
-                    return
-                }
-            }
-            modes.enter(direct: false)
-            defer { modes.leave() }
-            if whole {
-                try data.write(buffer, at: offset)
-            } else {
-                // Copy-up: the partial blocks at either end are completed from what the disk
-                // holds now (the overlay or the point) before the whole blocks are written.
-                let span = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(spanEnd - spanStart), alignment: 4096)
-                defer { span.deallocate() }
-                if offset > spanStart {
-                    let headEnd = min(spanStart + bs, spanEnd)
-                    _ = try read(into: UnsafeMutableRawBufferPointer(rebasing: span[0..<Int(headEnd - spanStart)]), at: spanStart)
-                }
-                if end < spanEnd {
-                    let tailStart = max(spanStart, UInt64(last) * bs)
-                    if !(tailStart == spanStart && offset > spanStart) {
-                        _ = try read(into: UnsafeMutableRawBufferPointer(rebasing: span[Int(tailStart - spanStart)...]), at: tailStart)
-                    }
-                }
-                UnsafeMutableRawBufferPointer(rebasing: span[Int(offset - spanStart)..<Int(end - spanStart)]).copyMemory(from: buffer)
-                try data.write(UnsafeRawBufferPointer(span), at: spanStart)
+            if try !(whole && writeDirect(buffer, at: offset)) {
+                try writeCached(buffer, at: offset, span: spanStart..<spanEnd)
             }
         } catch let error as SandboxError {
             throw error
@@ -401,11 +375,38 @@ public final class SandboxDisk: Sendable {
         map.withLock { $0.insert(first...last) }
     }
 
-    /// Writes whole blocks with O_DIRECT through an aligned buffer (the request's own bytes are
-    /// not aligned): large writes go to the device once instead of through a second page cache.
-    /// False when the filesystem refuses O_DIRECT (the caller then writes through the cache).
+    /// Writes through the page cache, the blocks `span` covers: partial blocks at either end are
+    /// first completed from what the disk holds now (the overlay or the point), a copy-up.
+    private func writeCached(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, span blocks: Range<UInt64>) throws {
+        modes.enter(direct: false)
+        defer { modes.leave() }
+        let end = offset + UInt64(buffer.count)
+        guard offset != blocks.lowerBound || end != blocks.upperBound else { return try data.write(buffer, at: offset) }
+        let bs = UInt64(SandboxDisk.blockSize)
+        let spanStart = blocks.lowerBound, spanEnd = blocks.upperBound
+        let span = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(spanEnd - spanStart), alignment: 4096)
+        defer { span.deallocate() }
+        if offset > spanStart {
+            let headEnd = min(spanStart + bs, spanEnd)
+            _ = try read(into: UnsafeMutableRawBufferPointer(rebasing: span[0..<Int(headEnd - spanStart)]), at: spanStart)
+        }
+        if end < spanEnd {
+            let tailStart = max(spanStart, (end - 1) / bs * bs)
+            if !(tailStart == spanStart && offset > spanStart) {
+                _ = try read(into: UnsafeMutableRawBufferPointer(rebasing: span[Int(tailStart - spanStart)...]), at: tailStart)
+            }
+        }
+        UnsafeMutableRawBufferPointer(rebasing: span[Int(offset - spanStart)..<Int(end - spanStart)]).copyMemory(from: buffer)
+        try data.write(UnsafeRawBufferPointer(span), at: spanStart)
+    }
+
+    /// Writes large runs of whole blocks with O_DIRECT through an aligned buffer (the request's
+    /// own bytes are not aligned): they go to the device once instead of through a second page
+    /// cache. False for small writes, and where the filesystem refuses O_DIRECT: the caller then
+    /// writes through the cache.
     private func writeDirect(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws(SystemError) -> Bool {
-        guard let direct else { return false }
+        guard let direct, !directRefused.load(ordering: .relaxed), buffer.count >= 64 << 10,
+              buffer.count <= AlignedBuffer.size, buffer.count % SandboxDisk.blockSize == 0 else { return false }
         let aligned = directBuffers.withLock { $0.popLast() } ?? AlignedBuffer()
         defer { directBuffers.withLock { if $0.count < 16 { $0.append(aligned) } } }
         let bytes = UnsafeMutableRawBufferPointer(rebasing: aligned.memory[0..<buffer.count])

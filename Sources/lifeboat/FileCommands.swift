@@ -35,7 +35,9 @@ struct GuestPath {
                 // One name: a disk if the point has it, else a volume of the only disk.
                 if point.disks.contains(where: { $0.name == rest[0] }) { disk = rest[0] } else { volume = rest[0] }
             }
-            return GuestPath(files: try PointFiles.open(vault: vault, point: point, disk: disk, volume: volume), path: path)
+            let files = try PointFiles.open(vault: vault, point: point, disk: disk, volume: volume)
+            for warning in files.warnings { Terminal.warning(warning) }
+            return GuestPath(files: files, path: path)
         }
         throw lastError ?? VaultError.invalidArgument("cannot read \"\(text)\"")
     }
@@ -108,7 +110,6 @@ struct Ls: ParsableCommand {
         try report {
             let guest = try GuestPath.open(location, vault: try vault.open())
             let fs = guest.files.fs
-            for warning in guest.files.warnings { Terminal.warning(warning) }
             let entry = try fs.resolve(guest.path, followLast: true)
             var shown: [(GuestDirectoryEntry, GuestFileInfo?)] = []
             var failures: [String] = []
@@ -166,7 +167,6 @@ struct Cat: ParsableCommand {
         try report {
             let guest = try GuestPath.open(location, vault: try vault.open())
             let fs = guest.files.fs
-            for warning in guest.files.warnings { Terminal.warning(warning) }
             let entry = try fs.resolve(guest.path, followLast: true)
             let info = try fs.stat(entry.inode)
             guard info.type == .regular else { throw GuestFilesError.notAFile(path: guest.path) }
@@ -225,7 +225,6 @@ struct RestoreFiles: ParsableCommand {
         try report {
             installInterruptHandlers()
             let guest = try GuestPath.open(location, vault: try vault.open())
-            for warning in guest.files.warnings { Terminal.warning(warning) }
             var options = FileRestoreOptions()
             options.overwrite = overwrite
             options.keepPrivileges = keepPrivileges
