@@ -249,7 +249,7 @@ errcode_t lb_read_file(ext2_filsys fs, ext2_ino_t ino, unsigned long long offset
     errcode_t error = ext2fs_read_inode(fs, ino, &inode);
     if (error) return error;
     if (inode.i_flags & EXT4_INLINE_DATA_FL) return lb_read_inline(fs, ino, &inode, offset, buffer, length, got);
-    error = ext2fs_file_open(fs, ino, 0, &file);
+    error = ext2fs_file_open2(fs, ino, &inode, 0, &file);  // the inode as read, not read again
     if (error) return error;
     error = ext2fs_file_llseek(file, offset, EXT2_SEEK_SET, NULL);
     // Never past the size: libext2fs returns a file kept inline (inline_data) as its whole
