@@ -528,6 +528,13 @@ public enum Mounts {
         case detached
     }
 
+    /// Waits, at most `seconds`, for a server to end once its mount is gone (it makes what it
+    /// holds durable and releases its locks as it stops).
+    public static func waitForExit(_ pid: Int32, seconds: Double) {
+        let deadline = Date().addingTimeInterval(seconds)
+        while kill(pid, 0) == 0 && Date() < deadline { usleep(10_000) }
+    }
+
     public static func unmount(_ path: String) throws(MountError) -> Outcome {
         let path = FileSystem.absolute(path)
         guard isMounted(path) else { throw .notMounted(path) }

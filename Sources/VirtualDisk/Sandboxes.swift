@@ -145,6 +145,17 @@ public final class Sandboxes: Sendable {
     }
 
     /// The running server's mount, if one holds the sandbox's lock.
+    /// The server of the sandbox mounted at `mountpoint` (absolute), if one says it serves it.
+    public static func server(mountedAt mountpoint: String, stateDirectory: String = Defaults.stateDirectory) -> Int32? {
+        let directory = stateDirectory + "/sandboxes"
+        for name in (try? FileSystem.list(directory)) ?? [] {
+            guard let data = FileManager.default.contents(atPath: directory + "/" + name + "/mount.json"),
+                  let mount = try? JSONDecoder().decode(SandboxMount.self, from: data), mount.mountpoint == mountpoint else { continue }
+            return mount.pid
+        }
+        return nil
+    }
+
     func mounted(_ name: String) -> SandboxMount? {
         guard let lock = try? SystemFile.open(path(name) + "/lock", .createOrOpen(permissions: 0o600)) else { return nil }
         defer { lock.close() }

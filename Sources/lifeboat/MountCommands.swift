@@ -4,6 +4,7 @@ import Glibc
 import Mount
 import SystemIO
 import Vault
+import VirtualDisk
 
 struct MountCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -163,8 +164,13 @@ struct UmountCommand: ParsableCommand {
 
     func run() throws {
         try report {
+            let sandboxServer = Sandboxes.server(mountedAt: FileSystem.absolute(mountpoint))
             switch try Mounts.unmount(mountpoint) {
-            case .unmounted: print("unmounted \(mountpoint)")
+            case .unmounted:
+                // A sandbox's server flushes its overlay and releases the sandbox as it stops:
+                // a sync or promote right after the unmount must find it free.
+                if let sandboxServer { Mounts.waitForExit(sandboxServer, seconds: 60) }
+                print("unmounted \(mountpoint)")
             case .staleCleared: print("cleared the stale mount at \(mountpoint) (its server had stopped)")
             case .detached: print("detached \(mountpoint): files are still open; the server stops when they are closed")
             }
