@@ -51,15 +51,13 @@ public struct TargetIdentity: Sendable, Equatable {
 }
 
 /// An open target: a buffered descriptor and, where the filesystem allows it, an O_DIRECT one
-/// for large aligned reads and writes (never toggled, so threads cannot race on the flag).
-/// Every failure names the target and the byte.
+/// for large aligned reads and writes (UncachedFile). Every failure names the target and the byte.
 final class Target: Sendable {
     let path: String
     let isDevice: Bool
     let undo: Bool
-    private let buffered: SystemFile
-    private let direct: SystemFile?
-    private let directRefused = Atomic<Bool>(false)
+    private let file: UncachedFile
+    private var buffered: SystemFile { file.buffered }
     private let dataFlush = DataFlush()
 
     init(path: String, isDevice: Bool, undo: Bool) throws(SyncError) {
@@ -67,29 +65,16 @@ final class Target: Sendable {
         self.isDevice = isDevice
         self.undo = undo
         do throws(SystemError) {
-            buffered = try SystemFile.open(path, .readWrite)
+            file = try UncachedFile(path, .readWrite)
         } catch { throw .target(error) }
-        if let second = try? SystemFile.open(path, .readWrite), second.setDirect(true) {
-            direct = second
-        } else {
-            direct = nil
-        }
     }
 
     func close() {
-        buffered.close()
-        direct?.close()
+        file.close()
     }
 
     func size() throws(SyncError) -> UInt64 {
         do throws(SystemError) { return try buffered.size() } catch { throw .target(error) }
-    }
-
-    private func descriptor(_ base: UnsafeRawPointer?, count: Int, offset: UInt64) -> SystemFile {
-        let a = SystemFile.directAlignment
-        guard let direct, !directRefused.load(ordering: .relaxed), let base,
-              Int(bitPattern: base) % a == 0, count % a == 0, offset % UInt64(a) == 0 else { return buffered }
-        return direct
     }
 
     /// Starts reading a range into the page cache, for `read(..., cached: true)` later.
@@ -100,15 +85,9 @@ final class Target: Sendable {
     /// Reads `buffer.count` bytes at `offset`; past the end of the target reads zeros. `cached`
     /// reads through the page cache (what `prefetch` brought in), otherwise O_DIRECT if aligned.
     func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64, cached: Bool = false) throws(SyncError) {
-        let file = cached ? buffered : descriptor(buffer.baseAddress, count: buffer.count, offset: offset)
         var n: Int
         do throws(SystemError) {
-            do {
-                n = try file.read(into: buffer, at: offset)
-            } catch where error.errno == EINVAL && file.fd != buffered.fd {
-                directRefused.store(true, ordering: .relaxed)
-                n = try buffered.read(into: buffer, at: offset)
-            }
+            n = cached ? try buffered.read(into: buffer, at: offset) : try file.read(into: buffer, at: offset)
         } catch {
             throw .targetIO(path: path, offset: offset, writing: false, cause: error, undo: undo)
         }
@@ -116,14 +95,8 @@ final class Target: Sendable {
     }
 
     func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws(SyncError) {
-        let file = descriptor(buffer.baseAddress, count: buffer.count, offset: offset)
         do throws(SystemError) {
-            do {
-                try file.write(buffer, at: offset)
-            } catch where error.errno == EINVAL && file.fd != buffered.fd {
-                directRefused.store(true, ordering: .relaxed)
-                try buffered.write(buffer, at: offset)
-            }
+            try file.write(buffer, at: offset)
         } catch {
             throw .targetIO(path: path, offset: failedOffset(error, default: offset), writing: true, cause: error, undo: undo)
         }

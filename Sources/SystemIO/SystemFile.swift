@@ -147,7 +147,8 @@ public struct SystemFile: Sendable {
 
     /// Writes bypassing the page cache where the buffer, offset and length allow it (the aligned
     /// head with O_DIRECT, the tail buffered). Large sequential writes of data nobody reads back
-    /// soon (packs, restored disks) then cost no page-cache copies.
+    /// soon (objects) then cost no page-cache copies. It toggles the descriptor's O_DIRECT flag:
+    /// for a descriptor one thread writes; threads sharing a file use UncachedFile.
     public func writeUncached(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws(SystemError) {
         let a = SystemFile.directAlignment
         let head = buffer.count / a * a
@@ -193,6 +194,15 @@ public struct SystemFile: Sendable {
     /// fdatasync: the data and what is needed to read it back, without the timestamps.
     public func syncData() throws(SystemError) {
         guard fdatasync(fd) == 0 else { throw SystemError("flush", path: path) }
+    }
+
+    /// Allocates a range inside the file without writing it (fallocate; it reads as zeros). False
+    /// when the filesystem cannot. ext4 takes its inode lock shared only for O_DIRECT writes into
+    /// allocated blocks: parallel direct writes into holes would take turns.
+    public func allocate(at offset: UInt64, length: UInt64) throws(SystemError) -> Bool {
+        if lifeboat_fallocate(fd, 0, off_t(offset), off_t(length)) == 0 { return true }
+        if errno == EOPNOTSUPP || errno == ENOSYS { return false }
+        throw SystemError("allocate bytes \(offset)-\(offset + length) of", path: path)
     }
 
     /// Deallocates a range, which then reads as zeros; the size stays. False when the

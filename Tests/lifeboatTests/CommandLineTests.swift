@@ -267,6 +267,17 @@ struct CLI {
         #expect(cli("check", "--read-data").status == 0)
         #expect(cli("restore", "m", "--to", cli.dir.file("out.img")).status == 0)
         #expect(try sha256(file: cli.dir.file("out.img")) == sha256(file: small))
+
+        // A restore onto a filesystem without the room fails when it allocates, before it writes,
+        // and leaves nothing behind.
+        let target = cli.dir.file("small-target")
+        try FileSystem.createDirectories(target)
+        defer { shell("umount \(target)") }
+        #expect(shell("mount -t tmpfs -o size=2m lifeboat-test \(target)").status == 0)
+        let tooBig = cli("restore", "m", "--to", target + "/out.img")
+        #expect(tooBig.status != 0)
+        #expect(tooBig.stderr.contains("No space left on device") && tooBig.stderr.contains("allocate"), "\(tooBig.stderr)")
+        #expect(shell("ls -A \(target)").stdout.isEmpty)
     }
 }
 

@@ -1,0 +1,58 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Synchronization
+
+/// A file open twice: buffered, and where the filesystem allows it with O_DIRECT, which large
+/// aligned reads and writes use. The flag is never toggled on a shared descriptor, so threads
+/// cannot turn each other's direct writes into buffered ones.
+public final class UncachedFile: Sendable {
+    public let buffered: SystemFile
+    private let direct: SystemFile?
+    private let directRefused = Atomic<Bool>(false)
+
+    public init(_ path: String, _ mode: SystemFile.Mode) throws(SystemError) {
+        buffered = try SystemFile.open(path, mode)
+        if let second = try? SystemFile.open(path, .readWrite), second.setDirect(true) {
+            direct = second
+        } else {
+            direct = nil
+        }
+    }
+
+    public var path: String { buffered.path }
+
+    public func close() {
+        buffered.close()
+        direct?.close()
+    }
+
+    private func descriptor(_ base: UnsafeRawPointer?, count: Int, offset: UInt64) -> SystemFile {
+        let a = SystemFile.directAlignment
+        guard let direct, !directRefused.load(ordering: .relaxed), let base,
+              Int(bitPattern: base) % a == 0, count % a == 0, offset % UInt64(a) == 0 else { return buffered }
+        return direct
+    }
+
+    /// Reads like `SystemFile.read(into:at:)`, with O_DIRECT when the request is aligned.
+    public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(SystemError) -> Int {
+        let file = descriptor(buffer.baseAddress, count: buffer.count, offset: offset)
+        do {
+            return try file.read(into: buffer, at: offset)
+        } catch where error.errno == EINVAL && file.fd != buffered.fd {
+            directRefused.store(true, ordering: .relaxed)   // the filesystem refused O_DIRECT after all
+            return try buffered.read(into: buffer, at: offset)
+        }
+    }
+
+    /// Writes like `SystemFile.write(_:at:)`, with O_DIRECT when the request is aligned.
+    public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws(SystemError) {
+        let file = descriptor(buffer.baseAddress, count: buffer.count, offset: offset)
+        do {
+            try file.write(buffer, at: offset)
+        } catch where error.errno == EINVAL && file.fd != buffered.fd {
+            directRefused.store(true, ordering: .relaxed)
+            try buffered.write(buffer, at: offset)
+        }
+    }
+}
