@@ -75,11 +75,31 @@ public enum Timestamp {
         return Date(timeIntervalSince1970: Double(days * 86400 + hour * 3600 + minute * 60 + second))
     }
 
+    /// `YYYY-MM-DDTHH:MM:SSZ` without a formatter (a formatter loads ICU's time zone data, which
+    /// cost a cold backup about 20 ms before it read a byte). Like Foundation's: the time rounded
+    /// to the millisecond, then down to the second.
     public static func format(_ date: Date) -> String {
-        let formatter = ISO8601DateFormatter()
-        formatter.formatOptions = [.withInternetDateTime]
-        formatter.timeZone = TimeZone(identifier: "UTC")
-        return formatter.string(from: date)
+        var milliseconds = Int64((date.timeIntervalSince1970 * 1000).rounded())
+        if milliseconds < 0 { milliseconds -= 999 }
+        let t = milliseconds / 1000
+        var days = t / 86400, seconds = t % 86400
+        if seconds < 0 { seconds += 86400; days -= 1 }
+        // The civil date from days (Howard Hinnant's algorithm).
+        let z = days + 719468
+        let era = (z >= 0 ? z : z - 146096) / 146097
+        let doe = z - era * 146097
+        let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365
+        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100)
+        let mp = (5 * doy + 2) / 153
+        let day = doy - (153 * mp + 2) / 5 + 1
+        let month = mp < 10 ? mp + 3 : mp - 9
+        let year = yoe + era * 400 + (month <= 2 ? 1 : 0)
+        func digits(_ value: Int64, _ count: Int) -> String {
+            let text = String(value)
+            return text.count >= count ? text : String(repeating: "0", count: count - text.count) + text
+        }
+        return digits(year, 4) + "-" + digits(month, 2) + "-" + digits(day, 2) + "T" + digits(seconds / 3600, 2) + ":"
+            + digits(seconds / 60 % 60, 2) + ":" + digits(seconds % 60, 2) + "Z"
     }
 
     public static func parse(_ text: String) -> Date? {

@@ -449,6 +449,23 @@ struct Fixture {
         #expect(Timestamp.format(try #require(Timestamp.parse(text))) == text)
     }
 
+    /// The hand-written formatter against Foundation's, over dates from 1900 to 2400 with
+    /// fractions of a second (rounded down by both).
+    @Test func formatAgreesWithTheFormatter() {
+        let formatter = ISO8601DateFormatter()
+        formatter.formatOptions = [.withInternetDateTime]
+        formatter.timeZone = TimeZone(identifier: "UTC")
+        var generator = SystemRandomNumberGenerator()
+        for _ in 0..<20_000 {
+            let date = Date(timeIntervalSince1970: Double.random(in: -2_208_988_800...13_569_465_600, using: &generator))
+            #expect(Timestamp.format(date) == formatter.string(from: date), "\(date.timeIntervalSince1970)")
+        }
+        for edge in [0.0, -0.5, 951_782_399.999, 951_782_400, 4_107_542_400] {
+            let date = Date(timeIntervalSince1970: edge)
+            #expect(Timestamp.format(date) == formatter.string(from: date), "\(edge)")
+        }
+    }
+
     @Test func otherFormsStillParse() {
         #expect(Timestamp.parseUTC("2026-01-01") == nil)
         #expect(Timestamp.parse("2026-01-01") != nil)
