@@ -194,6 +194,10 @@ public final class SandboxDisk: Sendable {
     private let flushing = Mutex<Void>(())
     /// A failed sync of the data file fails every later one: the map must never claim lost data.
     private let dataFlush = DataFlush()
+    /// Where a failed flush is recorded, so that it outlives this process: Linux may drop the
+    /// pages of a failed writeback, and an overlay written in place then mixes old and new
+    /// blocks in a state the machine never saw. Until `sandbox reset`, the overlay is not used.
+    public let failureMarker: String
 
     public var size: UInt64 { base.size }
     public var blocks: Int { Int((base.size + UInt64(SandboxDisk.blockSize) - 1) / UInt64(SandboxDisk.blockSize)) }
@@ -204,6 +208,10 @@ public final class SandboxDisk: Sendable {
     public init(name: String, base: DiskReader, prefix: String) throws(SandboxError) {
         self.name = name
         self.base = base
+        failureMarker = SandboxDisk.failureMarker(prefix: prefix)
+        if let failure = SandboxDisk.recordedFailure(prefix: prefix) {
+            throw .damagedOverlay(path: prefix + ".data", why: failure)
+        }
         let blockCount = Int((base.size + UInt64(SandboxDisk.blockSize) - 1) / UInt64(SandboxDisk.blockSize))
         var loaded = BlockMap(blocks: blockCount)
         // A map whose data file is gone (or was cut) would read its blocks as zeros.
@@ -489,12 +497,38 @@ public final class SandboxDisk: Sendable {
                     if !pages.isEmpty { try mapFile.syncData() }
                 } catch {
                     map.withLock { m in for (n, _) in pages { m.dirty.insert(n) } }
+                    recordFailure(error)
                     throw error
                 }
             }
         } catch {
             throw .system(error)
         }
+    }
+
+    static func failureMarker(prefix: String) -> String { prefix + ".flush-failed" }
+
+    /// Why the overlay at `prefix` is not to be trusted, if a flush of it failed.
+    public static func recordedFailure(prefix: String) -> String? {
+        let marker = failureMarker(prefix: prefix)
+        guard FileSystem.exists(marker) else { return nil }
+        let cause = (try? SystemFile.open(marker, .readOnly)).map { file in
+            defer { file.close() }
+            return String(decoding: (try? file.readAll(count: 4096)) ?? [], as: UTF8.self)
+        } ?? ""
+        return "a flush of it failed (\(cause.isEmpty ? "cause not recorded" : cause)): writes the machine made may be lost, "
+            + "so it is not used; `lifeboat sandbox reset` starts it again from its point"
+    }
+
+    /// Best effort: the filesystem that failed the flush may refuse this too (the failure is
+    /// then still in the server's log and fails every later flush of this process).
+    private func recordFailure(_ error: SystemError) {
+        guard !FileSystem.exists(failureMarker),
+              let file = try? SystemFile.open(failureMarker, .createOrOpen(permissions: 0o600)) else { return }
+        try? file.write(Array(error.description.utf8), at: 0)
+        try? file.sync()
+        file.close()
+        try? FileSystem.syncDirectory(FileSystem.parentDirectory(of: failureMarker))
     }
 
     // MARK: - Promote

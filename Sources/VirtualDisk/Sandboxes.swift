@@ -40,6 +40,8 @@ public struct SandboxStatus: Codable, Sendable {
     /// Where its server has it mounted, if it runs.
     public var mountpoint: String?
     public var serverPID: Int32?
+    /// Why its overlay is not used (a flush of it failed), if so.
+    public var damaged: String?
 }
 
 /// Where a running sandbox server says it is mounted (`mount.json`).
@@ -127,7 +129,22 @@ public final class Sandboxes: Sendable {
         let mount = mounted(name)
         return SandboxStatus(name: name, machine: record.machine, point: record.point, pointTime: record.pointTime,
                              created: record.created, writtenBytes: disks.reduce(0) { $0 + $1.writtenBytes }, disks: disks,
-                             mountpoint: mount?.mountpoint, serverPID: mount?.pid)
+                             mountpoint: mount?.mountpoint, serverPID: mount?.pid, damaged: flushFailure(name))
+    }
+
+    /// Why the sandbox's overlay is not used, if a flush of one of its disks failed.
+    public func flushFailure(_ name: String) -> String? {
+        Sandboxes.flushFailure(sandboxDirectory: path(name))
+    }
+
+    /// The same for the sandbox kept in `dir` (`umount` knows the directory, not the vault).
+    public static func flushFailure(sandboxDirectory dir: String) -> String? {
+        guard let data = FileManager.default.contents(atPath: dir + "/sandbox.json"),
+              let record = try? JSONDecoder().decode(SandboxRecord.self, from: data) else { return nil }
+        for disk in record.disks {
+            if let why = SandboxDisk.recordedFailure(prefix: dir + "/disks/" + disk.name) { return "disk \(disk.name): " + why }
+        }
+        return nil
     }
 
     /// Written bytes from a map file as last flushed (a running server may hold a few more).
@@ -146,12 +163,12 @@ public final class Sandboxes: Sendable {
 
     /// The running server's mount, if one holds the sandbox's lock.
     /// The server of the sandbox mounted at `mountpoint` (absolute), if one says it serves it.
-    public static func server(mountedAt mountpoint: String, stateDirectory: String = Defaults.stateDirectory) -> Int32? {
+    public static func server(mountedAt mountpoint: String, stateDirectory: String = Defaults.stateDirectory) -> (directory: String, pid: Int32)? {
         let directory = stateDirectory + "/sandboxes"
         for name in (try? FileSystem.list(directory)) ?? [] {
             guard let data = FileManager.default.contents(atPath: directory + "/" + name + "/mount.json"),
                   let mount = try? JSONDecoder().decode(SandboxMount.self, from: data), mount.mountpoint == mountpoint else { continue }
-            return mount.pid
+            return (directory + "/" + name, mount.pid)
         }
         return nil
     }
@@ -215,13 +232,15 @@ public final class Sandboxes: Sendable {
 
     /// Throws away everything the sandbox wrote; it starts again from its point.
     public func reset(_ name: String) throws(SandboxError) {
-        let sandbox = try open(name)
-        defer { sandbox.close() }
+        // The lock only: the overlay may be one that is refused (a failed flush).
+        let record = try record(name)
+        let lock = try lockExclusively(name)
+        defer { lock.close() }
         // The map goes first, durably: a map left over a missing data file would make its
-        // written blocks read as zeros.
+        // written blocks read as zeros. The failure marker goes last.
         let disks = path(name) + "/disks"
-        for disk in sandbox.record.disks {
-            for suffix in [".map", ".data"] {
+        for disk in record.disks {
+            for suffix in [".map", ".data", ".flush-failed"] {
                 let file = disks + "/" + disk.name + suffix
                 if FileSystem.exists(file) {
                     do {

@@ -169,7 +169,13 @@ struct UmountCommand: ParsableCommand {
             case .unmounted:
                 // A sandbox's server flushes its overlay and releases the sandbox as it stops:
                 // a sync or promote right after the unmount must find it free.
-                if let sandboxServer { Mounts.waitForExit(sandboxServer, seconds: 60) }
+                if let sandboxServer {
+                    Mounts.waitForExit(sandboxServer.pid, seconds: 60)
+                    // Its last flush is the one that makes the machine's writes durable.
+                    if let why = Sandboxes.flushFailure(sandboxDirectory: sandboxServer.directory) {
+                        throw SandboxError.damagedOverlay(path: sandboxServer.directory, why: "unmounted \(mountpoint), but " + why)
+                    }
+                }
                 print("unmounted \(mountpoint)")
             case .staleCleared: print("cleared the stale mount at \(mountpoint) (its server had stopped)")
             case .detached: print("detached \(mountpoint): files are still open; the server stops when they are closed")

@@ -7,6 +7,7 @@ import SystemIO
 import Testing
 import TestSupport
 import Vault
+import VirtualDisk
 
 /// A one-file FUSE filesystem (`/disk.img`, backed by a plain file) that fails writes touching
 /// chosen byte ranges with EIO, as a failing disk would, and the next `failingFlushes` flushes.
@@ -123,6 +124,52 @@ private func faultyDisk() -> FaultyDisk? {
 }
 
 @Suite(.serialized, .enabled(if: isRoot && FileSystem.exists("/dev/fuse"))) struct FaultyDiskTests {
+    /// A sandbox whose overlay failed a flush is not used again, by this process or the next,
+    /// until it is reset: Linux may have dropped the failed pages, and the overlay would mix old
+    /// and new blocks. The overlay's data file is the faulty filesystem's file.
+    @Test func aSandboxWhoseFlushFailedIsRefusedUntilReset() throws {
+        let f = try SyncFixture()
+        defer { f.dir.remove() }
+        let backing = f.dir.file("overlay-backing")
+        try setSize(backing, 0)
+        let disk = try FaultyDisk(backing: backing, at: f.dir.file("mnt"))
+        defer { disk.stop() }
+        let sandboxes = Sandboxes(vault: f.vault)
+        _ = try sandboxes.create("s", from: try f.vault.point("m@latest"))
+        let disks = sandboxes.directory + "/s/disks"
+        try FileSystem.createDirectories(disks)
+        #expect(symlink(disk.image, disks + "/os.data") == 0)
+
+        let open = try sandboxes.open("s")
+        let bytes = [UInt8](repeating: 0xab, count: 8192)
+        try bytes.withUnsafeBytes { try open.disks[0].write($0, at: 1 << 20) }
+        disk.failingFlushes.store(1, ordering: .relaxed)
+        #expect(throws: SandboxError.self) { try open.disks[0].flush() }
+        open.close()
+
+        // Refused on the next opening, with the cause, and shown in its status.
+        do {
+            _ = try sandboxes.open("s")
+            Issue.record("an overlay whose flush failed must not be used")
+        } catch {
+            #expect(error.kind == .damaged)
+            #expect(error.description.contains("a flush of it failed") && error.description.contains("Input/output error")
+                    && error.description.contains("sandbox reset"), "\(error.description)")
+        }
+        #expect(try sandboxes.status("s").damaged?.contains("disk os") == true)
+
+        // A reset starts it again from its point.
+        try sandboxes.reset("s")
+        #expect(try sandboxes.status("s").damaged == nil)
+        let again = try sandboxes.open("s")
+        var back = [UInt8](repeating: 1, count: 8192)
+        _ = try back.withUnsafeMutableBytes { try again.disks[0].read(into: $0, at: 1 << 20) }
+        let original = try SystemFile.open(f.days[2], .readOnly)
+        defer { original.close() }
+        #expect(back == (try original.readAll(from: 1 << 20, count: 8192)))
+        again.close()
+    }
+
     @Test func anIOErrorOnTheTargetGivesAClearErrorAndRollsBack() throws {
         let f = try SyncFixture()
         defer { f.dir.remove() }
