@@ -168,6 +168,33 @@ public struct LocalDirectoryStore: ObjectStore {
     }
 }
 
+extension LocalDirectoryStore {
+    /// Compare and delete under an exclusive flock of the directory's `.delete-lock`: every
+    /// conditional delete of the directory takes turns, so none removes an object created after
+    /// its comparison by a delete that ran between the two.
+    public func deleteIfUnchanged(_ name: String, _ expected: [UInt8]) throws(ObjectStoreError) -> Bool {
+        let target = try path(name)
+        let directory = FileSystem.parentDirectory(of: target)
+        do {
+            let guardFile = try SystemFile.open(directory + "/.delete-lock", .createOrOpen(permissions: 0o644))
+            defer { guardFile.close() }   // closing releases the lock
+            _ = try guardFile.lock(exclusive: true, wait: true)
+            let found: [UInt8]
+            do {
+                let file = try SystemFile.open(target, .readOnly)
+                defer { file.close() }
+                found = try file.readAll(count: Int(try file.size()))
+            } catch where error.errno == ENOENT {
+                return false
+            }
+            guard found == expected else { return false }
+            try FileSystem.remove(target)
+            try FileSystem.syncDirectory(directory)
+            return true
+        } catch { throw .failed(error) }
+    }
+}
+
 func randomSuffix() -> String {
     var generator = SystemRandomNumberGenerator()
     return (0..<8).map { _ in UInt8.random(in: 0...255, using: &generator) }.hex

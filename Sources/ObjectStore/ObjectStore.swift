@@ -78,6 +78,11 @@ public protocol ObjectStore: Sendable {
 
     /// Removes an object; removing a missing object is not an error.
     func delete(_ name: String) throws(ObjectStoreError)
+
+    /// Removes an object only if it still holds `expected`, atomically; false if it holds
+    /// something else or is missing. (Two takers of one stale lock must not remove the lock one
+    /// of them has just created. S3 offers it as a conditional delete, If-Match on the ETag.)
+    func deleteIfUnchanged(_ name: String, _ expected: [UInt8]) throws(ObjectStoreError) -> Bool
 }
 
 extension ObjectStore {

@@ -31,8 +31,16 @@ public final class MachineLock: Sendable {
         var operation: String
         /// Last heartbeat (absent in locks written before heartbeats existed).
         var refreshed: String?
+        /// Random, per acquisition: tells apart two takers with one pid and second (threads of
+        /// one process). Absent in older locks.
+        var token: String?
 
         var lastSignOfLife: Date? { Timestamp.parse(refreshed ?? started) }
+
+        /// The same holder (heartbeats change only `refreshed`).
+        func isSame(as other: Holder) -> Bool {
+            host == other.host && pid == other.pid && started == other.started && token == other.token
+        }
 
         /// True when the holder can no longer be running.
         var isStale: Bool {
@@ -51,6 +59,9 @@ public final class MachineLock: Sendable {
         beating = heartbeat ? Worker(name: "lock-heartbeat") {
             var current = holder
             while stop.wait(timeout: .now() + MachineLock.heartbeat) == .timedOut {
+                // A lock taken over meanwhile (this holder looked stale) is not written back over
+                // its new holder: the beats stop, and `confirm` fails as they age.
+                guard let found = try? store.get(name), MachineLock.isHeld(by: holder, found) else { break }
                 let now = Date()
                 current.refreshed = Timestamp.format(now)
                 // A failed refresh is tried again at the next beat; `confirm` sees how long ago one worked.
@@ -78,7 +89,7 @@ public final class MachineLock: Sendable {
         } catch {
             throw .lockLost(object: name, why: "it no longer reads as a lock")
         }
-        guard current.host == holder.host, current.pid == holder.pid, current.started == holder.started else {
+        guard current.isSame(as: holder) else {
             throw .lockLost(object: name, why: "it is now held by \(current.operation), pid \(current.pid) on \(current.host) since \(current.started)")
         }
     }
@@ -91,7 +102,8 @@ public final class MachineLock: Sendable {
     static func acquire(object name: String, label machine: String, operation: String, store: any ObjectStore,
                         heartbeat: Bool = true) throws(VaultError) -> MachineLock {
         let now = Timestamp.format(Date())
-        let me = Holder(host: hostName(), pid: getpid(), started: now, operation: operation, refreshed: now)
+        let me = Holder(host: hostName(), pid: getpid(), started: now, operation: operation, refreshed: now,
+                        token: (0..<8).map { _ in UInt8.random(in: 0...255) }.hex)
         let bytes = Array((try? JSONEncoder().encode(me)) ?? Data())
         for _ in 0..<3 {
             do {
@@ -102,8 +114,9 @@ public final class MachineLock: Sendable {
                 }
                 if holder.isStale {
                     // Its process is gone, or its host stopped refreshing it: a crash left it.
-                    // Deleted only if it is still the same lock (another taker may have won).
-                    if (try? store.get(name)) == existing { try store.delete(name) }
+                    // Deleted only if it is still the same lock, atomically: another taker may have
+                    // deleted it and made its own in between.
+                    _ = try store.deleteIfUnchanged(name, existing)
                     continue
                 }
                 throw VaultError.locked(machine: machine, holder: "\(holder.operation) by pid \(holder.pid) on \(holder.host) since \(holder.started)")
@@ -119,10 +132,16 @@ public final class MachineLock: Sendable {
         throw .locked(machine: machine, holder: "lock object \(name) keeps changing")
     }
 
+    /// Removes the lock object if it is still this holder's (one taken over is the new holder's).
     public func release() {
         stop.signal()
         beating?.join()
-        try? store.delete(name)
+        if let found = try? store.get(name), MachineLock.isHeld(by: holder, found) { _ = try? store.deleteIfUnchanged(name, found) }
+    }
+
+    /// True when `bytes`, a lock object's contents, name `holder`.
+    static func isHeld(by holder: Holder, _ bytes: [UInt8]) -> Bool {
+        (try? JSONDecoder().decode(Holder.self, from: Data(bytes)))?.isSame(as: holder) ?? false
     }
 }
 

@@ -36,6 +36,19 @@ import TestSupport
         #expect(try store.get("locks/web01") == [1])
     }
 
+    @Test func deleteIfUnchangedDeletesOnlyWhatWasSeen() throws {
+        let dir = TemporaryDirectory("store")
+        defer { dir.remove() }
+        let store = LocalDirectoryStore(root: dir.path)
+        try store.put("locks/web01", [1])
+        #expect(try !store.deleteIfUnchanged("locks/web01", [2]))
+        #expect(try store.get("locks/web01") == [1])
+        #expect(try store.deleteIfUnchanged("locks/web01", [1]))
+        #expect(try store.size("locks/web01") == nil)
+        #expect(try !store.deleteIfUnchanged("locks/web01", [1]))
+        #expect(try store.list(prefix: "locks/").isEmpty)   // the guard file is not an object
+    }
+
     @Test func missingObjectsAndShortReadsAreErrors() throws {
         let dir = TemporaryDirectory("store")
         defer { dir.remove() }

@@ -222,6 +222,34 @@ func storedPackBytes(_ vault: String) throws -> UInt64 {
         #expect(try vault.collectGarbage().deferred)
     }
 
+    /// Takers racing for one stale lock: exactly one gets it, whatever the interleaving of their
+    /// checks and deletes (with a check and then a delete, two could both hold it: seen).
+    @Test func oneOfManyTakersOfAStaleLockWins() throws {
+        let f = Fixture()
+        defer { f.dir.remove() }
+        _ = try f.create()
+        let store = LocalDirectoryStore(root: f.vaultPath)
+        for round in 0..<30 {
+            try store.put("locks/m", lock(host: "elsewhere", started: Date().addingTimeInterval(-7200), refreshed: Date().addingTimeInterval(-3600)))
+            let winners = Mutex<[MachineLock]>([])
+            let refused = Atomic<Int>(0)
+            let takers = (0..<6).map { n in
+                Worker(name: "taker-\(n)") {
+                    do {
+                        let held = try MachineLock.acquire(object: "locks/m", label: "m", operation: "backup", store: store, heartbeat: false)
+                        winners.withLock { $0.append(held) }
+                    } catch {
+                        if case VaultError.locked = error { refused.add(1, ordering: .relaxed) }
+                    }
+                }
+            }
+            for taker in takers { taker.join() }
+            let held = winners.withLock { $0 }
+            #expect(held.count == 1 && refused.load(ordering: .relaxed) == 5, "round \(round): \(held.count) holders")
+            for lock in held { lock.release() }
+        }
+    }
+
     /// A backup commits only while its lock is still its own: one taken over (its heartbeat
     /// failed, or another host judged it stale) may have let gc delete chunks it reused.
     @Test func aBackupWhoseLockWasTakenOverDoesNotCommit() throws {
@@ -236,10 +264,17 @@ func storedPackBytes(_ vault: String) throws -> UInt64 {
             guard case VaultError.lockLost = error else { return false }
             return (error as! VaultError).description.contains("elsewhere")
         }
+        // Releasing it leaves the new holder's lock alone.
+        held.release()
+        #expect(String(decoding: try store.get("locks/m"), as: UTF8.self).contains("elsewhere"))
         try store.delete("locks/m")
         #expect { try held.confirm() } throws: { error in
             guard case VaultError.lockLost = error else { return false }
             return true
         }
+        // Its own lock it removes.
+        let again = try MachineLock.acquire(machine: "m", operation: "backup", store: store)
+        again.release()
+        #expect(try store.size("locks/m") == nil)
     }
 }
