@@ -647,9 +647,12 @@ public struct SyncEngine: Sendable {
                 progress(SyncProgress(phase: .verify, bytesDone: done, bytesTotal: source.size))
             }
             if let firstBad = mismatches.first {
-                // Resume must look at every slot again.
-                try journal.checkpoint(0)
-                throw .verificationFailed(path: path, offset: UInt64(firstBad.slot) * UInt64(chunkSize), slots: mismatches.count)
+                // Resume must look at every slot again; if that cannot be recorded, the error says
+                // so (a resume from the recorded checkpoint would skip the differing slots).
+                var restartNotRecorded: String? = nil
+                do throws(SyncError) { try journal.checkpoint(0) } catch { restartNotRecorded = error.description }
+                throw .verificationFailed(path: path, offset: UInt64(firstBad.slot) * UInt64(chunkSize), slots: mismatches.count,
+                                          restartNotRecorded: restartNotRecorded)
             }
             verified = true
         }

@@ -137,9 +137,10 @@ import TestSupport
         #expect(cli("sync", "sandbox:nosuch", "--to", onprem).status == 3)
 
         // One writer per target: two syncs started together; one runs, the other is refused as
-        // busy (unless the first was already done when the second looked).
+        // busy (unless the first was already done when the second looked: a full sync of this
+        // disk takes about as long as starting a process, so up to ten tries until they meet).
         var refusals = 0
-        for _ in 0..<3 {
+        for _ in 0..<10 where refusals == 0 {
             let a = cli.start(["sync", "m@latest", "--to", onprem, "--mode", "full"])
             let b = cli.start(["sync", "m@latest", "--to", onprem, "--mode", "full"])
             let statuses = [cli.wait(a), cli.wait(b)].sorted()
