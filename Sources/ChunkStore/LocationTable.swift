@@ -310,6 +310,13 @@ public final class LocationTable: Sendable {
     private static func packsPath(_ directory: String, _ generation: UInt64) -> String { directory + "/packs-\(generation)" }
     private static func fanoutPath(_ directory: String, _ file: UInt64) -> String { directory + "/fanout-\(file)" }
 
+    private static func saveFanout(_ fanout: [UInt32], _ directory: String, _ file: UInt64) throws(SystemError) {
+        var bytes: [UInt8] = []
+        bytes.reserveCapacity(fanout.count * 4)
+        for value in fanout { bytes.appendLE(value) }
+        try FileSystem.replace(fanoutPath(directory, file), with: bytes)
+    }
+
     /// The stored fan-out of a run, if it is whole and agrees with the run.
     private static func readFanout(_ directory: String, _ run: RunState) -> [UInt32]? {
         guard let file = try? SystemFile.open(fanoutPath(directory, run.file), .readOnly) else { return nil }
@@ -363,7 +370,8 @@ public final class LocationTable: Sendable {
                     table.close()
                     throw SystemError("use (size does not match its state)", path: table.path, errno: EIO)
                 }
-                // Normally stored beside the table; rebuilt by one pass over it if missing.
+                // Normally stored beside the table; rebuilt by one pass over it if missing, and
+                // saved again (best effort: a reader may not be able to write here).
                 let fanout: [UInt32]
                 if let stored = readFanout(directory, saved) {
                     fanout = stored
@@ -374,6 +382,7 @@ public final class LocationTable: Sendable {
                         table.close()
                         throw error
                     }
+                    try? saveFanout(fanout, directory, saved.file)
                 }
                 runs.append(Run(table: table, fanout: fanout, bits: saved.bits, count: saved.count))
             }
@@ -460,11 +469,7 @@ public final class LocationTable: Sendable {
             if !outBuffer.isEmpty { try out.write(outBuffer, at: outOffset) }
             try out.sync()
             try FileSystem.rename(temporary, to: path)
-            var fanoutBytes: [UInt8] = []
-            let fanout = prefixSums(counts)
-            fanoutBytes.reserveCapacity(fanout.count * 4)
-            for value in fanout { fanoutBytes.appendLE(value) }
-            try FileSystem.replace(fanoutPath(directory, file), with: fanoutBytes)
+            try saveFanout(prefixSums(counts), directory, file)
             return RunState(file: file, count: written, bits: bits)
         } catch {
             throw .cache(error)

@@ -13,9 +13,11 @@ public final class UncachedFile: Sendable {
 
     public init(_ path: String, _ mode: SystemFile.Mode) throws(SystemError) {
         buffered = try SystemFile.open(path, mode)
-        if let second = try? SystemFile.open(path, .readWrite), second.setDirect(true) {
+        let second = try? SystemFile.open(path, .readWrite)
+        if let second, second.setDirect(true) {
             direct = second
         } else {
+            second?.close()   // the filesystem has no O_DIRECT (tmpfs before 6.6)
             direct = nil
         }
     }

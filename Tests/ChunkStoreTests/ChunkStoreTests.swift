@@ -270,5 +270,13 @@ import TestSupport
         for data in a + b { #expect(try rebuilt.location(ChunkID.sha256(data)) != nil) }
         let names = try FileSystem.list(cache)
         #expect(!names.contains("table-999") && !names.contains("fanout-998.tmp"))
+
+        // A lost fan-out is rebuilt from its table and saved, not rebuilt at every opening.
+        let fanout = try #require(names.first { $0.hasPrefix("fanout-") })
+        let saved = try #require(FileManager.default.contents(atPath: cache + "/" + fanout))
+        try FileSystem.remove(cache + "/" + fanout)
+        let reopened = try ChunkStore(store: objects, parameters: parameters, cacheDirectory: cache)
+        for data in a + b { #expect(try reopened.location(ChunkID.sha256(data)) != nil) }
+        #expect(FileManager.default.contents(atPath: cache + "/" + fanout) == saved)
     }
 }
