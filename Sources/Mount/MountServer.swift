@@ -530,9 +530,12 @@ public enum Mounts {
 
     /// Waits, at most `seconds`, for a server to end once its mount is gone (it makes what it
     /// holds durable and releases its locks as it stops).
-    public static func waitForExit(_ pid: Int32, seconds: Double) {
+    /// False if the process still runs after `seconds`.
+    @discardableResult
+    public static func waitForExit(_ pid: Int32, seconds: Double) -> Bool {
         let deadline = Date().addingTimeInterval(seconds)
         while kill(pid, 0) == 0 && Date() < deadline { usleep(10_000) }
+        return kill(pid, 0) != 0
     }
 
     public static func unmount(_ path: String) throws(MountError) -> Outcome {

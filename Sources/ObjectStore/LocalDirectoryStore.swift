@@ -175,10 +175,14 @@ extension LocalDirectoryStore {
     public func deleteIfUnchanged(_ name: String, _ expected: [UInt8]) throws(ObjectStoreError) -> Bool {
         let target = try path(name)
         let directory = FileSystem.parentDirectory(of: target)
+        // Read-only is enough for flock. Where the lock cannot be had (a filesystem without
+        // flock, a guard file nobody here may create), compare and delete go on without it: the
+        // race is then back to the moment between the two.
+        let guardPath = directory + "/.delete-lock"
+        let guardFile = (try? SystemFile.open(guardPath, .readOnly)) ?? (try? SystemFile.open(guardPath, .createOrOpen(permissions: 0o644)))
+        defer { guardFile?.close() }   // closing releases the lock
+        _ = try? guardFile?.lock(exclusive: true, wait: true)
         do {
-            let guardFile = try SystemFile.open(directory + "/.delete-lock", .createOrOpen(permissions: 0o644))
-            defer { guardFile.close() }   // closing releases the lock
-            _ = try guardFile.lock(exclusive: true, wait: true)
             let found: [UInt8]
             do {
                 let file = try SystemFile.open(target, .readOnly)

@@ -23,7 +23,7 @@ public enum SyncError: LifeboatError {
     case damagedJournal(path: String, why: String)
     case sourceMismatch(target: String, why: String)
     /// `restartNotRecorded`: why the journal could not be told to resume from the start.
-    case verificationFailed(path: String, offset: UInt64, slots: Int, restartNotRecorded: String? = nil)
+    case verificationFailed(path: String, offset: UInt64, slots: Int, restartNotRecorded: String? = nil, undo: Bool = true)
     case interrupted(path: String, undo: Bool)
     /// Interrupted before the target was changed: nothing to resume or roll back.
     case interruptedBeforeWriting(path: String)
@@ -67,11 +67,12 @@ public enum SyncError: LifeboatError {
         case .journal(let error): return "undo journal: \(error.description)"
         case .damagedJournal(let path, let why): return "undo journal \(path) is damaged: \(why)"
         case .sourceMismatch(let target, let why): return "cannot resume the sync of \(target): \(why)"
-        case .verificationFailed(let path, let offset, let slots, let restartNotRecorded):
+        case .verificationFailed(let path, let offset, let slots, let restartNotRecorded, let undo):
             let text = "verification failed: target \(path) differs from the source in \(slots) chunk\(slots == 1 ? "" : "s"), the first at byte \(offset)"
             guard let restartNotRecorded else { return text }
             return text + "; the journal could not be told to start again from the first slot (\(restartNotRecorded)), so a resume would skip them: "
-                + "`lifeboat sync --rollback \(path)` restores the old image, or sync again with --mode full"
+                + (undo ? "`lifeboat sync --rollback \(path)` restores the old image; then sync again"
+                        : "sync again with --no-undo --mode full")
         case .interrupted(let path, let undo):
             if !undo { return "interrupted: target \(path) is inconsistent until `lifeboat sync --resume \(path)` finishes the sync" }
             return "interrupted: `lifeboat sync --resume \(path)` finishes the sync, `lifeboat sync --rollback \(path)` restores the old image"

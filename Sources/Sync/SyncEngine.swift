@@ -652,7 +652,7 @@ public struct SyncEngine: Sendable {
                 var restartNotRecorded: String? = nil
                 do throws(SyncError) { try journal.checkpoint(0) } catch { restartNotRecorded = error.description }
                 throw .verificationFailed(path: path, offset: UInt64(firstBad.slot) * UInt64(chunkSize), slots: mismatches.count,
-                                          restartNotRecorded: restartNotRecorded)
+                                          restartNotRecorded: restartNotRecorded, undo: target.undo)
             }
             verified = true
         }

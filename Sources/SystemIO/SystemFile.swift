@@ -188,21 +188,30 @@ public struct SystemFile: Sendable {
     }
 
     public func sync() throws(SystemError) {
-        guard fsync(fd) == 0 else { throw SystemError("flush", path: path) }
+        while fsync(fd) != 0 {
+            if errno == EINTR { continue }
+            throw SystemError("flush", path: path)
+        }
     }
 
     /// fdatasync: the data and what is needed to read it back, without the timestamps.
     public func syncData() throws(SystemError) {
-        guard fdatasync(fd) == 0 else { throw SystemError("flush", path: path) }
+        while fdatasync(fd) != 0 {
+            if errno == EINTR { continue }
+            throw SystemError("flush", path: path)
+        }
     }
 
     /// Allocates a range inside the file without writing it (fallocate; it reads as zeros). False
     /// when the filesystem cannot. ext4 takes its inode lock shared only for O_DIRECT writes into
     /// allocated blocks: parallel direct writes into holes would take turns.
     public func allocate(at offset: UInt64, length: UInt64) throws(SystemError) -> Bool {
-        if lifeboat_fallocate(fd, 0, off_t(offset), off_t(length)) == 0 { return true }
-        if errno == EOPNOTSUPP || errno == ENOSYS { return false }
-        throw SystemError("allocate bytes \(offset)-\(offset + length) of", path: path)
+        while lifeboat_fallocate(fd, 0, off_t(offset), off_t(length)) != 0 {
+            if errno == EINTR { continue }   // tmpfs stops at any signal; Ctrl-C is seen by the caller
+            if errno == EOPNOTSUPP || errno == ENOSYS { return false }
+            throw SystemError("allocate bytes \(offset)-\(offset + length) of", path: path)
+        }
+        return true
     }
 
     /// Deallocates a range, which then reads as zeros; the size stays. False when the

@@ -10,6 +10,7 @@ public final class UncachedFile: Sendable {
     public let buffered: SystemFile
     private let direct: SystemFile?
     private let directRefused = Atomic<Bool>(false)
+    private let closed = Atomic<Bool>(false)
 
     public init(_ path: String, _ mode: SystemFile.Mode) throws(SystemError) {
         buffered = try SystemFile.open(path, mode)
@@ -24,7 +25,9 @@ public final class UncachedFile: Sendable {
 
     public var path: String { buffered.path }
 
+    /// Closes both descriptors, once (a second call does nothing).
     public func close() {
+        guard !closed.exchange(true, ordering: .relaxed) else { return }
         buffered.close()
         direct?.close()
     }

@@ -76,7 +76,7 @@ public enum Timestamp {
     }
 
     /// `YYYY-MM-DDTHH:MM:SSZ` without a formatter (a formatter loads ICU's time zone data, which
-    /// cost a cold backup about 20 ms before it read a byte). Like Foundation's: the time rounded
+    /// cost a cold backup 30-40 ms before it read a byte). Like Foundation's: the time rounded
     /// to the millisecond, then down to the second.
     public static func format(_ date: Date) -> String {
         var milliseconds = Int64((date.timeIntervalSince1970 * 1000).rounded())

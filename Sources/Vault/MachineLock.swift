@@ -59,9 +59,15 @@ public final class MachineLock: Sendable {
         beating = heartbeat ? Worker(name: "lock-heartbeat") {
             var current = holder
             while stop.wait(timeout: .now() + MachineLock.heartbeat) == .timedOut {
-                // A lock taken over meanwhile (this holder looked stale) is not written back over
-                // its new holder: the beats stop, and `confirm` fails as they age.
-                guard let found = try? store.get(name), MachineLock.isHeld(by: holder, found) else { break }
+                // A lock taken over or removed meanwhile (this holder looked stale) is not written
+                // back over its new holder: the beats stop, and `confirm` fails as they age. A
+                // lock that cannot be read now is tried again at the next beat.
+                do throws(ObjectStoreError) {
+                    if !MachineLock.isHeld(by: holder, try store.get(name)) { break }
+                } catch {
+                    if case .notFound = error { break }
+                    continue
+                }
                 let now = Date()
                 current.refreshed = Timestamp.format(now)
                 // A failed refresh is tried again at the next beat; `confirm` sees how long ago one worked.

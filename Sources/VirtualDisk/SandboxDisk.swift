@@ -10,6 +10,8 @@ public enum SandboxError: LifeboatError {
     case exists(String)
     case busy(String, why: String)
     case damagedOverlay(path: String, why: String)
+    /// The last flush failed (a sandbox's `umount` says so; the overlay stays usable).
+    case lastFlushFailed(name: String, why: String)
     case pastEnd(disk: String, offset: UInt64, size: UInt64)
     case freezeExpired(String)
     case system(SystemError)
@@ -22,6 +24,7 @@ public enum SandboxError: LifeboatError {
         case .exists(let name): return "a sandbox \(name) already exists"
         case .busy(let name, let why): return "sandbox \(name) is busy: \(why)"
         case .damagedOverlay(let path, let why): return "the sandbox overlay \(path) is damaged: \(why)"
+        case .lastFlushFailed(let name, let why): return "sandbox \(name): \(why)"
         case .pastEnd(let disk, let offset, let size): return "write at byte \(offset) is past the end of disk \(disk) (\(size) bytes)"
         case .freezeExpired(let name): return "sandbox \(name) kept writing while it was being promoted (its writes cannot wait longer than \(Int(WriteGate.maximumWait)) s); stop the machine or try again"
         case .system(let error): return error.description
@@ -36,6 +39,7 @@ public enum SandboxError: LifeboatError {
         case .exists, .pastEnd: return .usage
         case .busy, .freezeExpired: return .busy
         case .damagedOverlay: return .damaged
+        case .lastFlushFailed: return .io
         case .system(let error): return error.kind
         case .vault(let error): return error.kind
         case .disk(let error): return error.kind
@@ -194,10 +198,12 @@ public final class SandboxDisk: Sendable {
     private let flushing = Mutex<Void>(())
     /// A failed sync of the data file fails every later one: the map must never claim lost data.
     private let dataFlush = DataFlush()
-    /// Where a failed flush is recorded, so that it outlives this process: Linux may drop the
-    /// pages of a failed writeback, and an overlay written in place then mixes old and new
-    /// blocks in a state the machine never saw. Until `sandbox reset`, the overlay is not used.
+    /// Where a failed flush is recorded, so that `umount` and `sandbox list` can say it after
+    /// this process is gone: the writes made since the previous flush may then be lost (Linux
+    /// may drop the pages of a failed write-back), as after a crash. The overlay stays usable in
+    /// that crash-consistent state; the next successful flush removes the record.
     public let failureMarker: String
+    private let failureRecorded = Atomic<Bool>(false)
 
     public var size: UInt64 { base.size }
     public var blocks: Int { Int((base.size + UInt64(SandboxDisk.blockSize) - 1) / UInt64(SandboxDisk.blockSize)) }
@@ -209,9 +215,7 @@ public final class SandboxDisk: Sendable {
         self.name = name
         self.base = base
         failureMarker = SandboxDisk.failureMarker(prefix: prefix)
-        if let failure = SandboxDisk.recordedFailure(prefix: prefix) {
-            throw .damagedOverlay(path: prefix + ".data", why: failure)
-        }
+        failureRecorded.store(FileSystem.exists(failureMarker), ordering: .relaxed)
         let blockCount = Int((base.size + UInt64(SandboxDisk.blockSize) - 1) / UInt64(SandboxDisk.blockSize))
         var loaded = BlockMap(blocks: blockCount)
         // A map whose data file is gone (or was cut) would read its blocks as zeros.
@@ -500,6 +504,10 @@ public final class SandboxDisk: Sendable {
                     recordFailure(error)
                     throw error
                 }
+                if failureRecorded.exchange(false, ordering: .relaxed) {
+                    try? FileSystem.remove(failureMarker)
+                    try? FileSystem.syncDirectory(FileSystem.parentDirectory(of: failureMarker))
+                }
             }
         } catch {
             throw .system(error)
@@ -508,7 +516,7 @@ public final class SandboxDisk: Sendable {
 
     static func failureMarker(prefix: String) -> String { prefix + ".flush-failed" }
 
-    /// Why the overlay at `prefix` is not to be trusted, if a flush of it failed.
+    /// What the overlay at `prefix` may have lost, if its last flush failed.
     public static func recordedFailure(prefix: String) -> String? {
         let marker = failureMarker(prefix: prefix)
         guard FileSystem.exists(marker) else { return nil }
@@ -516,13 +524,15 @@ public final class SandboxDisk: Sendable {
             defer { file.close() }
             return String(decoding: (try? file.readAll(count: 4096)) ?? [], as: UTF8.self)
         } ?? ""
-        return "a flush of it failed (\(cause.isEmpty ? "cause not recorded" : cause)): writes the machine made may be lost, "
-            + "so it is not used; `lifeboat sandbox reset` starts it again from its point"
+        return "its last flush failed (\(cause.isEmpty ? "cause not recorded" : cause)): the writes made since the flush before it "
+            + "may be lost, as after a crash"
     }
 
     /// Best effort: the filesystem that failed the flush may refuse this too (the failure is
-    /// then still in the server's log and fails every later flush of this process).
+    /// then still in the server's log, and a failed data sync fails every later flush of this
+    /// process).
     private func recordFailure(_ error: SystemError) {
+        failureRecorded.store(true, ordering: .relaxed)
         guard !FileSystem.exists(failureMarker),
               let file = try? SystemFile.open(failureMarker, .createOrOpen(permissions: 0o600)) else { return }
         try? file.write(Array(error.description.utf8), at: 0)

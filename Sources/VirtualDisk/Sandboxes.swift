@@ -40,8 +40,8 @@ public struct SandboxStatus: Codable, Sendable {
     /// Where its server has it mounted, if it runs.
     public var mountpoint: String?
     public var serverPID: Int32?
-    /// Why its overlay is not used (a flush of it failed), if so.
-    public var damaged: String?
+    /// What its overlay may have lost, if its last flush failed.
+    public var lastFlushFailed: String?
 }
 
 /// Where a running sandbox server says it is mounted (`mount.json`).
@@ -129,10 +129,10 @@ public final class Sandboxes: Sendable {
         let mount = mounted(name)
         return SandboxStatus(name: name, machine: record.machine, point: record.point, pointTime: record.pointTime,
                              created: record.created, writtenBytes: disks.reduce(0) { $0 + $1.writtenBytes }, disks: disks,
-                             mountpoint: mount?.mountpoint, serverPID: mount?.pid, damaged: flushFailure(name))
+                             mountpoint: mount?.mountpoint, serverPID: mount?.pid, lastFlushFailed: flushFailure(name))
     }
 
-    /// Why the sandbox's overlay is not used, if a flush of one of its disks failed.
+    /// What the sandbox may have lost, if the last flush of one of its disks failed.
     public func flushFailure(_ name: String) -> String? {
         Sandboxes.flushFailure(sandboxDirectory: path(name))
     }
@@ -232,7 +232,7 @@ public final class Sandboxes: Sendable {
 
     /// Throws away everything the sandbox wrote; it starts again from its point.
     public func reset(_ name: String) throws(SandboxError) {
-        // The lock only: the overlay may be one that is refused (a failed flush).
+        // The lock only: the overlay need not be readable to be thrown away.
         let record = try record(name)
         let lock = try lockExclusively(name)
         defer { lock.close() }

@@ -170,10 +170,14 @@ struct UmountCommand: ParsableCommand {
                 // A sandbox's server flushes its overlay and releases the sandbox as it stops:
                 // a sync or promote right after the unmount must find it free.
                 if let sandboxServer {
-                    Mounts.waitForExit(sandboxServer.pid, seconds: 60)
+                    guard Mounts.waitForExit(sandboxServer.pid, seconds: 60) else {
+                        print("unmounted \(mountpoint); its server (pid \(sandboxServer.pid)) is still flushing the overlay")
+                        return
+                    }
                     // Its last flush is the one that makes the machine's writes durable.
                     if let why = Sandboxes.flushFailure(sandboxDirectory: sandboxServer.directory) {
-                        throw SandboxError.damagedOverlay(path: sandboxServer.directory, why: "unmounted \(mountpoint), but " + why)
+                        let name = (sandboxServer.directory as NSString).lastPathComponent
+                        throw SandboxError.lastFlushFailed(name: name, why: "unmounted \(mountpoint), but " + why)
                     }
                 }
                 print("unmounted \(mountpoint)")

@@ -72,7 +72,7 @@ struct SandboxCommand: ParsableCommand {
                                  s.mountpoint.map { "\($0) (pid \(s.serverPID ?? 0))" } ?? "-"])
                 }
                 print(formatTable(rows), terminator: "")
-                for s in statuses { if let why = s.damaged { print("sandbox \(s.name) is not usable: \(why)") } }
+                for s in statuses { if let why = s.lastFlushFailed { print("sandbox \(s.name): \(why)") } }
             }
         }
     }

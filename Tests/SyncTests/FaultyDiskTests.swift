@@ -124,10 +124,10 @@ private func faultyDisk() -> FaultyDisk? {
 }
 
 @Suite(.serialized, .enabled(if: isRoot && FileSystem.exists("/dev/fuse"))) struct FaultyDiskTests {
-    /// A sandbox whose overlay failed a flush is not used again, by this process or the next,
-    /// until it is reset: Linux may have dropped the failed pages, and the overlay would mix old
-    /// and new blocks. The overlay's data file is the faulty filesystem's file.
-    @Test func aSandboxWhoseFlushFailedIsRefusedUntilReset() throws {
+    /// A failed flush of a sandbox's overlay is recorded beside it, so that it outlives the
+    /// server (umount and `sandbox list` say it); the overlay stays usable, in the state of its
+    /// last successful flush at least, and the next successful flush removes the record.
+    @Test func aFailedSandboxFlushIsRecordedUntilAFlushSucceeds() throws {
         let f = try SyncFixture()
         defer { f.dir.remove() }
         let backing = f.dir.file("overlay-backing")
@@ -141,32 +141,24 @@ private func faultyDisk() -> FaultyDisk? {
         #expect(symlink(disk.image, disks + "/os.data") == 0)
 
         let open = try sandboxes.open("s")
-        let bytes = [UInt8](repeating: 0xab, count: 8192)
-        try bytes.withUnsafeBytes { try open.disks[0].write($0, at: 1 << 20) }
+        let flushed = [UInt8](repeating: 0xab, count: 8192), lost = [UInt8](repeating: 0xcd, count: 8192)
+        try flushed.withUnsafeBytes { try open.disks[0].write($0, at: 1 << 20) }
+        try open.disks[0].flush()
+        try lost.withUnsafeBytes { try open.disks[0].write($0, at: 2 << 20) }
         disk.failingFlushes.store(1, ordering: .relaxed)
         #expect(throws: SandboxError.self) { try open.disks[0].flush() }
-        open.close()
+        open.close()   // its flush fails too: one failed data sync fails every later one
 
-        // Refused on the next opening, with the cause, and shown in its status.
-        do {
-            _ = try sandboxes.open("s")
-            Issue.record("an overlay whose flush failed must not be used")
-        } catch {
-            #expect(error.kind == .damaged)
-            #expect(error.description.contains("a flush of it failed") && error.description.contains("Input/output error")
-                    && error.description.contains("sandbox reset"), "\(error.description)")
-        }
-        #expect(try sandboxes.status("s").damaged?.contains("disk os") == true)
+        let recorded = try #require(try sandboxes.status("s").lastFlushFailed)
+        #expect(recorded.contains("disk os") && recorded.contains("Input/output error") && recorded.contains("may be lost"), "\(recorded)")
 
-        // A reset starts it again from its point.
-        try sandboxes.reset("s")
-        #expect(try sandboxes.status("s").damaged == nil)
+        // Usable again; what the successful flush covered is there.
         let again = try sandboxes.open("s")
         var back = [UInt8](repeating: 1, count: 8192)
         _ = try back.withUnsafeMutableBytes { try again.disks[0].read(into: $0, at: 1 << 20) }
-        let original = try SystemFile.open(f.days[2], .readOnly)
-        defer { original.close() }
-        #expect(back == (try original.readAll(from: 1 << 20, count: 8192)))
+        #expect(back == flushed)
+        try again.disks[0].flush()
+        #expect(try sandboxes.status("s").lastFlushFailed == nil)
         again.close()
     }
 
