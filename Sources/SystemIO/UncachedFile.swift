@@ -50,8 +50,14 @@ public final class UncachedFile: Sendable {
         }
     }
 
-    /// Writes like `SystemFile.write(_:at:)`, with O_DIRECT when the request is aligned.
+    /// Writes like `SystemFile.write(_:at:)`, with O_DIRECT when the request is aligned; of a
+    /// request whose length is not (a disk's last bytes), the aligned head.
     public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws(SystemError) {
+        let head = buffer.count / SystemFile.directAlignment * SystemFile.directAlignment
+        if head > 0 && head < buffer.count {
+            try write(UnsafeRawBufferPointer(rebasing: buffer[0..<head]), at: offset)
+            return try write(UnsafeRawBufferPointer(rebasing: buffer[head...]), at: offset + UInt64(head))
+        }
         let file = descriptor(buffer.baseAddress, count: buffer.count, offset: offset)
         do {
             try file.write(buffer, at: offset)
