@@ -213,9 +213,11 @@ extension Vault {
         let workerCount = max(1, ProcessInfo.processInfo.activeProcessorCount)
         // Files and devices are read by several threads at once (O_DIRECT has no readahead, and
         // the device needs several requests in flight to reach its speed); standard input by one.
-        let readerCount = source.size == nil ? 1 : 8
+        // 12 readers and 4 spare batches against 8 and 2: a day-2 incremental 5-7% faster (11
+        // interleaved pairs, medians 1.51/1.55 s against 1.63), peak RSS 170 MB against 145.
+        let readerCount = source.size == nil ? 1 : 12
         // Enough batches for every reader and worker to hold one, and a few waiting.
-        let batchCount = readerCount + workerCount * 2 + 2
+        let batchCount = readerCount + workerCount * 2 + 4
         let free = BoundedQueue<Batch>(capacity: batchCount)
         for _ in 0..<batchCount { free.push(Batch(bytes: slotsPerBatch * chunkSize, slots: slotsPerBatch)) }
         let filled = BoundedQueue<Batch>(capacity: batchCount)
