@@ -27,12 +27,12 @@ public struct LocalDirectoryStore: ObjectStore {
         } catch { throw .failed(error) }
         let temporary = directory + "/.tmp-" + randomSuffix()
         do throws(SystemError) {
-            let file = try SystemFile.open(temporary, .createExclusive(permissions: 0o644))
+            let file = try UncachedFile(temporary, .createExclusive(permissions: 0o644))
             defer { file.close() }
             do throws(SystemError) {
                 // Objects are written once and read rarely soon after: skip the page cache.
-                try file.writeUncached(bytes, at: 0)
-                try file.sync()
+                try file.write(bytes, at: 0)
+                try file.buffered.sync()
             } catch {
                 try? FileSystem.remove(temporary)
                 throw error
@@ -182,20 +182,19 @@ extension LocalDirectoryStore {
         let guardFile = (try? SystemFile.open(guardPath, .readOnly)) ?? (try? SystemFile.open(guardPath, .createOrOpen(permissions: 0o644)))
         defer { guardFile?.close() }   // closing releases the lock
         _ = try? guardFile?.lock(exclusive: true, wait: true)
+        let found: [UInt8]
         do {
-            let found: [UInt8]
-            do {
-                let file = try SystemFile.open(target, .readOnly)
-                defer { file.close() }
-                found = try file.readAll(count: Int(try file.size()))
-            } catch where error.errno == ENOENT {
-                return false
-            }
-            guard found == expected else { return false }
+            found = try get(name)
+        } catch {
+            if case .notFound = error { return false }
+            throw error
+        }
+        guard found == expected else { return false }
+        do {
             try FileSystem.remove(target)
             try FileSystem.syncDirectory(directory)
-            return true
         } catch { throw .failed(error) }
+        return true
     }
 }
 

@@ -145,30 +145,6 @@ public struct SystemFile: Sendable {
         return wanted == flags || fcntl(fd, F_SETFL, wanted) == 0
     }
 
-    /// Writes bypassing the page cache where the buffer, offset and length allow it (the aligned
-    /// head with O_DIRECT, the tail buffered). Large sequential writes of data nobody reads back
-    /// soon (objects) then cost no page-cache copies. It toggles the descriptor's O_DIRECT flag:
-    /// for a descriptor one thread writes; threads sharing a file use UncachedFile.
-    public func writeUncached(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws(SystemError) {
-        let a = SystemFile.directAlignment
-        let head = buffer.count / a * a
-        guard let base = buffer.baseAddress, Int(bitPattern: base) % a == 0, offset % UInt64(a) == 0, head > 0,
-              setDirect(true) else {
-            return try write(buffer, at: offset)
-        }
-        do {
-            try write(UnsafeRawBufferPointer(rebasing: buffer[0..<head]), at: offset)
-        } catch {
-            setDirect(false)
-            guard error.errno == EINVAL else { throw error }
-            return try write(buffer, at: offset)  // the filesystem refused O_DIRECT after all
-        }
-        setDirect(false)
-        if head < buffer.count {
-            try write(UnsafeRawBufferPointer(rebasing: buffer[head...]), at: offset + UInt64(head))
-        }
-    }
-
     /// Reads like `read(into:at:)`, with O_DIRECT when the request is aligned; falls back to the
     /// page cache when the filesystem refuses.
     public func readUncached(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(SystemError) -> Int {

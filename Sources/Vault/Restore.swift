@@ -106,12 +106,8 @@ extension Vault {
             return
         } catch let error as SystemError {
             throw .target(error)
-        } catch let error as VaultError {
-            throw error
-        } catch let error as ChunkStoreError {
-            throw .chunks(error)
         } catch {
-            throw .invalidArgument("\(error)")
+            throw .wrapping(error)
         }
     }
 

@@ -202,7 +202,7 @@ public final class SandboxDisk: Sendable {
     /// this process is gone: the writes made since the previous flush may then be lost (Linux
     /// may drop the pages of a failed write-back), as after a crash. The overlay stays usable in
     /// that crash-consistent state; the next successful flush removes the record.
-    public let failureMarker: String
+    private let failureMarker: String
     private let failureRecorded = Atomic<Bool>(false)
 
     public var size: UInt64 { base.size }
@@ -520,10 +520,7 @@ public final class SandboxDisk: Sendable {
     public static func recordedFailure(prefix: String) -> String? {
         let marker = failureMarker(prefix: prefix)
         guard FileSystem.exists(marker) else { return nil }
-        let cause = (try? SystemFile.open(marker, .readOnly)).map { file in
-            defer { file.close() }
-            return String(decoding: (try? file.readAll(count: 4096)) ?? [], as: UTF8.self)
-        } ?? ""
+        let cause = FileManager.default.contents(atPath: marker).map { String(decoding: $0.prefix(4096), as: UTF8.self) } ?? ""
         return "its last flush failed (\(cause.isEmpty ? "cause not recorded" : cause)): the writes made since the flush before it "
             + "may be lost, as after a crash"
     }

@@ -163,12 +163,12 @@ public final class Sandboxes: Sendable {
 
     /// The running server's mount, if one holds the sandbox's lock.
     /// The server of the sandbox mounted at `mountpoint` (absolute), if one says it serves it.
-    public static func server(mountedAt mountpoint: String, stateDirectory: String = Defaults.stateDirectory) -> (directory: String, pid: Int32)? {
+    public static func server(mountedAt mountpoint: String, stateDirectory: String = Defaults.stateDirectory) -> (name: String, directory: String, pid: Int32)? {
         let directory = stateDirectory + "/sandboxes"
         for name in (try? FileSystem.list(directory)) ?? [] {
             guard let data = FileManager.default.contents(atPath: directory + "/" + name + "/mount.json"),
                   let mount = try? JSONDecoder().decode(SandboxMount.self, from: data), mount.mountpoint == mountpoint else { continue }
-            return (directory + "/" + name, mount.pid)
+            return (name, directory + "/" + name, mount.pid)
         }
         return nil
     }
@@ -240,8 +240,8 @@ public final class Sandboxes: Sendable {
         // written blocks read as zeros. The failure marker goes last.
         let disks = path(name) + "/disks"
         for disk in record.disks {
-            for suffix in [".map", ".data", ".flush-failed"] {
-                let file = disks + "/" + disk.name + suffix
+            let prefix = disks + "/" + disk.name
+            for file in [prefix + ".map", prefix + ".data", SandboxDisk.failureMarker(prefix: prefix)] {
                 if FileSystem.exists(file) {
                     do {
                         try FileSystem.remove(file)

@@ -176,8 +176,7 @@ struct UmountCommand: ParsableCommand {
                     }
                     // Its last flush is the one that makes the machine's writes durable.
                     if let why = Sandboxes.flushFailure(sandboxDirectory: sandboxServer.directory) {
-                        let name = (sandboxServer.directory as NSString).lastPathComponent
-                        throw SandboxError.lastFlushFailed(name: name, why: "unmounted \(mountpoint), but " + why)
+                        throw SandboxError.lastFlushFailed(name: sandboxServer.name, why: "unmounted \(mountpoint), but " + why)
                     }
                 }
                 print("unmounted \(mountpoint)")
