@@ -128,6 +128,8 @@ public final class ChunkStore: Sendable {
     /// No stored chunk is larger than the largest chunk size (8 MiB) plus zstd's worst case: a
     /// larger length comes from a damaged index and must not become a read of gigabytes.
     public static let maximumStoredLength: UInt32 = (8 << 20) + (1 << 20)
+    /// A chunk's length once opened: the largest chunk size a vault can have (index nodes are smaller).
+    public static let maximumRawLength: UInt32 = 8 << 20
 
     private static func checkLength(_ location: ChunkLocation, of id: ChunkID) throws(ChunkStoreError) {
         guard location.storedLength <= maximumStoredLength else {

@@ -54,7 +54,11 @@ public struct IndexObject: Sendable {
                 var entries: [PackEntry] = []
                 entries.reserveCapacity(count)
                 for _ in 0..<count {
-                    entries.append(PackEntry.decode(raw, at: offset))
+                    let entry = PackEntry.decode(raw, at: offset)
+                    guard entry.rawLength <= ChunkStore.maximumRawLength, entry.storedLength <= ChunkStore.maximumStoredLength else {
+                        throw .badIndex(name, "an entry of pack \(pack.short) claims \(entry.storedLength) bytes stored, \(entry.rawLength) opened")
+                    }
+                    entries.append(entry)
                     offset += PackEntry.encodedSize
                 }
                 packs.append((pack, entries))

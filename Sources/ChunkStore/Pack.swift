@@ -119,6 +119,10 @@ public enum PackFormat {
                 guard entry.offset >= UInt32(headerSize), end <= trailer.directoryOffset else {
                     throw .badPack(pack, "entry \(i) lies outside the blob area")
                 }
+                // Readers allocate what an entry claims: a damaged or crafted one must not make them try 4 GiB.
+                guard entry.rawLength <= ChunkStore.maximumRawLength, entry.storedLength <= ChunkStore.maximumStoredLength else {
+                    throw .badPack(pack, "entry \(i) claims \(entry.storedLength) bytes stored, \(entry.rawLength) opened")
+                }
                 entries.append(entry)
             }
         }

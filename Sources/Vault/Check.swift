@@ -88,14 +88,14 @@ extension Vault {
         for (pack, size) in packSizes.sorted(by: { $0.key < $1.key }) {
             let name = PackFormat.objectName(pack)
             do {
-                let entries = try readDirectory(pack: name, size: size)
+                let entries = try packDirectory(name, size: size)
                 if let expected = indexedPacks[pack] {
                     if expected != entriesDigest(entries) {
                         report.errors.append(CheckProblem(object: name, message: "its directory differs from the index object that lists it"))
                         badPacks.insert(pack)
                     }
                 } else {
-                    report.warnings.append(CheckProblem(object: name, message: "no index object lists this pack (left by an interrupted backup; garbage collection removes it)"))
+                    report.warnings.append(CheckProblem(object: name, message: "no index object lists this pack (left by an interrupted backup; garbage collection removes it, or lists it again if points need its chunks)"))
                 }
             } catch let error as ChunkStoreError {
                 report.errors.append(CheckProblem(object: name, message: error.description))
@@ -139,7 +139,8 @@ extension Vault {
         return report
     }
 
-    private func readDirectory(pack name: String, size: UInt64) throws -> [PackEntry] {
+    /// A pack's own directory, checked against its trailer.
+    func packDirectory(_ name: String, size: UInt64) throws -> [PackEntry] {
         guard size >= UInt64(PackFormat.headerSize + PackFormat.trailerSize) else {
             throw ChunkStoreError.badPack(name, "only \(size) bytes long")
         }

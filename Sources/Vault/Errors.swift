@@ -15,6 +15,7 @@ public enum VaultError: LifeboatError {
     case ambiguousPoint(String, [String])
     case unknownDisk(point: String, disk: String, known: [String])
     case badManifest(String, String)
+    case damagedObject(String, String)
     case locked(machine: String, holder: String)
     case lockLost(object: String, why: String)
     case sourceShort(path: String, expected: UInt64, got: UInt64)
@@ -41,9 +42,12 @@ public enum VaultError: LifeboatError {
         case .ambiguousPoint(let spec, let ids): return "recovery point \(spec) is ambiguous: it matches \(ids.joined(separator: ", "))"
         case .unknownDisk(let point, let disk, let known): return "point \(point) has no disk \(disk) (it has: \(known.joined(separator: ", ")))"
         case .badManifest(let name, let why): return "recovery point manifest \(name) is damaged: \(why)"
+        case .damagedObject(let name, let why): return "vault object \(name) is damaged: \(why)"
         case .locked(let machine, let holder):
             if machine == "garbage collection" { return "garbage collection is already running (\(holder))" }
             return "machine \(machine) is being backed up by another process (\(holder)); try again when it has finished"
+        case .lockLost(let object, let why) where object.hasPrefix("gc/"):
+            return "the lock \(object) was lost (\(why)): another garbage collection may be running, so this one stopped before deleting anything more; run gc again"
         case .lockLost(let object, let why):
             return "the lock \(object) was lost (\(why)): garbage collection may have removed chunks this backup reused, so its point was not written; run the backup again"
         case .sourceShort(let path, let expected, let got): return "source \(path) ended at byte \(got) but was \(expected) bytes long when the backup started"
@@ -63,7 +67,7 @@ public enum VaultError: LifeboatError {
         switch self {
         case .noVault, .unknownMachine, .unknownPoint, .unknownDisk: return .notFound
         case .foreignVault, .unsupportedFormat, .invalidName, .invalidArgument, .ambiguousPoint, .vaultExists, .targetExists, .targetTooSmall: return .usage
-        case .badConfig, .badManifest, .damagedPoint, .sourceShort: return .damaged
+        case .badConfig, .badManifest, .damagedObject, .damagedPoint, .sourceShort: return .damaged
         case .locked, .lockLost: return .busy
         case .source(let e), .target(let e): return e.kind
         case .chunks(let e): return e.kind

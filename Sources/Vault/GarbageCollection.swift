@@ -12,6 +12,18 @@ public struct GCPlan: Codable, Sendable {
     public var packs: [String]
 }
 
+/// The backups running when a plan was written (`gc/blockers-<the plan's name after "plan-">`):
+/// the plan waits until each has finished. Recorded by identity, never by comparing times, which
+/// would compare two hosts' clocks.
+struct GCBlockers: Codable {
+    struct Lock: Codable {
+        var object: String
+        /// The lock object's contents when the plan was written.
+        var content: String
+    }
+    var locks: [Lock]
+}
+
 public struct GCReport: Codable, Sendable {
     public var points = 0
     public var liveChunks = 0
@@ -22,6 +34,12 @@ public struct GCReport: Codable, Sendable {
     public var packsRewritten = 0
     /// Packs no index object lists, older than the grace period (left by interrupted backups).
     public var orphanPacksDeleted = 0
+    /// Packs no index object listed that hold chunks points need and no other pack holds (an
+    /// index object was lost): listed again by a new index object, and kept.
+    public var orphanPacksIndexed = 0
+    /// Live chunks whose every copy in the packs to rewrite failed to verify: those packs are
+    /// kept as they are (`check --read-data` names the damage).
+    public var damagedChunks = 0
     /// Net: bytes of the packs deleted, less the live bytes copied into new packs.
     public var bytesFreed: UInt64 = 0
     /// Bytes of the packs deleted.
@@ -76,7 +94,7 @@ extension Vault {
     /// Every chunk id a point needs: the nodes of its disk index trees and the slots' chunks.
     /// A manifest it cannot read stops it: that point's chunks would count as dead.
     func liveChunks() throws(VaultError) -> (Set<ChunkID>, Int) {
-        var live = Set<ChunkID>(), walked = Set<ChunkID>()
+        var live = Set<ChunkID>(), walked = Set<WalkedNode>()
         var unreadable: [(name: String, error: VaultError)] = []
         let all = try points { name, error in unreadable.append((name, error)) }
         if let first = unreadable.first {
@@ -96,16 +114,24 @@ extension Vault {
         return (live, all.count)
     }
 
+    /// An index node as walked: the same bytes mean other children at another level.
+    struct WalkedNode: Hashable {
+        let id: ChunkID
+        let level: Int
+    }
+
     /// Adds every chunk id a disk needs to `ids`: its index nodes and its slots' chunks.
     /// Nodes in `walked` (shared with another point) are not walked again. Nodes are tracked
-    /// apart from `ids`: a slot whose bytes equal an index node has the node's id, and taking
-    /// it for walked would leave the node's children unmarked.
-    func collectChunkIDs(of disk: PointDisk, into ids: inout Set<ChunkID>, walked: inout Set<ChunkID>) throws {
+    /// apart from `ids`, and by level: a slot whose bytes equal an index node has the node's id,
+    /// and a leaf whose bytes equal a node of level 1 (a guest can write 2,048 slots whose ids
+    /// are another disk's leaves) has that node's id; taking either for walked would leave the
+    /// node's children unmarked, and gc would delete them.
+    func collectChunkIDs(of disk: PointDisk, into ids: inout Set<ChunkID>, walked: inout Set<WalkedNode>) throws {
         try walk(disk.root, level: disk.indexDepth - 1, into: &ids, walked: &walked)
     }
 
-    private func walk(_ id: ChunkID, level: Int, into ids: inout Set<ChunkID>, walked: inout Set<ChunkID>) throws {
-        guard !id.isZero, walked.insert(id).inserted else { return }
+    private func walk(_ id: ChunkID, level: Int, into ids: inout Set<ChunkID>, walked: inout Set<WalkedNode>) throws {
+        guard !id.isZero, walked.insert(WalkedNode(id: id, level: level)).inserted else { return }
         ids.insert(id)
         let bytes = try chunks.read(id)
         try bytes.withUnsafeBytes { raw in
@@ -136,9 +162,18 @@ extension Vault {
 
         // Plans from earlier runs first: they may be due now.
         if !dryRun {
-            for (name, plan) in try plans() where try !blockedByBackups(plan) {
-                try execute(plan, name: name, report: &report)
+            let pending = try plans()
+            for (name, plan) in pending where try !blockedByBackups(planNamed: name) {
+                try execute(plan, name: name, lock: lock, report: &report)
             }
+            // Blockers of plans that are gone (a gc died between the two deletions).
+            do {
+                let planNames = Set(pending.map(\.0))
+                for object in try store.list(prefix: Vault.gcPrefix + "blockers-")
+                where !planNames.contains(Vault.gcPrefix + "plan-" + object.name.dropFirst((Vault.gcPrefix + "blockers-").count)) {
+                    try store.delete(object.name)
+                }
+            } catch { throw .store(error) }
         }
 
         // Mark.
@@ -176,6 +211,38 @@ extension Vault {
             }
         }
         report.packs = sizes.count
+        // An unindexed pack is usually what an interrupted backup left, its chunks written again
+        // since or never needed. One that holds a chunk a point needs and no indexed pack holds
+        // is the only copy (its index object was lost): it is listed again, not deleted.
+        var unneeded: [ChunkID] = []
+        for pack in orphans {
+            guard let entries = try? packDirectory(PackFormat.objectName(pack), size: sizes[pack] ?? 0) else {
+                unneeded.append(pack)
+                continue
+            }
+            var needed = false
+            for entry in entries where live.contains(entry.id) {
+                let located: ChunkLocation?
+                do { located = try chunks.location(entry.id) } catch { throw .chunks(error) }
+                if located.map({ sizes[$0.pack] == nil }) ?? true {
+                    needed = true
+                    break
+                }
+            }
+            guard needed else {
+                unneeded.append(pack)
+                continue
+            }
+            if !dryRun {
+                let bytes = IndexObject(packs: [(pack, entries)]).encode()
+                do {
+                    try store.put(IndexObject.objectName(for: bytes), bytes)
+                } catch { throw .store(error) }
+            }
+            report.orphanPacksIndexed += 1
+        }
+        orphans = unneeded
+        if report.orphanPacksIndexed > 0 && !dryRun { chunks.refresh() }
 
         // A pack retires when less than `rewriteBelow` of its bytes are live (by default: more
         // than a twentieth is dead, so that gc frees nearly all of what the removed points held);
@@ -214,26 +281,51 @@ extension Vault {
             return report
         }
 
-        // Copy the live chunks of rewritten packs, as stored, into new packs.
+        // Copy the live chunks of rewritten packs, as stored, into new packs. Each copy is opened
+        // and checked against its id first: the old packs go, so a copy of damaged bytes would
+        // make the damage permanent where another copy, or the pack left as it is, keeps it
+        // repairable. A chunk with no good copy keeps every pack to retire that holds it.
         if !rewritten.isEmpty {
             let writer = chunks.writer()
             var copied = Set<ChunkID>()
+            var damaged: [ChunkID: [ChunkID]] = [:]   // chunk -> packs whose copy failed
+            let decompressor = ChunkDecompressor()
+            var opened = [UInt8]()
             do {
                 for pack in rewritten.sorted() {
                     if Cancellation.requested { throw VaultError.interrupted }
                     let name = PackFormat.objectName(pack)
                     for entry in holds[pack] ?? [] where live.contains(entry.id) && !heldElsewhere.contains(entry.id) && !copied.contains(entry.id) {
-                        guard entry.storedLength <= ChunkStore.maximumStoredLength else {
-                            throw VaultError.chunks(.damagedChunk(entry.id, pack: name, offset: entry.offset,
-                                                                  reason: "its index entry gives a stored length of \(entry.storedLength) bytes"))
+                        guard entry.storedLength <= ChunkStore.maximumStoredLength, entry.rawLength <= ChunkStore.maximumRawLength else {
+                            damaged[entry.id, default: []].append(pack)
+                            continue
                         }
                         let stored = try store.read(name, at: UInt64(entry.offset), count: Int(entry.storedLength))
+                        if opened.count < Int(entry.rawLength) { opened = [UInt8](repeating: 0, count: Int(entry.rawLength)) }
+                        let location = ChunkLocation(pack: pack, offset: entry.offset, storedLength: entry.storedLength,
+                                                     rawLength: entry.rawLength, flags: entry.flags)
+                        let good: Bool = stored.withUnsafeBytes { raw in
+                            opened.withUnsafeMutableBytes { out in
+                                (try? ChunkStore.open(id: entry.id, location: location, stored: raw,
+                                                      into: UnsafeMutableRawBufferPointer(rebasing: out[0..<Int(entry.rawLength)]),
+                                                      decompressor: decompressor)) != nil
+                            }
+                        }
+                        guard good else {
+                            damaged[entry.id, default: []].append(pack)
+                            continue
+                        }
                         try writer.add(id: entry.id, stored: stored, rawLength: Int(entry.rawLength), flags: entry.flags)
                         copied.insert(entry.id)
                         report.bytesCopied += UInt64(entry.storedLength)
                     }
                 }
                 _ = try writer.finish()
+                for (id, packs) in damaged where !copied.contains(id) {
+                    report.damagedChunks += 1
+                    retiring.subtract(packs)
+                }
+                report.packsRewritten = retiring.subtracting(dead).count
             } catch {
                 writer.abandon()
                 if let error = error as? VaultError { throw error }
@@ -243,62 +335,111 @@ extension Vault {
             }
         }
 
-        // The plan is written before anything is deleted.
+        // The plan is written before anything is deleted, and only while this gc holds its lock
+        // (a collector paused for half an hour lost it to another, whose plan may count on packs
+        // this one would delete).
+        try lock.confirm()
         let candidates = retiring.union(orphans)
         guard !candidates.isEmpty else {
             report.bytesFreed = report.bytesDeleted > report.bytesCopied ? report.bytesDeleted - report.bytesCopied : 0
             report.seconds = Date().timeIntervalSince(started)
             return report
         }
-        // Stamped when written, not when this run began: a backup that took its lock after this
-        // moment reads the plan; one that took it before holds the deletion back.
         let written = Date()
         let plan = GCPlan(created: Timestamp.format(written), packs: candidates.map(\.hex).sorted())
         let bytes = Array((try? JSONEncoder().encode(plan)) ?? Data())
         let name = Vault.gcPrefix + "plan-" + Timestamp.format(written).filter { $0.isNumber } + "-" + ChunkID.sha256(bytes).hex.prefix(16)
+        // Then the backups running now: they may have started before the plan and chosen to reuse
+        // a chunk of its packs. One that takes its lock after this listing reads the plan.
         do {
             try store.put(name, bytes)
-        } catch { throw .store(error) }
-        if try blockedByBackups(plan) {
+            let running = try runningBackups()
+            let record = Array((try? JSONEncoder().encode(GCBlockers(locks: running))) ?? Data())
+            try store.put(Vault.blockersName(ofPlan: name), record)
+        } catch let error as ObjectStoreError {
+            throw .store(error)
+        } catch let error as VaultError {
+            throw error
+        } catch {
+            throw .invalidArgument("\(error)")
+        }
+        if try blockedByBackups(planNamed: name) {
             report.deferred = true
         } else {
-            try execute(plan, name: name, report: &report)
+            try execute(plan, name: name, lock: lock, report: &report)
         }
         report.bytesFreed = report.bytesDeleted > report.bytesCopied ? report.bytesDeleted - report.bytesCopied : 0
         report.seconds = Date().timeIntervalSince(started)
         return report
     }
 
-    /// True while a backup that started before the plan was written still runs: it may have
-    /// chosen to reuse a chunk from one of the plan's packs. A lock whose holder is gone (dead
-    /// process, or no heartbeat for half an hour) does not count.
-    private func blockedByBackups(_ plan: GCPlan) throws(VaultError) -> Bool {
-        guard let created = Timestamp.parse(plan.created) else { return true }
+    static func blockersName(ofPlan plan: String) -> String {
+        gcPrefix + "blockers-" + plan.dropFirst((gcPrefix + "plan-").count)
+    }
+
+    /// The backups (machine locks) that run now; a lock whose holder is gone (dead process on
+    /// this host, or no heartbeat for half an hour) does not count, one that cannot be read does.
+    private func runningBackups() throws(VaultError) -> [GCBlockers.Lock] {
         let locks: [ObjectInfo]
         do {
             locks = try store.list(prefix: "locks/")
         } catch { throw .store(error) }
+        var running: [GCBlockers.Lock] = []
         for lock in locks {
             let bytes: [UInt8]
             do {
                 bytes = try store.get(lock.name)
             } catch {
                 if case .notFound = error { continue }  // released since the listing
+                throw .store(error)
+            }
+            if let holder = try? JSONDecoder().decode(MachineLock.Holder.self, from: Data(bytes)), holder.isStale { continue }
+            running.append(GCBlockers.Lock(object: lock.name, content: String(decoding: bytes, as: UTF8.self)))
+        }
+        return running
+    }
+
+    /// True while a backup that was running when the plan was written still runs: it may have
+    /// chosen to reuse a chunk from one of the plan's packs. A plan whose record of those backups
+    /// is missing (a gc died in between) waits until no backup runs.
+    private func blockedByBackups(planNamed name: String) throws(VaultError) -> Bool {
+        let record: GCBlockers
+        do {
+            record = try JSONDecoder().decode(GCBlockers.self, from: Data(try store.get(Vault.blockersName(ofPlan: name))))
+        } catch let error as ObjectStoreError {
+            if case .notFound = error { return try !runningBackups().isEmpty }
+            throw .store(error)
+        } catch {
+            return try !runningBackups().isEmpty
+        }
+        for lock in record.locks {
+            let bytes: [UInt8]
+            do {
+                bytes = try store.get(lock.object)
+            } catch {
+                if case .notFound = error { continue }  // finished
                 return true  // unknown: wait rather than guess
             }
-            guard let holder = try? JSONDecoder().decode(MachineLock.Holder.self, from: Data(bytes)),
-                  let since = Timestamp.parse(holder.started) else { return true }
-            if since <= created.addingTimeInterval(1) && !holder.isStale { return true }
+            let then = try? JSONDecoder().decode(MachineLock.Holder.self, from: Data(lock.content.utf8))
+            let now = try? JSONDecoder().decode(MachineLock.Holder.self, from: Data(bytes))
+            if let then, let now {
+                if now.isSame(as: then) && !now.isStale { return true }
+            } else if String(decoding: bytes, as: UTF8.self) == lock.content {
+                return true  // an unreadable lock, unchanged
+            }
         }
         return false
     }
 
     /// Deletes a plan's packs that are still unneeded: index objects first (rewritten without
     /// them), then the packs, then the plan. Running it again after a crash finishes the job.
-    private func execute(_ plan: GCPlan, name: String, report: inout GCReport) throws(VaultError) {
+    private func execute(_ plan: GCPlan, name: String, lock: MachineLock, report: inout GCReport) throws(VaultError) {
         // Marked again: a backup that finished since the plan was made may use its chunks.
         let (live, _) = try liveChunks()
         var doomed = Set(plan.packs.compactMap { ChunkID(hex: $0) })
+        // Packs other plans will delete are no surviving copy: two plans that each count on the
+        // other's pack would delete both.
+        let otherPlans = Set(try plans().filter { $0.0 != name }.flatMap { $0.1.packs.compactMap { ChunkID(hex: $0) } })
         do {
             var indexes: [(name: String, index: IndexObject)] = []
             for object in try store.list(prefix: IndexObject.prefix) {
@@ -315,16 +456,24 @@ extension Vault {
             for (_, index) in indexes {
                 for (pack, entries) in index.packs where present.contains(pack) || doomed.contains(pack) { entriesOf[pack] = entries }
             }
+            // A doomed pack no index object lists says what it holds in its own directory.
+            for pack in doomed where entriesOf[pack] == nil && present.contains(pack) {
+                let object = PackFormat.objectName(pack)
+                if let size = try store.size(object), let entries = try? packDirectory(object, size: size) { entriesOf[pack] = entries }
+            }
             // A doomed pack holding a live chunk that no surviving pack holds is spared.
             while true {
                 var outside = Set<ChunkID>()
-                for (pack, entries) in entriesOf where !doomed.contains(pack) { for e in entries { outside.insert(e.id) } }
+                for (pack, entries) in entriesOf where !doomed.contains(pack) && !otherPlans.contains(pack) {
+                    for e in entries { outside.insert(e.id) }
+                }
                 let needed = doomed.filter { pack in
                     (entriesOf[pack] ?? []).contains { live.contains($0.id) && !outside.contains($0.id) }
                 }
                 if needed.isEmpty { break }
                 doomed.subtract(needed)
             }
+            try lock.confirm()
             for (old, index) in indexes where index.packs.contains(where: { doomed.contains($0.pack) }) {
                 let keep = index.packs.filter { !doomed.contains($0.pack) }
                 if !keep.isEmpty {
@@ -341,6 +490,7 @@ extension Vault {
                 report.bytesDeleted += size
             }
             try store.delete(name)
+            try store.delete(Vault.blockersName(ofPlan: name))
         } catch let error as VaultError {
             throw error
         } catch let error as ObjectStoreError {

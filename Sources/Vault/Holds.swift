@@ -31,14 +31,16 @@ extension Vault {
         do {
             try store.put(Vault.holdPrefix + point.machine + "/" + point.id + "/" + holder, bytes)
         } catch { throw .store(error) }
+        // The marker first, the manifest last: prune deletes the manifest before its marker, so a
+        // marker gone by the time it is read means the manifest's deletion (if any) is seen next.
         let present: Bool
         let pruning: Bool
         do {
-            present = try store.size(RecoveryPoint.objectName(machine: point.machine, id: point.id)) != nil
             let marker = Vault.pruningMarker(machine: point.machine, id: point.id)
             pruning = try store.list(prefix: marker).contains {
                 $0.name == marker && Date().timeIntervalSince1970 - $0.modified < Vault.pruningMarkerLifetime
             }
+            present = try store.size(RecoveryPoint.objectName(machine: point.machine, id: point.id)) != nil
         } catch { throw .store(error) }
         if !present || pruning {
             try? store.delete(Vault.holdPrefix + point.machine + "/" + point.id + "/" + holder)

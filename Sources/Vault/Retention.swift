@@ -168,13 +168,26 @@ extension Vault {
             listing = try store.list(prefix: Vault.policyPrefix + machine + "/")
         } catch { throw .store(error) }
         guard let newest = listing.map(\.name).max() else { return nil }
+        let bytes: [UInt8]
         do {
-            return try JSONDecoder().decode(RetentionPolicy.self, from: Data(try store.get(newest)))
-        } catch let error as ObjectStoreError {
-            throw .store(error)
-        } catch {
-            throw .badManifest(newest, "not a retention policy")
+            bytes = try store.get(newest)
+        } catch { throw .store(error) }
+        // Prune acts on what it reads here, and a policy read wrong removes points: a count that
+        // lost a digit, or a rule nothing can apply (which keeps nothing). Its name carries its
+        // checksum (setPolicy), and what is read must be a policy setPolicy would have written.
+        let remedy = "prune stops; set the machine's policy again with `lifeboat policy set`"
+        guard newest.hasSuffix("-" + ChunkID.sha256(bytes).hex.prefix(16)) else {
+            throw .damagedObject(newest, "its content does not match the checksum in its name; \(remedy)")
         }
+        guard let policy = try? JSONDecoder().decode(RetentionPolicy.self, from: Data(bytes)) else {
+            throw .damagedObject(newest, "not a retention policy; \(remedy)")
+        }
+        do {
+            try policy.validate()
+        } catch {
+            throw .damagedObject(newest, "\(error.description); \(remedy)")
+        }
+        return policy
     }
 
     /// Protects a point from prune, for ever or until a date.

@@ -41,7 +41,7 @@ extension Vault {
         var users: [ChunkID: Int] = [:]
         var used: [String: Set<ChunkID>] = [:]
         for point in all {
-            var ids = Set<ChunkID>(), walked = Set<ChunkID>()
+            var ids = Set<ChunkID>(), walked = Set<WalkedNode>()
             for disk in point.disks {
                 do {
                     try collectChunkIDs(of: disk, into: &ids, walked: &walked)

@@ -190,7 +190,13 @@ struct GC: ParsableCommand {
             let verb = dryRun ? "would free" : "freed"
             print("\(result.points) points, \(result.liveChunks) live chunks in \(result.packs) packs")
             print("\(verb) \(formatBytes(result.bytesFreed)): deleted \(formatBytes(result.bytesDeleted)) in \(result.packsDeleted) dead packs, \(result.packsRewritten) partly dead packs rewritten (\(formatBytes(result.bytesCopied)) of live chunks copied), \(result.orphanPacksDeleted) packs left by interrupted backups")
-            if result.deferred { print("deletion deferred: a backup that started before this gc is still running; run gc again later") }
+            if result.orphanPacksIndexed > 0 {
+                print("\(result.orphanPacksIndexed) packs no index object listed hold chunks points need and nothing else holds: listed again, kept")
+            }
+            if result.damagedChunks > 0 {
+                Terminal.warning("\(result.damagedChunks) live chunks failed their check while being copied; the packs holding them were kept: run `lifeboat check --read-data`")
+            }
+            if result.deferred { print("deletion deferred: a backup that was running when this gc planned it still runs; run gc again later") }
         }
     }
 }

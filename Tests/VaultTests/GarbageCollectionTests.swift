@@ -49,6 +49,143 @@ func storedPackBytes(_ vault: String) throws -> UInt64 {
         #expect(try f.open().collectGarbage().bytesFreed == 0)
     }
 
+    /// A guest that writes another disk's index leaves into its own slots makes its leaf node the
+    /// other disk's level-1 node, byte for byte. Walked first, as a leaf, that node's children
+    /// were marked as data and never walked: the other disk's data chunks looked dead to gc.
+    @Test func aLeafThatIsAnotherDisksInnerNodeKeepsItsChildren() throws {
+        let f = Fixture()
+        defer { f.dir.remove() }
+        let vault = try f.create()
+        // The victim: 2,049 slots (index depth 2), data in the first and the last (100 bytes).
+        let victim = f.dir.file("victim.img")
+        var random = SeededBytes(seed: 21)
+        try writeAt(victim, 0, random.bytes(65536))
+        try writeAt(victim, 2048 * 65536, random.bytes(100))
+        _ = try vault.backup(BackupRequest(machine: "victim", disks: [("os", .path(victim))]))
+        let disk = try #require(try vault.points(machine: "victim").first?.disks.first)
+        #expect(disk.indexDepth == 2)
+        let root = try vault.chunks.read(try #require(ChunkID(hex: disk.indexRoot)))
+        #expect(root.count == 64)
+        let leafIDs = root.withUnsafeBytes { raw in [0, 1].map { ChunkID(raw, at: $0 * 32) } }
+        let leaves = try leafIDs.map { try vault.chunks.read($0) }
+        // The attacker: a disk of those two leaves; its only leaf has the bytes of the victim's root.
+        let attacker = f.dir.file("attacker.img")
+        try writeAt(attacker, 0, leaves[0] + leaves[1])
+        _ = try vault.backup(BackupRequest(machine: "attacker", disks: [("os", .path(attacker))]))
+        #expect(try vault.points(machine: "attacker").first?.disks.first?.indexRoot == disk.indexRoot)
+        _ = try vault.collectGarbage(grace: 0)
+        let out = f.dir.file("out.img")
+        _ = try f.open().restore(point: try f.open().point("victim"), disk: "os", to: out)
+        #expect(try sha256(file: out) == sha256(file: victim))
+        #expect(try f.open().check(readData: true).ok)
+    }
+
+    /// A pack whose index object was lost holds the only copies of chunks a point needs: gc
+    /// lists it again instead of deleting it as left by an interrupted backup.
+    @Test func anUnindexedPackThatPointsNeedIsIndexedAgainNotDeleted() throws {
+        let f = Fixture()
+        defer { f.dir.remove() }
+        let vault = try f.create()
+        let disk = f.dir.file("d.img")
+        var random = SeededBytes(seed: 31)
+        try writeAt(disk, 0, random.bytes(40 << 20))
+        _ = try vault.backup(BackupRequest(machine: "m", disks: [("os", .path(disk))]))
+        // The index objects again without one pack that holds data chunks only.
+        let store = LocalDirectoryStore(root: f.vaultPath)
+        var lost: ChunkID? = nil
+        for object in try store.list(prefix: IndexObject.prefix) {
+            let index = try IndexObject.decode(try store.get(object.name), name: object.name)
+            guard lost == nil, let pack = index.packs.first(where: { $0.entries.allSatisfy { $0.flags.content == ChunkFlags.dataChunk } })?.pack
+            else { continue }
+            lost = pack
+            let bytes = IndexObject(packs: index.packs.filter { $0.pack != pack }).encode()
+            try store.put(IndexObject.objectName(for: bytes), bytes)
+            try store.delete(object.name)
+        }
+        let pack = try #require(lost)
+        let damaged = try f.open().check(readData: false)
+        #expect(!damaged.ok)
+        let report = try f.open().collectGarbage(grace: 0)
+        #expect(report.orphanPacksIndexed == 1)
+        #expect(report.orphanPacksDeleted == 0)
+        #expect(try store.size(PackFormat.objectName(pack)) != nil)
+        let out = f.dir.file("out.img")
+        _ = try f.open().restore(point: try f.open().point("m"), disk: "os", to: out)
+        #expect(try sha256(file: out) == sha256(file: disk))
+        let check = try f.open().check(readData: true)
+        #expect(check.ok && check.warnings.isEmpty, "\(check.errors) \(check.warnings)")
+    }
+
+    /// The live chunks of a pack gc rewrites are checked before they are copied: a damaged one is
+    /// not copied (its damage would outlive the pack that could still be repaired), and its pack
+    /// stays as it is.
+    @Test func aDamagedChunkIsNotCopiedAndItsPackStays() throws {
+        let f = Fixture()
+        defer { f.dir.remove() }
+        let vault = try f.create()
+        let disk = f.dir.file("d.img")
+        var random = SeededBytes(seed: 41)
+        let first = random.bytes(65536)
+        try writeAt(disk, 0, first + random.bytes((8 << 20) - 65536))
+        _ = try vault.backup(BackupRequest(machine: "m", disks: [("os", .path(disk))],
+                                           time: Date(timeIntervalSince1970: 86400)))
+        try writeAt(disk, 2 << 20, random.bytes(6 << 20))
+        _ = try vault.backup(BackupRequest(machine: "m", disks: [("os", .path(disk))],
+                                           time: Date(timeIntervalSince1970: 2 * 86400)))
+        try vault.setPolicy(RetentionPolicy(keepLast: 1), machine: "m")
+        #expect(try vault.prune(dryRun: false).removed == 1)
+        // One byte of the first slot's stored bytes, which both points shared, flipped.
+        let location = try #require(try vault.chunks.location(ChunkID.sha256(first)))
+        let path = f.vaultPath + "/" + PackFormat.objectName(location.pack)
+        let at = UInt64(location.offset) + UInt64(location.storedLength / 2)
+        let byte = try Data(contentsOf: URL(fileURLWithPath: path))[Int(at)]
+        try writeAt(path, at, [byte ^ 0x40])
+        let report = try f.open().collectGarbage()
+        #expect(report.damagedChunks == 1)
+        #expect(FileSystem.exists(path))
+        // The damage is where it was, named by check; the rest of the point was copied and reads.
+        let check = try f.open().check(readData: true)
+        #expect(check.damaged.count == 1 && check.damaged.first?.start == 0 && (check.damaged.first?.end ?? 0) < 65536 + 1,
+                "\(check.damaged)")
+        #expect(throws: VaultError.self) {
+            _ = try f.open().restore(point: try f.open().point("m"), disk: "os", to: f.dir.file("out.img"))
+        }
+    }
+
+    /// A collector whose lock was taken over (it looked stale: paused for half an hour) stops
+    /// before it writes a plan or deletes anything.
+    @Test func aCollectorThatLostItsLockDeletesNothing() throws {
+        let f = Fixture()
+        defer { f.dir.remove() }
+        let local = LocalDirectoryStore(root: f.vaultPath)
+        _ = try f.create()
+        let store = HookedStore(local)
+        let vault = try Vault.open(store: store, stateDirectory: f.state)
+        let disk = f.dir.file("d.img")
+        var random = SeededBytes(seed: 51)
+        try writeAt(disk, 0, random.bytes(4 << 20))
+        for day in 0..<2 {
+            try writeAt(disk, 0, random.bytes(3 << 20))
+            _ = try vault.backup(BackupRequest(machine: "m", disks: [("os", .path(disk))],
+                                               time: Date(timeIntervalSince1970: Double(day + 1) * 86400)))
+        }
+        try vault.setPolicy(RetentionPolicy(keepLast: 1), machine: "m")
+        #expect(try vault.prune(dryRun: false).removed == 1)
+        let before = try local.list(prefix: "packs/").map(\.name).sorted()
+        // While gc sweeps, another collector takes its lock.
+        store.hook.withLock {
+            $0 = ("packs/", { () throws(ObjectStoreError) in
+                let other = #"{"host":"elsewhere","pid":1,"started":"2026-01-01T00:00:00Z","operation":"gc","refreshed":"2026-01-01T00:00:00Z","token":"00"}"#
+                try local.put("gc/lock", Array(other.utf8))
+            })
+        }
+        #expect(throws: VaultError.self) { try vault.collectGarbage() }
+        // It may have written copies; it deleted nothing, and wrote no plan.
+        #expect(Set(before).isSubset(of: Set(try local.list(prefix: "packs/").map(\.name))))
+        #expect(try local.list(prefix: "gc/plan-").isEmpty)
+        #expect(try f.open().check(readData: true).ok)
+    }
+
     /// A point whose manifest cannot be read is not a point without chunks: gc stops, names it,
     /// and deletes nothing; once the manifest is readable again the point restores.
     @Test func anUnreadableManifestStopsGarbageCollection() throws {
@@ -108,6 +245,34 @@ func storedPackBytes(_ vault: String) throws -> UInt64 {
         #expect(!second.deferred)
         #expect(second.bytesFreed > 0)
         #expect(try vault.packsPendingDeletion().isEmpty)
+        #expect(try f.open().check(readData: true).ok)
+    }
+
+    /// A backup on a host whose clock is ten minutes ahead "started" after the plan by the
+    /// plan's clock; it still holds the deletion back (compared by time, it did not).
+    @Test func aBackupOnAHostWhoseClockIsAheadHoldsThePlanBack() throws {
+        let f = Fixture()
+        defer { f.dir.remove() }
+        let vault = try f.create()
+        let disk = f.dir.file("d.img")
+        for seed in [14, 15] as [UInt64] {
+            try writeAt(disk, 0, randomBytes(seed: seed, count: 2 << 20))
+            _ = try vault.backup(BackupRequest(machine: "a", disks: [("os", .path(disk))]))
+        }
+        try vault.setPolicy(RetentionPolicy(keepLast: 1), machine: "a")
+        _ = try vault.prune(dryRun: false)
+        let ahead = Timestamp.format(Date().addingTimeInterval(600))
+        let running = #"{"host":"elsewhere","pid":1,"started":"\#(ahead)","refreshed":"\#(ahead)","operation":"backup","token":"01"}"#
+        let local = LocalDirectoryStore(root: f.vaultPath)
+        try local.put("locks/b", Array(running.utf8))
+        let before = try storedPackBytes(f.vaultPath)
+        #expect(try vault.collectGarbage().deferred)
+        #expect(try storedPackBytes(f.vaultPath) == before)
+        #expect(try local.list(prefix: "gc/blockers-").count == 1)
+        try local.delete("locks/b")
+        let second = try vault.collectGarbage()
+        #expect(!second.deferred && second.bytesFreed > 0)
+        #expect(try local.list(prefix: "gc/").map(\.name).filter { $0 != "gc/lock" }.isEmpty)
         #expect(try f.open().check(readData: true).ok)
     }
 

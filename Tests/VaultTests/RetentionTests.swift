@@ -2,6 +2,7 @@ import ChunkStore
 import Foundation
 import ObjectStore
 import SystemIO
+import Synchronization
 import Testing
 import TestSupport
 @testable import Vault
@@ -168,4 +169,88 @@ let borgAvailable = FileSystem.exists("/usr/lib/python3/dist-packages/borg/helpe
         try vault.setPolicy(RetentionPolicy(keepDaily: 7), machine: "web01", now: Date().addingTimeInterval(5))
         #expect(try vault.policy(machine: "web01") == RetentionPolicy(keepDaily: 7))
     }
+
+    /// A policy that is damaged, edited or foreign (a count or duration no rule can use) stops
+    /// prune: read as it stands, `keepWithin: "7D"` or `keepLast: -1` kept nothing and every
+    /// point was removed.
+    @Test func aDamagedPolicyStopsPruneAndKeepsEveryPoint() throws {
+        let f = Fixture()
+        defer { f.dir.remove() }
+        let vault = try f.create()
+        let disk = try f.makeDisk("d.img", size: 1 << 20, seed: 2)
+        for day in 0..<3 {
+            try writeAt(disk, 0, [UInt8(day)])
+            _ = try vault.backup(BackupRequest(machine: "web01", disks: [("os", .path(disk))],
+                                               time: Timestamp.parse("2026-01-0\(day + 1)T12:00:00Z")))
+        }
+        try vault.setPolicy(RetentionPolicy(keepLast: 2), machine: "web01")
+        let name = try #require(try vault.store.list(prefix: "policies/web01/").first?.name)
+        let now = Timestamp.parse("2026-02-01T00:00:00Z")!
+        for content in [#"{"keepWithin":"7D"}"#, #"{"keepLast":-1}"#, #"{"keepLast":3}"#, "not json"] {
+            try vault.store.put(name, Array(content.utf8))
+            #expect(throws: VaultError.self) { try vault.policy(machine: "web01") }
+            #expect(throws: VaultError.self) { try vault.prune(machine: "web01", dryRun: false, now: now) }
+            #expect(try vault.points(machine: "web01").count == 3)
+        }
+        // Written again through setPolicy, it is read and applied.
+        try vault.setPolicy(RetentionPolicy(keepLast: 2), machine: "web01", now: Date().addingTimeInterval(5))
+        #expect(try vault.prune(machine: "web01", dryRun: false, now: now).removed == 1)
+    }
+
+    /// A hold placed while a prune of its point finishes: prune has written its marker and found
+    /// no hold; then, between the holder's two reads, it deletes the manifest and its marker. The
+    /// holder must fail (it read the manifest first and the marker last, and succeeded on a point
+    /// that was gone).
+    @Test func aHoldFailsOnAPointWhosePruneFinishesMeanwhile() throws {
+        let f = Fixture()
+        defer { f.dir.remove() }
+        _ = try f.create()
+        let disk = try f.makeDisk("d.img", size: 1 << 20, seed: 3)
+        let local = LocalDirectoryStore(root: f.vaultPath)
+        let store = HookedStore(local)
+        let vault = try Vault.open(store: store, stateDirectory: f.state)
+        let id = try vault.backup(BackupRequest(machine: "web01", disks: [("os", .path(disk))])).point
+        let point = try vault.point("web01@" + id.prefix(12))
+        let marker = Vault.pruningMarker(machine: "web01", id: point.id)
+        let manifest = RecoveryPoint.objectName(machine: "web01", id: point.id)
+        try local.put(marker, [])
+        store.hook.withLock {
+            $0 = (marker, { () throws(ObjectStoreError) in
+                try local.delete(manifest)
+                try local.delete(marker)
+            })
+        }
+        #expect(throws: VaultError.self) { try vault.hold(point, holder: "sandbox.t.h", purpose: "sandbox t") }
+        #expect(try vault.holds(machine: "web01").isEmpty)
+    }
+}
+
+/// Forwards to a local store; the first listing of `hook`'s prefix runs its action first (another
+/// process acting at that moment).
+final class HookedStore: ObjectStore {
+    let base: LocalDirectoryStore
+    let hook = Mutex<(prefix: String, action: @Sendable () throws(ObjectStoreError) -> Void)?>(nil)
+    init(_ base: LocalDirectoryStore) { self.base = base }
+    var location: String { base.location }
+    func put(_ name: String, _ bytes: UnsafeRawBufferPointer) throws(ObjectStoreError) { try base.put(name, bytes) }
+    func putIfAbsent(_ name: String, _ bytes: UnsafeRawBufferPointer) throws(ObjectStoreError) -> Bool { try base.putIfAbsent(name, bytes) }
+    func get(_ name: String) throws(ObjectStoreError) -> [UInt8] { try base.get(name) }
+    func read(_ name: String, at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws(ObjectStoreError) {
+        try base.read(name, at: offset, into: buffer)
+    }
+    func readAvailable(_ name: String, at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer, bypassCache: Bool) throws(ObjectStoreError) -> Int {
+        try base.readAvailable(name, at: offset, into: buffer, bypassCache: bypassCache)
+    }
+    func size(_ name: String) throws(ObjectStoreError) -> UInt64? { try base.size(name) }
+    func list(prefix: String) throws(ObjectStoreError) -> [ObjectInfo] {
+        let action = hook.withLock { pending -> (@Sendable () throws(ObjectStoreError) -> Void)? in
+            guard let p = pending, prefix == p.prefix else { return nil }
+            pending = nil
+            return p.action
+        }
+        try action?()
+        return try base.list(prefix: prefix)
+    }
+    func delete(_ name: String) throws(ObjectStoreError) { try base.delete(name) }
+    func deleteIfUnchanged(_ name: String, _ expected: [UInt8]) throws(ObjectStoreError) -> Bool { try base.deleteIfUnchanged(name, expected) }
 }
