@@ -75,7 +75,9 @@ public final class Worker: Sendable {
         thread.start()
     }
 
+    /// Safe to call again (a writer's `abandon` after its `finish` joined the same threads).
     public func join() {
         done.wait()
+        done.signal()
     }
 }

@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import Synchronization
 
 /// An open file descriptor with the path it came from, so every error names the file.
 /// Not a class: the owner closes it explicitly, exactly once.
@@ -264,15 +265,32 @@ public enum FileSystem {
     /// mkdir -p. Each directory it makes is made durable in its parent: a file fsynced into a
     /// new directory is lost with it after a power cut if the directory's own entry is not.
     public static func createDirectories(_ path: String, permissions: mode_t = 0o755) throws(SystemError) {
-        if isDirectory(path) { return }
+        if isDirectory(path) {
+            // Made by another process, perhaps one killed before it made the entry durable:
+            // made durable here once per process, before a file is fsynced into it.
+            if durableDirectories.withLock({ $0.insert(path).inserted }) {
+                let parent = parentDirectory(of: path)
+                do throws(SystemError) {
+                    try syncDirectory(parent.isEmpty ? "." : parent)
+                } catch {
+                    durableDirectories.withLock { _ = $0.remove(path) }
+                    throw error
+                }
+            }
+            return
+        }
         let parent = parentDirectory(of: path)
         if parent != path && !parent.isEmpty { try createDirectories(parent, permissions: permissions) }
         if mkdir(path, permissions) != 0 {
-            if errno == EEXIST { return }
+            if errno == EEXIST { return try createDirectories(path, permissions: permissions) }
             throw SystemError("create the directory", path: path)
         }
         try syncDirectory(parent.isEmpty ? "." : parent)
+        durableDirectories.withLock { _ = $0.insert(path) }
     }
+
+    /// Directories whose entry this process made durable in its parent.
+    private static let durableDirectories = Mutex(Set<String>())
 
     public static func parentDirectory(of path: String) -> String {
         guard let slash = path.lastIndex(of: "/") else { return "." }

@@ -66,6 +66,8 @@ final class DiskCounters: Sendable {
     let storedBytes = Atomic<UInt64>(0)
     let dataBytes = Atomic<UInt64>(0)
     let bytesRead = Atomic<UInt64>(0)
+    /// Batches whose leaf of the previous point's disk index could not be read: hashed in full.
+    let previousUnreadable = Atomic<Int>(0)
 }
 
 /// A reusable batch buffer handed from the reader to a worker and back.
@@ -147,8 +149,12 @@ extension Vault {
                 let fingerprints = SlotFingerprints.open(
                     path: SlotFingerprints.path(stateDirectory: stateDirectory, vault: config.id, machine: request.machine, disk: name),
                     parent: previous == nil ? nil : parent?.id, chunkSize: config.chunkSize)
-                let (disk, read) = try backupDisk(name: name, spec: spec, previous: previous, fingerprints: fingerprints,
-                                                  writer: writer, readBlockBytes: request.readBlockBytes, progress: progress)
+                let (disk, read, unreadable) = try backupDisk(name: name, spec: spec, previous: previous, fingerprints: fingerprints,
+                                                              writer: writer, readBlockBytes: request.readBlockBytes, progress: progress)
+                if unreadable > 0 {
+                    warnings.append("disk \(name): \(unreadable) parts of the previous point's index could not be read (run `lifeboat check`); "
+                                    + "their slots were hashed and compared in full")
+                }
                 disks.append(disk)
                 bytesRead += read
                 if let fingerprints { made.append((fingerprints, disk.slotCount)) }
@@ -205,7 +211,7 @@ extension Vault {
     /// thread, which puts the ids back in slot order and builds the disk index.
     private func backupDisk(name: String, spec: SourceSpec, previous: PointDisk?, fingerprints: SlotFingerprints?, writer: ChunkWriter,
                             readBlockBytes: UInt64,
-                            progress: @escaping @Sendable (BackupProgress) -> Void) throws(VaultError) -> (PointDisk, UInt64) {
+                            progress: @escaping @Sendable (BackupProgress) -> Void) throws(VaultError) -> (PointDisk, UInt64, Int) {
         let source = try DiskSource(spec)
         defer { source.close() }
         let chunkSize = config.chunkSize
@@ -335,6 +341,7 @@ extension Vault {
         if let expected = source.size, size != expected {
             throw .sourceShort(path: spec.description, expected: expected, got: size)
         }
+        try source.checkNotShrunk()
         let (root, depth): (ChunkID, Int)
         do {
             (root, depth) = try index.finish()
@@ -353,7 +360,7 @@ extension Vault {
             holeChunks: counters.holeChunks.load(ordering: .relaxed))
         var bytesRead = size
         if source.sparse { bytesRead = counters.dataBytes.load(ordering: .relaxed) }
-        return (disk, bytesRead)
+        return (disk, bytesRead, counters.previousUnreadable.load(ordering: .relaxed))
     }
 
     /// Hashes every slot of a batch; stores the chunks that are new to the vault.
@@ -363,7 +370,13 @@ extension Vault {
         var ids = [ChunkID](repeating: .zero, count: slots)
         var previousLeaf: (first: Int, ids: [ChunkID])? = nil
         if let previous, batch.firstSlot < previousSlots {
-            previousLeaf = try previous.leaf(containing: batch.firstSlot)
+            // A damaged parent costs this batch its shortcut, not the backup: a new point is the
+            // way out of it.
+            do {
+                previousLeaf = try previous.leaf(containing: batch.firstSlot)
+            } catch {
+                counters.previousUnreadable.add(1, ordering: .relaxed)
+            }
         }
         var holes = 0, reused = 0, fresh = 0
         var data: UInt64 = 0, newBytes: UInt64 = 0, stored: UInt64 = 0

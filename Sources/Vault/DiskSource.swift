@@ -70,6 +70,16 @@ final class DiskSource {
         if case .path = spec { file.close() }
     }
 
+    /// After the last batch: a file that shrank while it was read gave zeros for what it lost
+    /// (SEEK_DATA finds no data past its end), so the point would record bytes the image never
+    /// held. A device cannot shrink under a read that way (its reads come up short).
+    func checkNotShrunk() throws(VaultError) {
+        guard sparse, let size else { return }
+        let now: UInt64
+        do { now = try file.size() } catch { throw .source(error) }
+        if now < size { throw .sourceShort(path: spec.description, expected: size, got: now) }
+    }
+
     /// Reads standard input: the next bytes, in order. Returns fewer than asked only at the end.
     func readNext(into buffer: UnsafeMutableRawBufferPointer, holes: inout [Bool]) throws(VaultError) -> Int {
         let n: Int
@@ -105,8 +115,11 @@ final class DiskSource {
         var cursor = start
         var first: UInt64? = nil, last: UInt64 = start
         while cursor < end, let region = file.nextData(from: cursor, fileSize: size), region.start < end {
-            let from = max(region.start, cursor), to = min(region.end, end)
-            if to <= from { break }
+            let from = max(region.start, cursor)
+            // A hole punched between SEEK_DATA and SEEK_HOLE (a guest's discard) gives an empty
+            // region: the rest of the batch is taken as data, and its zeros found by their bytes.
+            // Stopping there took every later data region of the batch for a hole.
+            let to = region.end > from ? min(region.end, end) : end
             if first == nil { first = from }
             last = to
             let firstSlot = Int(from - start) / chunkSize

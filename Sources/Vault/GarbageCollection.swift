@@ -10,6 +10,10 @@ import SystemIO
 public struct GCPlan: Codable, Sendable {
     public var created: String
     public var packs: [String]
+    /// Each pack's modification time as listed when the plan was made (absent in older plans):
+    /// a pack written again since (a backup that stored the same chunks in the same order makes
+    /// a pack of the same name) is not the pack the plan judged, and is spared.
+    public var modified: [String: Double]? = nil
 }
 
 /// The backups running when a plan was written (`gc/blockers-<the plan's name after "plan-">`):
@@ -346,7 +350,11 @@ extension Vault {
             return report
         }
         let written = Date()
-        let plan = GCPlan(created: Timestamp.format(written), packs: candidates.map(\.hex).sorted())
+        var modified: [String: Double] = [:]
+        for object in packListing {
+            if let id = PackFormat.id(fromObjectName: object.name), candidates.contains(id) { modified[id.hex] = object.modified }
+        }
+        let plan = GCPlan(created: Timestamp.format(written), packs: candidates.map(\.hex).sorted(), modified: modified)
         let bytes = Array((try? JSONEncoder().encode(plan)) ?? Data())
         let name = Vault.gcPrefix + "plan-" + Timestamp.format(written).filter { $0.isNumber } + "-" + ChunkID.sha256(bytes).hex.prefix(16)
         // Then the backups running now: they may have started before the plan and chosen to reuse
@@ -451,7 +459,15 @@ extension Vault {
                 }
             }
             // Only packs that exist hold copies: an index object may still name one that is gone.
-            let present = Set(try store.list(prefix: "packs/").compactMap { PackFormat.id(fromObjectName: $0.name) })
+            let listing = try store.list(prefix: "packs/")
+            let present = Set(listing.compactMap { PackFormat.id(fromObjectName: $0.name) })
+            if let recorded = plan.modified {
+                for object in listing {
+                    guard let id = PackFormat.id(fromObjectName: object.name), doomed.contains(id),
+                          let then = recorded[id.hex], then != object.modified else { continue }
+                    doomed.remove(id)
+                }
+            }
             var entriesOf: [ChunkID: [PackEntry]] = [:]
             for (_, index) in indexes {
                 for (pack, entries) in index.packs where present.contains(pack) || doomed.contains(pack) { entriesOf[pack] = entries }

@@ -276,6 +276,36 @@ func storedPackBytes(_ vault: String) throws -> UInt64 {
         #expect(try f.open().check(readData: true).ok)
     }
 
+    /// A pack written again after a plan named it (a backup that stored the same chunks in the
+    /// same order makes a pack of the same name) is not the pack the plan judged: spared.
+    @Test func aPackWrittenAgainAfterThePlanIsSpared() throws {
+        let f = Fixture()
+        defer { f.dir.remove() }
+        let vault = try f.create()
+        let disk = f.dir.file("d.img")
+        for seed in [16, 17] as [UInt64] {
+            try writeAt(disk, 0, randomBytes(seed: seed, count: 2 << 20))
+            _ = try vault.backup(BackupRequest(machine: "a", disks: [("os", .path(disk))]))
+        }
+        try vault.setPolicy(RetentionPolicy(keepLast: 1), machine: "a")
+        _ = try vault.prune(dryRun: false)
+        let local = LocalDirectoryStore(root: f.vaultPath)
+        let running = #"{"host":"elsewhere","pid":1,"started":"\#(Timestamp.format(Date()))","refreshed":"\#(Timestamp.format(Date()))","operation":"backup","token":"02"}"#
+        try local.put("locks/b", Array(running.utf8))
+        #expect(try vault.collectGarbage().deferred)
+        let planned = try vault.packsPendingDeletion()
+        let rewritten = try #require(planned.first)
+        let name = PackFormat.objectName(rewritten)
+        usleep(20_000)
+        try local.put(name, try local.get(name))
+        // The plan's blocker finished; another backup runs now (it holds back only a new plan).
+        try local.delete("locks/b")
+        try local.put("locks/c", Array(running.replacingOccurrences(of: "\"02\"", with: "\"03\"").utf8))
+        #expect(try vault.collectGarbage().deferred)
+        #expect(try local.size(name) != nil)
+        #expect(try f.open().check(readData: true).ok)
+    }
+
     /// Backups racing prune and gc, 50 rounds: every point a backup reported restores bit-exact.
     @Test func backupsRacingGarbageCollectionLoseNothing() throws {
         let f = Fixture()
