@@ -33,6 +33,8 @@ public enum SyncError: LifeboatError {
     case sandboxKeptWriting(name: String, target: String)
     /// Another sync or failback holds the target's lock.
     case busy(path: String, holder: String?)
+    /// A sync state found under this target's name belongs, or may belong, to another disk.
+    case otherTarget(path: String, why: String)
     /// A failback phase asked for in the wrong order or against the wrong target.
     case failback(String)
 
@@ -58,6 +60,8 @@ public enum SyncError: LifeboatError {
                 return "target \(path) holds an unfinished sync from \(source) made without undo journal (--no-undo): finish it with `lifeboat sync --resume \(path)`, or sync again with --no-undo"
             }
             return "target \(path) holds an unfinished sync from \(source): finish it with `lifeboat sync --resume \(path)` or undo it with `lifeboat sync --rollback \(path)` first"
+        case .otherTarget(let path, let why):
+            return "the unfinished sync recorded for \(path) cannot be taken for this target's: \(why)"
         case .nothingToResume(let path): return "target \(path) has no unfinished sync to resume"
         case .nothingToRollBack(let path): return "target \(path) has no unfinished sync to roll back"
         case .rollbackImpossible(let path):
@@ -98,7 +102,7 @@ public enum SyncError: LifeboatError {
         case .source(let e): return e.kind
         case .sourceRead(let e): return e.kind
         case .invalidArgument, .notATarget, .targetTooSmall, .unfinished, .nothingToResume, .nothingToRollBack,
-             .rollbackImpossible, .sourceMismatch: return .usage
+             .rollbackImpossible, .sourceMismatch, .otherTarget: return .usage
         case .target(let e), .journal(let e): return e.kind
         case .targetIO(_, _, _, let cause, _): return cause.kind
         case .targetChanged: return .io

@@ -129,9 +129,9 @@ public struct Failback: Sendable {
 
         // Recorded under the target's lock, beside its sync state.
         guard let identity = try TargetIdentity.of(path) else { throw .target(SystemError("open", path: path, errno: ENOENT)) }
-        let dir = SyncStateDirectory(stateDirectory: engine.stateDirectory, key: identity.key)
-        let lock = try TargetLock.acquire(dir, target: identity.path)
+        let lock = try TargetLock.acquire(stateDirectory: engine.stateDirectory, identity: identity)
         defer { lock.release() }
+        let (dir, _) = try engine.recorded(for: identity)
         let now = Timestamp.format(Date())
         var record = (recorded?.sandbox == name && recorded?.disk == disk ? recorded : nil)
             ?? FailbackRecord(sandbox: name, machine: point.machine, disk: disk, target: identity.path, phase: .prepared)
@@ -159,7 +159,7 @@ public struct Failback: Sendable {
     /// The failback recorded for a target, if any.
     public func record(for path: String) throws(SyncError) -> FailbackRecord? {
         guard let identity = try TargetIdentity.of(path) else { return nil }
-        return try SyncStateDirectory(stateDirectory: engine.stateDirectory, key: identity.key).loadFailback()
+        return try engine.recorded(for: identity).0.loadFailback()
     }
 }
 

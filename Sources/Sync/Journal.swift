@@ -31,6 +31,10 @@ public struct SyncState: Codable, Sendable {
     public var journalBytesPlanned: UInt64
     public var started: String
     public var finished: String?
+    /// The target's stable name (TargetIdentity.stable) and the boot the sync started in;
+    /// absent in states written before them.
+    public var stable: String? = nil
+    public var boot: String? = nil
 }
 
 /// The undo journal (`<state>/sync/<key>/journal`, docs/FORMAT.md "Sync journals"): a header,
@@ -93,7 +97,7 @@ final class UndoJournal: Sendable {
     /// Opens a journal and reads its records, up to the first torn or damaged one; later appends
     /// go after the last good record.
     /// `checkPayloads: false` (status) trusts payloads whose header is sound.
-    static func open(_ path: String, checkPayloads: Bool = true) throws(SyncError) -> (UndoJournal, [Record]) {
+    static func open(_ path: String, key: String? = nil, checkPayloads: Bool = true) throws(SyncError) -> (UndoJournal, [Record]) {
         let file: SystemFile
         do throws(SystemError) { file = try SystemFile.open(path, .readWrite) } catch { throw .journal(error) }
         do throws(SyncError) {
@@ -103,6 +107,15 @@ final class UndoJournal: Sendable {
             do throws(SystemError) { header = try file.readAll(count: headerSize) } catch { throw .journal(error) }
             guard header.count == headerSize, Array(header[0..<8]) == magic else {
                 throw .damagedJournal(path: path, why: "it does not start with a Lifeboat sync journal header")
+            }
+            let version = UInt32(header[8]) | UInt32(header[9]) << 8 | UInt32(header[10]) << 16 | UInt32(header[11]) << 24
+            guard version == 1 else { throw .damagedJournal(path: path, why: "its version is \(version), not 1") }
+            // The journal belongs to the state directory it lies in (a copy from another target's
+            // would roll the wrong bytes back).
+            if let key {
+                let expected = Array(Array(key.utf8).prefix(32))
+                let recorded = Array(header[16..<(16 + expected.count)])
+                if recorded != expected { throw .damagedJournal(path: path, why: "it was written for another target") }
             }
             var records: [Record] = []
             var at = UInt64(headerSize)
@@ -241,6 +254,9 @@ struct SyncStateDirectory {
     init(stateDirectory: String, key: String) {
         path = stateDirectory + "/sync/" + key
     }
+
+    /// The key it is filed under (its name).
+    var key: String { String(path[path.index(after: path.lastIndex(of: "/") ?? path.startIndex)...]) }
 
     var statePath: String { path + "/state.json" }
     var journalPath: String { path + "/journal" }

@@ -115,6 +115,9 @@ public struct SyncEngine: Sendable {
     public var comparisonJournalLimit: UInt64? = nil
     /// Whether a delta whose whole journal fits within that limit writes while it compares.
     public var overlapWrites = true
+    /// The operator says the target is the disk an unfinished sync recorded before a reboot was
+    /// writing (`--same-target`), where nothing that survives a reboot can tell (SyncState.boot).
+    public var sameTargetAcrossBoots = false
 
     public init(stateDirectory: String) {
         self.stateDirectory = stateDirectory
@@ -141,11 +144,10 @@ public struct SyncEngine: Sendable {
             identity = try TargetIdentity.of(path)
         }
         guard let identity else { throw .target(SystemError("open", path: path, errno: ENOENT)) }
-        let dir = SyncStateDirectory(stateDirectory: stateDirectory, key: identity.key)
         // One writer per target: the lock is held until the sync returns.
-        let lock = try TargetLock.acquire(dir, target: identity.path)
+        let lock = try TargetLock.acquire(stateDirectory: stateDirectory, identity: identity)
         defer { lock.release() }
-        let previous = try dir.load()
+        let (dir, previous) = try recorded(for: identity)
         // Another sync may have taken the lock first and written the file this one created:
         // then it is not new (its zero slots must be written, and rolling back must not remove it).
         var st = stat()
@@ -166,13 +168,14 @@ public struct SyncEngine: Sendable {
         }
         func createJournal() throws(SyncError) -> UndoJournal {
             do throws(SystemError) { try FileSystem.createDirectories(dir.path, permissions: 0o700) } catch { throw .journal(error) }
-            return try UndoJournal.create(dir.journalPath, key: identity.key)
+            return try UndoJournal.create(dir.journalPath, key: dir.key)
         }
         var state = SyncState(target: identity.path, isDevice: identity.isDevice, identity: identity.id,
                               source: source.resumeSpec, sourceLabel: source.label, disk: source.diskName, mode: mode,
                               phase: .running, undo: undo, created: created, oldSize: created ? 0 : oldSize,
                               newSize: identity.isDevice ? oldSize : source.size, chunkSize: source.chunkSize,
-                              journalBytesPlanned: 0, started: Timestamp.format(started), finished: nil)
+                              journalBytesPlanned: 0, started: Timestamp.format(started), finished: nil,
+                              stable: identity.stable, boot: Host.bootID)
         let budget = comparisonJournalLimit ?? freeSpace() / 2
         func finished(_ report: SyncReport) -> SyncReport {
             var report = report
@@ -285,15 +288,19 @@ public struct SyncEngine: Sendable {
                        progress: @escaping @Sendable (SyncProgress) -> Void = { _ in }) throws(SyncError) -> SyncReport {
         let started = Date()
         guard let identity = try TargetIdentity.of(path) else { throw .nothingToResume(TargetIdentity.canonicalPath(path)) }
-        let dir = SyncStateDirectory(stateDirectory: stateDirectory, key: identity.key)
-        let lock = try TargetLock.acquire(dir, target: identity.path)
+        let lock = try TargetLock.acquire(stateDirectory: stateDirectory, identity: identity)
         defer { lock.release() }
-        guard let state = try dir.load(), state.phase == .running else { throw .nothingToResume(identity.path) }
+        let (dir, recordedState) = try recorded(for: identity)
+        guard let state = recordedState, state.phase == .running else { throw .nothingToResume(identity.path) }
+        guard state.isDevice == identity.isDevice else {
+            throw .otherTarget(path: identity.path, why: "it was recorded for a \(state.isDevice ? "block device" : "file")")
+        }
         let source = try resolve(state.source, state.disk)
         guard source.size == state.newSize || state.isDevice, source.chunkSize == state.chunkSize else {
             throw .sourceMismatch(target: identity.path, why: "\(state.source) disk \(state.disk) is not the disk the sync started with")
         }
-        let (journal, records) = try UndoJournal.open(dir.journalPath)
+        let (journal, records) = try UndoJournal.open(dir.journalPath, key: dir.key)
+        try check(records, of: state, journal: dir.journalPath, targetSize: source.size)
         defer { journal.close() }
         try journal.truncateToEnd()
         var journaled = Set<UInt64>()
@@ -303,6 +310,9 @@ public struct SyncEngine: Sendable {
         }
         let target = try Target(path: identity.path, isDevice: identity.isDevice, undo: state.undo)
         defer { target.close() }
+        if identity.isDevice, let size = try? target.size(), size < source.size {
+            throw .targetTooSmall(path: identity.path, size: size, needed: source.size)
+        }
         let resumedFrom = checkpoint
         let first = Int(checkpoint / UInt64(source.chunkSize))
 

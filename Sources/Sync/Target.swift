@@ -1,19 +1,38 @@
+import Foundation
 import Crypto
 import Glibc
 import Synchronization
 import SystemIO
 
-/// Who a target is, independent of the name it was given: a file is its device and inode, a
-/// block device its device number; the canonical path is part of the identity too, so a file
-/// replaced under the same name is a new target. `key` names its state directory.
+/// Who a target is, independent of the name it was given.
+///
+/// `id` names it for this boot: a file's device and inode, a block device's device number.
+/// `stable` names it across reboots, where the system gives a name that cannot be another
+/// disk's: a device-mapper UUID (LVM), a SCSI/NVMe WWID, a loop device's backing file, a
+/// partition of one of those; for a file its filesystem id and inode. Device numbers and
+/// /dev names are handed out at boot and can name another disk after one, so a sync state is
+/// filed under the stable name where there is one (`key`), and a state recorded in another
+/// boot for a target without one is not trusted blindly (SyncState.boot).
 public struct TargetIdentity: Sendable, Equatable {
     public let path: String
     public let isDevice: Bool
     public let id: String
+    public let stable: String?
 
+    /// Names the target's state directory.
     public var key: String {
-        let text = (isDevice ? "device " : "file ") + id + " " + path
-        return Array(SHA256.hash(data: Array(text.utf8))).prefix(16).hex
+        guard let stable else { return legacyKey }
+        return Self.digest("stable " + stable)
+    }
+
+    /// The key of states written before stable names (device or inode number and path).
+    public var legacyKey: String { Self.digest((isDevice ? "device " : "file ") + id + " " + path) }
+
+    /// Names the lock: the same bytes under two names (hard links, two device nodes) take one lock.
+    var lockKey: String { Self.digest((isDevice ? "device " : "file ") + id) }
+
+    private static func digest(_ text: String) -> String {
+        Array(SHA256.hash(data: Array(text.utf8))).prefix(16).hex
     }
 
     /// The identity of an existing file or block device; nil when `path` does not exist.
@@ -23,12 +42,58 @@ public struct TargetIdentity: Sendable, Equatable {
             if errno == ENOENT { return nil }
             throw .target(SystemError("stat", path: path))
         }
+        return try of(path, status: st)
+    }
+
+    /// The identity of what `st` describes, found at `path`.
+    static func of(_ path: String, status st: stat) throws(SyncError) -> TargetIdentity {
         let canonical = canonicalPath(path)
         switch st.st_mode & S_IFMT {
-        case S_IFBLK: return TargetIdentity(path: canonical, isDevice: true, id: "\(major(UInt(st.st_rdev))):\(minor(UInt(st.st_rdev)))")
-        case S_IFREG: return TargetIdentity(path: canonical, isDevice: false, id: "\(st.st_dev):\(st.st_ino)")
+        case S_IFBLK:
+            let (major, minor) = (major(UInt(st.st_rdev)), minor(UInt(st.st_rdev)))
+            return TargetIdentity(path: canonical, isDevice: true, id: "\(major):\(minor)", stable: stableDeviceName(major: major, minor: minor))
+        case S_IFREG:
+            return TargetIdentity(path: canonical, isDevice: false, id: "\(st.st_dev):\(st.st_ino)", stable: stableFileName(canonical, status: st))
         default: throw .notATarget(path)
         }
+    }
+
+    /// A file: its filesystem's id (statfs; derived from the filesystem's UUID on ext4 and
+    /// btrfs) and its inode. nil where the filesystem gives no id.
+    static func stableFileName(_ path: String, status st: stat) -> String? {
+        var fs = statvfs()
+        guard statvfs(path, &fs) == 0, fs.f_fsid != 0 else { return nil }
+        return "file \(String(fs.f_fsid, radix: 16)) \(st.st_ino)"
+    }
+
+    /// A block device's name that no other disk has, or nil. Serial numbers are left out: a
+    /// hypervisor gives every virtual disk the same one unless told otherwise.
+    static func stableDeviceName(major: UInt, minor: UInt) -> String? {
+        let sys = "/sys/dev/block/\(major):\(minor)"
+        func read(_ name: String) -> String? {
+            guard let text = try? String(contentsOfFile: sys + "/" + name, encoding: .utf8) else { return nil }
+            let value = text.trimmingCharacters(in: .whitespacesAndNewlines)
+            return value.isEmpty ? nil : value
+        }
+        if let uuid = read("dm/uuid") { return "dm " + uuid }
+        if let file = read("loop/backing_file") {
+            var st = stat()
+            guard stat(file, &st) == 0, let name = stableFileName(file, status: st) else { return nil }
+            return "loop " + name + " offset " + (read("loop/offset") ?? "0") + " limit " + (read("loop/sizelimit") ?? "0")
+        }
+        if let number = read("partition") {
+            // The disk it is a partition of: the parent directory in sysfs.
+            guard let resolved = realpath(sys, nil) else { return nil }
+            let parent = FileSystem.parentDirectory(of: String(cString: resolved))
+            free(resolved)
+            guard let dev = try? String(contentsOfFile: parent + "/dev", encoding: .utf8) else { return nil }
+            let parts = dev.trimmingCharacters(in: .whitespacesAndNewlines).split(separator: ":")
+            guard parts.count == 2, let ma = UInt(parts[0]), let mi = UInt(parts[1]),
+                  let disk = stableDeviceName(major: ma, minor: mi) else { return nil }
+            return disk + " partition " + number
+        }
+        if let wwid = read("wwid") ?? read("device/wwid") { return "wwid " + wwid }
+        return nil
     }
 
     /// realpath of the file, or of its directory when the file does not exist.

@@ -4,20 +4,34 @@ import SystemIO
 import Vault
 
 /// The lock that keeps two syncs (or failback phases) from writing one target at once: flock on
-/// `<state>/sync/<key>/lock`, taken without waiting; the file says who holds it, for the
-/// message of the one refused. Released when closed, or when the holder dies.
+/// `<state>/sync/locks/<key>`, taken without waiting, where the key names the target's bytes, not
+/// the name it was given (two hard links, or two device nodes of one device, take one lock). A
+/// block device is also claimed with O_EXCL, which the kernel refuses while it is mounted, in an
+/// LVM volume group or a RAID, or claimed by another program, a partition of it or the disk it is
+/// a partition of included. The lock file says who holds it, for the message of the one refused.
+/// Released when closed, or when the holder dies.
 final class TargetLock: Sendable {
     private let file: SystemFile
+    private let claim: Int32?
+    let name: String
 
-    private init(file: SystemFile) {
+    private init(file: SystemFile, claim: Int32?, name: String) {
         self.file = file
+        self.claim = claim
+        self.name = name
     }
 
-    static func acquire(_ dir: SyncStateDirectory, target: String) throws(SyncError) -> TargetLock {
-        let path = dir.path + "/lock"
+    static func acquire(stateDirectory: String, identity: TargetIdentity) throws(SyncError) -> TargetLock {
+        try acquire(stateDirectory: stateDirectory, name: identity.lockKey, target: identity.path,
+                    device: identity.isDevice ? identity.path : nil)
+    }
+
+    static func acquire(stateDirectory: String, name: String, target: String, device: String?) throws(SyncError) -> TargetLock {
+        let directory = stateDirectory + "/sync/locks"
+        let path = directory + "/" + name
         let file: SystemFile
         do throws(SystemError) {
-            try FileSystem.createDirectories(dir.path, permissions: 0o700)
+            try FileSystem.createDirectories(directory, permissions: 0o700)
             file = try SystemFile.open(path, .createOrOpen(permissions: 0o600))
         } catch { throw .journal(error) }
         let held: Bool
@@ -31,14 +45,29 @@ final class TargetLock: Sendable {
             file.close()
             throw .busy(path: target, holder: holder?.isEmpty == false ? holder : nil)
         }
+        var claim: Int32? = nil
+        if let device {
+            let fd = open(device, O_RDONLY | O_EXCL | O_CLOEXEC)
+            guard fd >= 0 else {
+                let error = SystemError("claim the device", path: device)
+                file.close()
+                if error.errno == EBUSY {
+                    throw .busy(path: target, holder: "the device is in use: mounted, part of an LVM volume group or a RAID, "
+                                + "or claimed by another program (a partition of it, or the disk it is part of, counts)")
+                }
+                throw .target(error)
+            }
+            claim = fd
+        }
         // Who holds it, for the message of whoever is refused (best effort).
         let note = "lifeboat pid \(getpid()) since \(Timestamp.format(Date()))\n"
         try? file.truncate(to: 0)
         try? file.write(Array(note.utf8), at: 0)
-        return TargetLock(file: file)
+        return TargetLock(file: file, claim: claim, name: name)
     }
 
     func release() {
+        if let claim { Glibc.close(claim) }
         // The note goes first, while the lock is still held: nobody else can have written theirs.
         try? file.truncate(to: 0)
         file.close()

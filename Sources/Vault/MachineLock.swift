@@ -49,7 +49,7 @@ public final class MachineLock: Sendable {
 
         /// True when the holder can no longer be running.
         var isStale: Bool {
-            if host == hostName() && (boot == nil || boot == MachineLock.bootID) && (pidNamespace == nil || pidNamespace == MachineLock.pidNamespace)
+            if host == hostName() && (boot == nil || boot == Host.bootID) && (pidNamespace == nil || pidNamespace == Host.pidNamespace)
                 && kill(pid, 0) != 0 && errno == ESRCH { return true }
             guard let last = lastSignOfLife else { return true }
             return Date().timeIntervalSince(last) > MachineLock.staleAfter
@@ -115,7 +115,7 @@ public final class MachineLock: Sendable {
                         heartbeat: Bool = true) throws(VaultError) -> MachineLock {
         let now = Timestamp.format(Date())
         let me = Holder(host: hostName(), pid: getpid(), started: now, operation: operation, refreshed: now,
-                        token: (0..<8).map { _ in UInt8.random(in: 0...255) }.hex, boot: bootID, pidNamespace: pidNamespace)
+                        token: (0..<8).map { _ in UInt8.random(in: 0...255) }.hex, boot: Host.bootID, pidNamespace: Host.pidNamespace)
         let bytes = Array((try? JSONEncoder().encode(me)) ?? Data())
         for _ in 0..<3 {
             do {
@@ -150,19 +150,6 @@ public final class MachineLock: Sendable {
         beating?.join()
         if let found = try? store.get(name), MachineLock.isHeld(by: holder, found) { _ = try? store.deleteIfUnchanged(name, found) }
     }
-
-    static let bootID: String? = {
-        guard let text = try? String(contentsOfFile: "/proc/sys/kernel/random/boot_id", encoding: .utf8) else { return nil }
-        let id = text.trimmingCharacters(in: .whitespacesAndNewlines)
-        return id.isEmpty ? nil : id
-    }()
-
-    static let pidNamespace: String? = {
-        var buffer = [CChar](repeating: 0, count: 64)
-        let n = readlink("/proc/self/ns/pid", &buffer, buffer.count - 1)
-        guard n > 0 else { return nil }
-        return String(decoding: buffer[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self)
-    }()
 
     /// True when `bytes`, a lock object's contents, name `holder`.
     static func isHeld(by holder: Holder, _ bytes: [UInt8]) -> Bool {

@@ -69,12 +69,16 @@ struct SyncStart: ParsableCommand {
     @Option(help: ArgumentHelp("Undo the unfinished sync of this target: put back its old image.", valueName: "target"))
     var rollback: String?
 
+    @Flag(help: ArgumentHelp("This target is the disk the unfinished sync recorded before a reboot was writing (needed only where nothing that survives a reboot names the device).", valueName: "same-target"))
+    var sameTarget = false
+
     @Flag(help: "Print a JSON summary on standard output.")
     var json = false
 
     func run() throws {
         try report {
-            let engine = SyncEngine(stateDirectory: Defaults.stateDirectory)
+            var engine = SyncEngine(stateDirectory: Defaults.stateDirectory)
+            engine.sameTargetAcrossBoots = sameTarget
             installInterruptHandlers()
             if let rollback {
                 guard source == nil && resume == nil && to == nil else {

@@ -474,6 +474,49 @@ final class FaultySource: WrappedSource {
         }
     }
 
+    /// Device names are handed out at attach (or boot) time: a name that held one disk during an
+    /// interrupted sync can hold another afterwards. The sync's state follows the disk (a loop
+    /// device is named by its backing file), never the name: rolling back by the old name would
+    /// write the first disk's old bytes onto the second.
+    @Test(.enabled(if: isRoot)) func anUnfinishedSyncFollowsItsDiskNotTheDevicesName() throws {
+        let f = try SyncFixture()
+        defer { f.dir.remove() }
+        let size = (SyncFixture.size + 511) / 512 * 512
+        let fileA = try f.target("a", holding: 0), fileB = try f.target("b", holding: 1)
+        try setSize(fileA, size)
+        try setSize(fileB, size)
+        var devices: [String] = []
+        defer { for d in devices { _ = shell("losetup -d \(d)") } }
+        func attach(_ file: String, at device: String? = nil) -> String {
+            let name = device.map { shell("losetup \($0) \(file)").status == 0 ? $0 : "" }
+                ?? shell("losetup -f --show \(file)").stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+            #expect(name.hasPrefix("/dev/loop"))
+            if !devices.contains(name) { devices.append(name) }
+            return name
+        }
+        func head(_ device: String) -> String {
+            shell("head -c \(SyncFixture.size) \(device) | sha256sum").stdout.prefix(64).description
+        }
+        let first = attach(fileA), second = attach(fileB)
+        var small = f.engine
+        small.batchBytes = 256 << 10
+        small.writeBatchBytes = 256 << 10
+        small.streamJobBytes = 256 << 10
+        #expect(throws: SyncError.self) {
+            try small.sync(FaultySource(try f.source(2), failAfterReads: 6), to: first, mode: .full)
+        }
+        #expect(try f.engine.status(first).condition == .midSync)
+        // Detached and attached again the other way round.
+        #expect(shell("losetup -d \(first) && losetup -d \(second)").status == 0)
+        _ = attach(fileB, at: first)
+        _ = attach(fileA, at: second)
+        #expect(try f.engine.status(first).condition == .consistent)
+        #expect(try f.engine.status(second).condition == .midSync)
+        _ = try f.engine.rollback(second)
+        #expect(head(second) == f.hashes[0])
+        #expect(head(first) == f.hashes[1])
+    }
+
     @Test(.enabled(if: isRoot)) func aFullFilesystemGivesAClearErrorAndRollsBack() throws {
         let f = try SyncFixture()
         defer { f.dir.remove() }
