@@ -145,11 +145,44 @@ final class UndoJournal: Sendable {
                 }
                 records.append(entry)
             }
+            // A torn tail is the unflushed end of the journal. Damage before a checkpoint is not:
+            // a checkpoint is appended durably, so every record before it had reached the disk.
+            // Taken for a torn tail, it would be cut off, and a rollback would put back only the
+            // slots before it (a resume would journal the others' new bytes as their old ones).
+            if at < size, let checkpoint = try checkpointAfter(at, in: file, size: size) {
+                throw .damagedJournal(path: path, why: "the record at byte \(at) is damaged, and the checkpoint at byte \(checkpoint) "
+                                      + "shows it had been written durably: neither --rollback nor --resume can trust it. The target "
+                                      + "holds part of the new image; to finish the sync, remove \(FileSystem.parentDirectory(of: path)) "
+                                      + "and sync again with --mode full")
+            }
             return (UndoJournal(file: file, end: at), records)
         } catch {
             file.close()
             throw error
         }
+    }
+
+    /// The position of a sound checkpoint record after `start`, if any (searched byte by byte:
+    /// records have no alignment).
+    private static func checkpointAfter(_ start: UInt64, in file: SystemFile, size: UInt64) throws(SyncError) -> UInt64? {
+        let window = 4 << 20
+        var base = start + 1
+        while base + UInt64(recordHeaderSize) <= size {
+            let count = Int(min(UInt64(window + recordHeaderSize), size - base))
+            let bytes: [UInt8]
+            do throws(SystemError) { bytes = try file.readAll(from: base, count: count) } catch { throw .journal(error) }
+            var i = 0
+            while i + recordHeaderSize <= bytes.count {
+                if bytes[i] == recordMagic[0] && bytes[i + 1] == recordMagic[1] && bytes[i + 2] == recordMagic[2]
+                    && bytes[i + 3] == recordMagic[3] && bytes[i + 4] == Kind.checkpoint.rawValue,
+                   decodeHeader(Array(bytes[i..<(i + recordHeaderSize)]), at: base + UInt64(i)) != nil {
+                    return base + UInt64(i)
+                }
+                i += 1
+            }
+            base += UInt64(window)
+        }
+        return nil
     }
 
     /// magic(4) kind(1) pad(3) offset(8) length(4) pad(4) sha256(32) check(8): 64 bytes.

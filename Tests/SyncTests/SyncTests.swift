@@ -126,7 +126,8 @@ final class WatchedSource: WrappedSource {
     /// The offsets of the data and zero records in the target's journal (docs/FORMAT.md,
     /// "Sync journals"): a 64-byte header, then records of a 64-byte header and a payload.
     func journaledOffsets() -> Set<UInt64> {
-        guard let name = try? FileSystem.list(journalDirectory).first,
+        // (The target's state directory: the one with a journal; `locks` holds the locks.)
+        guard let name = (try? FileSystem.list(journalDirectory))?.first(where: { FileSystem.exists(journalDirectory + "/" + $0 + "/journal") }),
               let bytes = FileManager.default.contents(atPath: journalDirectory + "/" + name + "/journal") else { return [] }
         var offsets = Set<UInt64>()
         var at = 64
@@ -296,6 +297,34 @@ final class FaultySource: WrappedSource {
         _ = try engine.rollback(fresh)
         #expect(!FileSystem.exists(fresh))
         #expect(try engine.status(fresh).condition == .rolledBack)
+    }
+
+    /// A record damaged before a checkpoint is damage, not a torn tail: rollback and resume
+    /// refuse the journal (rollback put back only the slots before the damage, and reported
+    /// success).
+    @Test func aJournalDamagedBeforeACheckpointIsRefused() throws {
+        let f = try SyncFixture()
+        defer { f.dir.remove() }
+        let target = try f.target("plain.img", holding: 0)
+        #expect(throws: SyncError.self) {
+            try f.smallBatchEngine.sync(FaultySource(try f.source(2), failAfterReads: 30), to: target, mode: .full)
+        }
+        let identity = try #require(try TargetIdentity.of(target))
+        let journal = f.engine.stateDirectory + "/sync/" + identity.key + "/journal"
+        // The first record's payload (the header is 64 bytes, the record's own header 64 more).
+        let byte = try SystemFile.open(journal, .readOnly).readAll(from: 200, count: 1)
+        try writeAt(journal, 200, [byte[0] ^ 0x01])
+        let before = try sha256(file: target)
+        for attempt in ["rollback", "resume"] {
+            do throws(SyncError) {
+                if attempt == "rollback" { _ = try f.engine.rollback(target) } else { _ = try f.engine.resume(target, resolve: f.resolve) }
+                Issue.record("\(attempt) of a journal damaged before a checkpoint must fail")
+            } catch {
+                guard case .damagedJournal = error else { Issue.record("\(attempt): \(error)"); continue }
+            }
+        }
+        #expect(try sha256(file: target) == before)
+        #expect(try f.engine.status(target).condition == .midSync)
     }
 
     @Test func aDeltaJournaledPartlyByItsComparisonRollsBackOrResumesExactly() throws {
