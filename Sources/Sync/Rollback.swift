@@ -121,6 +121,7 @@ extension SyncEngine {
             defer { journal.close() }
             let target = try Target(path: targetPath, isDevice: state.isDevice, undo: true)
             defer { target.close() }
+            try target.check(is: identity)
             try check(records, of: state, journal: dir.journalPath, targetSize: try target.size())
             // From the first write back, no slot holds the new image for sure: a resume after an
             // interrupted rollback must compare from the start, not from the last checkpoint.

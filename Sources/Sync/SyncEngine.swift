@@ -157,6 +157,7 @@ public struct SyncEngine: Sendable {
         }
         let target = try Target(path: identity.path, isDevice: identity.isDevice, undo: undo)
         defer { target.close() }
+        try target.check(is: identity)
 
         let oldSize = try target.size()
         var warnings: [String] = []
@@ -310,6 +311,7 @@ public struct SyncEngine: Sendable {
         }
         let target = try Target(path: identity.path, isDevice: identity.isDevice, undo: state.undo)
         defer { target.close() }
+        try target.check(is: identity)
         if identity.isDevice, let size = try? target.size(), size < source.size {
             throw .targetTooSmall(path: identity.path, size: size, needed: source.size)
         }

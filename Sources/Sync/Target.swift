@@ -138,6 +138,17 @@ final class Target: Sendable {
         file.close()
     }
 
+    /// The file or device opened is the one that was identified and locked (the name was looked
+    /// up twice: a rename or a symlink swapped in between would send the writes elsewhere).
+    func check(is identity: TargetIdentity) throws(SyncError) {
+        let st: stat
+        do throws(SystemError) { st = try buffered.status() } catch { throw .target(error) }
+        let opened = try TargetIdentity.of(path, status: st)
+        guard opened.id == identity.id, opened.isDevice == identity.isDevice else {
+            throw .target(SystemError("open the target it locked (it was replaced meanwhile)", path: path, errno: ESTALE))
+        }
+    }
+
     func size() throws(SyncError) -> UInt64 {
         do throws(SystemError) { return try buffered.size() } catch { throw .target(error) }
     }

@@ -14,7 +14,9 @@ public final class UncachedFile: Sendable {
 
     public init(_ path: String, _ mode: SystemFile.Mode) throws(SystemError) {
         buffered = try SystemFile.open(path, mode)
-        let second = try? SystemFile.open(path, .readWrite)
+        var readOnly = false
+        if case .readOnly = mode { readOnly = true }
+        let second = try? SystemFile.open(path, readOnly ? .readOnly : .readWrite)
         if let second, second.setDirect(true) {
             direct = second
         } else {

@@ -30,6 +30,9 @@ func roundUp(_ n: Int, _ limit: Int) -> Int {
 final class DiskSource {
     let spec: SourceSpec
     let file: SystemFile
+    /// Files and devices: read with O_DIRECT through a descriptor of its own (the readers share
+    /// it; toggling O_DIRECT on one shared descriptor let one reader's fallback undo another's).
+    private let uncached: UncachedFile?
     /// Known for files and devices; nil for standard input until the end.
     let size: UInt64?
     let sparse: Bool
@@ -42,32 +45,43 @@ final class DiskSource {
         switch spec {
         case .standardInput:
             file = SystemFile(fd: 0, path: "standard input")
+            uncached = nil
             size = nil
             sparse = false
         case .path(let path):
+            let opened: UncachedFile
+            do { opened = try UncachedFile(path, .readOnly) } catch { throw .source(error) }
+            uncached = opened
+            file = opened.buffered
             do {
-                file = try SystemFile.open(path, .readOnly)
                 let st = try file.status()
                 let type = st.st_mode & S_IFMT
                 guard type == S_IFREG || type == S_IFBLK else {
-                    file.close()
                     throw VaultError.invalidArgument("source \(path) is neither a regular file nor a block device")
                 }
                 size = try file.size()
                 sparse = type == S_IFREG
                 file.adviseSequential()
             } catch let error as SystemError {
+                opened.close()
                 throw .source(error)
             } catch let error as VaultError {
+                opened.close()
                 throw error
             } catch {
+                opened.close()
                 throw .invalidArgument("\(error)")
             }
         }
     }
 
     func close() {
-        if case .path = spec { file.close() }
+        uncached?.close()
+    }
+
+    private func readAligned(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(SystemError) -> Int {
+        guard let uncached else { return try file.read(into: buffer, at: offset) }
+        return try uncached.read(into: buffer, at: offset)
     }
 
     /// After the last batch: a file that shrank while it was read gave zeros for what it lost
@@ -102,7 +116,7 @@ final class DiskSource {
         if !sparse {
             let n: Int
             do {
-                n = try file.readUncached(into: UnsafeMutableRawBufferPointer(rebasing: buffer[0..<roundUp(want, buffer.count)]), at: start)
+                n = try readAligned(into: UnsafeMutableRawBufferPointer(rebasing: buffer[0..<roundUp(want, buffer.count)]), at: start)
             } catch { throw .source(error) }
             guard n >= want else { throw .sourceShort(path: spec.description, expected: size, got: start + UInt64(n)) }
             for i in holes.indices { holes[i] = false }
@@ -141,7 +155,7 @@ final class DiskSource {
         let slice = UnsafeMutableRawBufferPointer(rebasing: buffer[offset..<(offset + roundUp(length, buffer.count - offset))])
         let n: Int
         do {
-            n = try file.readUncached(into: slice, at: spanStart)
+            n = try readAligned(into: slice, at: spanStart)
         } catch { throw .source(error) }
         guard n >= length else { throw .sourceShort(path: spec.description, expected: size, got: spanStart + UInt64(n)) }
         let tail = offset + length
