@@ -269,7 +269,8 @@ public final class SandboxServer: Sendable {
             // "frozen" while the freeze held from open to now; "expired" if writes had to go on.
             if !disks.allSatisfy({ disk, token in disk.gate.holds(token) }) { held.held.store(false, ordering: .releasing) }
             let holds = held.held.load(ordering: .acquiring)
-            return copyOut(Array((holds ? "frozen\n" : "expired\n").utf8), at: UInt64(offset), into: out)
+            // With the sandbox's name: a freezer checks that the mount it froze is the sandbox it means.
+            return copyOut(Array(((holds ? "frozen " : "expired ") + sandbox.record.name + "\n").utf8), at: UInt64(offset), into: out)
         case .disk(let disk, let footer, _):
             var done = 0
             do {

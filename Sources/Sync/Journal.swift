@@ -261,6 +261,25 @@ final class UndoJournal: Sendable {
         try append(UndoJournal.encodeHeader(kind: .checkpoint, offset: offset, length: 0, digest: .zero))
     }
 
+    /// Writes the records from `position` on again and flushes them. After a failed flush
+    /// (EIO) Linux keeps the unwritten pages in its cache, clean: read back, they look durable,
+    /// and a later flush succeeds without writing them. A resume rewrites what follows the last
+    /// checkpoint before it overwrites any slot those records undo.
+    func rewrite(from position: UInt64) throws(SyncError) {
+        let end = size
+        var at = position
+        while at < end {
+            let count = Int(min(UInt64(4 << 20), end - at))
+            do throws(SystemError) {
+                let bytes = try file.readAll(from: at, count: count)
+                guard bytes.count == count else { throw SystemError("read back", path: path, errno: EIO) }
+                try file.write(bytes, at: at)
+            } catch { throw .journal(error) }
+            at += UInt64(count)
+        }
+        do throws(SystemError) { try file.sync() } catch { throw .journal(error) }
+    }
+
     /// Drops everything after the last good record (a torn tail), so appends continue cleanly.
     func truncateToEnd() throws(SyncError) {
         let at = size

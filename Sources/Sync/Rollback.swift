@@ -35,10 +35,11 @@ extension SyncEngine {
                 throw .otherTarget(path: identity.path, why: "it was recorded for \(state.isDevice ? "device" : "file") \(state.identity) "
                                    + "at \(state.target); this is \(identity.id)")
             }
-        } else if identity.stable == nil && !sameTargetAcrossBoots {
-            throw .otherTarget(path: identity.path, why: "it was recorded before a reboot, and nothing that survives a reboot names "
-                               + "\(identity.path) (device numbers and /dev names can name another disk after one); if this is the disk "
-                               + "that sync was writing, say so with --same-target")
+        } else if !sameTargetAcrossBoots {
+            // Found by device number and name, which a reboot can give to another disk.
+            throw .otherTarget(path: identity.path, why: "it was recorded before a reboot, and nothing that survives a reboot named "
+                               + "the disk then (device numbers and /dev names can name another disk after one); if \(identity.path) "
+                               + "is the disk that sync was writing, say so with --same-target")
         }
     }
 

@@ -147,7 +147,10 @@ public struct SyncEngine: Sendable {
         // One writer per target: the lock is held until the sync returns.
         let lock = try TargetLock.acquire(stateDirectory: stateDirectory, identity: identity)
         defer { lock.release() }
-        let (dir, previous) = try recorded(for: identity)
+        let (_, previous) = try recorded(for: identity)
+        // A new sync is filed under the target's key, even where its previous state was found
+        // under the key states had before stable names (so that it is found after a reboot).
+        let dir = SyncStateDirectory(stateDirectory: stateDirectory, key: identity.key)
         // Another sync may have taken the lock first and written the file this one created:
         // then it is not new (its zero slots must be written, and rolling back must not remove it).
         var st = stat()
@@ -306,9 +309,16 @@ public struct SyncEngine: Sendable {
         try journal.truncateToEnd()
         var journaled = Set<UInt64>()
         var checkpoint: UInt64 = 0
+        var afterCheckpoint = UInt64(UndoJournal.headerSize)
         for record in records {
-            if record.kind == .checkpoint { checkpoint = record.offset } else { journaled.insert(record.offset) }
+            if record.kind == .checkpoint {
+                checkpoint = record.offset
+                afterCheckpoint = record.payloadAt
+            } else {
+                journaled.insert(record.offset)
+            }
         }
+        try journal.rewrite(from: afterCheckpoint)
         let target = try Target(path: identity.path, isDevice: identity.isDevice, undo: state.undo)
         defer { target.close() }
         try target.check(is: identity)

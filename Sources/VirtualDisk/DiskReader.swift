@@ -143,10 +143,16 @@ public final class DiskReader: Sendable {
             return cache.copy(ids[k], from: from, to: to, into: UnsafeMutableRawBufferPointer(rebasing: buffer[target]))
         }
         if !partial.isEmpty {
-            func place(_ plain: [ChunkID: [UInt8]]) {
+            func place(_ plain: [ChunkID: [UInt8]]) throws(VirtualDiskError) {
                 for k in partial {
                     guard let bytes = plain[ids[k]] else { continue }
                     let (target, from, to) = span(k)
+                    // A chunk of another length than its slot (a damaged or crafted index) would
+                    // be copied from past its end.
+                    guard bytes.count == slotLength(k) else {
+                        throw .damaged(point: point.label, disk: disk.name, offset: UInt64(firstSlot + k) * chunkSize,
+                                       cause: "slot \(firstSlot + k)'s chunk \(ids[k].short) holds \(bytes.count) bytes, the slot \(slotLength(k))")
+                    }
                     bytes.withUnsafeBytes {
                         UnsafeMutableRawBufferPointer(rebasing: buffer[target]).copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[from..<to]))
                         if let wholeSlot, bytes.count == slotLength(k) { wholeSlot(UInt64(firstSlot + k) * chunkSize, $0) }
@@ -159,7 +165,7 @@ public final class DiskReader: Sendable {
             let (mine, others) = cache.claim(missing)
             do {
                 defer { cache.release(mine) }
-                if !mine.isEmpty { place(Dictionary(try fetch(mine, slots: mine.map { slotOf[$0] ?? -1 }, window: window()), uniquingKeysWith: { a, _ in a })) }
+                if !mine.isEmpty { try place(Dictionary(try fetch(mine, slots: mine.map { slotOf[$0] ?? -1 }, window: window()), uniquingKeysWith: { a, _ in a })) }
             }
             if !others.isEmpty {
                 // Another thread is fetching these: wait, then take them from the cache; what
@@ -175,7 +181,7 @@ public final class DiskReader: Sendable {
                 }
                 if !still.isEmpty {
                     let again = Array(still)
-                    place(Dictionary(try fetch(again, slots: again.map { slotOf[$0] ?? -1 }, window: window()), uniquingKeysWith: { a, _ in a }))
+                    try place(Dictionary(try fetch(again, slots: again.map { slotOf[$0] ?? -1 }, window: window()), uniquingKeysWith: { a, _ in a }))
                 }
             }
         }
@@ -200,11 +206,17 @@ public final class DiskReader: Sendable {
             }
             var result: [(ChunkID, [UInt8])] = []
             for (i, id) in ids.enumerated() {
+                guard lengths[i] <= slot else {
+                    throw VirtualDiskError.damaged(point: point.label, disk: disk.name, offset: UInt64(max(slots[i], 0)) * UInt64(slot),
+                                                   cause: "chunk \(id.short) holds \(lengths[i]) bytes, more than a slot")
+                }
                 let chunk = UnsafeRawBufferPointer(rebasing: block[(i * slot)..<(i * slot + lengths[i])])
                 cache.put(id, chunk)
                 result.append((id, Array(chunk)))
             }
             return result
+        } catch let error as VirtualDiskError {
+            throw error
         } catch let error as ChunkStoreError {
             let offset = damagedOffset(error)
             throw .damaged(point: point.label, disk: disk.name, offset: offset, cause: error.description)

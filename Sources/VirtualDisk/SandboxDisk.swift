@@ -204,6 +204,13 @@ public final class SandboxDisk: Sendable {
     /// that crash-consistent state; the next successful flush removes the record.
     private let failureMarker: String
     private let failureRecorded = Atomic<Bool>(false)
+    /// A write the overlay refused (ENOSPC, EIO) is recorded too, and stays recorded until reset:
+    /// the kernel's writeback cache had told the guest it succeeded, and a later successful
+    /// flush does not bring its data back.
+    private let writeFailed = Atomic<Bool>(false)
+    static let writeFailurePrefix = "a write failed: "
+    /// 64 TiB: a 2 GiB block map in memory.
+    static let largestDisk: UInt64 = 64 << 40
 
     public var size: UInt64 { base.size }
     public var blocks: Int { Int((base.size + UInt64(SandboxDisk.blockSize) - 1) / UInt64(SandboxDisk.blockSize)) }
@@ -214,8 +221,18 @@ public final class SandboxDisk: Sendable {
     public init(name: String, base: DiskReader, prefix: String) throws(SandboxError) {
         self.name = name
         self.base = base
+        // The block map is held in memory, a bit per 4 KiB block: 32 MiB per TiB of disk. A disk
+        // size from a damaged or crafted manifest must not make that allocation trap.
+        guard base.size <= SandboxDisk.largestDisk else {
+            throw .damagedOverlay(path: prefix + ".map", why: "disk \(name) claims \(base.size) bytes; a sandbox holds disks up to "
+                                  + "\(SandboxDisk.largestDisk >> 40) TiB")
+        }
         failureMarker = SandboxDisk.failureMarker(prefix: prefix)
         failureRecorded.store(FileSystem.exists(failureMarker), ordering: .relaxed)
+        if let recorded = FileManager.default.contents(atPath: failureMarker),
+           String(decoding: recorded.prefix(64), as: UTF8.self).hasPrefix(SandboxDisk.writeFailurePrefix) {
+            writeFailed.store(true, ordering: .relaxed)
+        }
         let blockCount = Int((base.size + UInt64(SandboxDisk.blockSize) - 1) / UInt64(SandboxDisk.blockSize))
         var loaded = BlockMap(blocks: blockCount)
         // A map whose data file is gone (or was cut) would read its blocks as zeros.
@@ -380,6 +397,7 @@ public final class SandboxDisk: Sendable {
         } catch let error as SandboxError {
             throw error
         } catch let error as SystemError {
+            recordWriteFailure(error, at: offset, count: buffer.count)
             throw .system(error)
         } catch {
             throw .damagedOverlay(path: data.path, why: "\(error)")
@@ -504,7 +522,7 @@ public final class SandboxDisk: Sendable {
                     recordFailure(error)
                     throw error
                 }
-                if failureRecorded.exchange(false, ordering: .relaxed) {
+                if !writeFailed.load(ordering: .relaxed) && failureRecorded.exchange(false, ordering: .relaxed) {
                     try? FileSystem.remove(failureMarker)
                     try? FileSystem.syncDirectory(FileSystem.parentDirectory(of: failureMarker))
                 }
@@ -521,6 +539,10 @@ public final class SandboxDisk: Sendable {
         let marker = failureMarker(prefix: prefix)
         guard FileSystem.exists(marker) else { return nil }
         let cause = FileManager.default.contents(atPath: marker).map { String(decoding: $0.prefix(4096), as: UTF8.self) } ?? ""
+        if cause.hasPrefix(writeFailurePrefix) {
+            return "a write to it failed (\(cause.dropFirst(writeFailurePrefix.count))): the guest may have been told it succeeded "
+                + "(the kernel's writeback cache), and its data is not in the overlay; reset the sandbox, or check the guest's filesystem"
+        }
         return "its last flush failed (\(cause.isEmpty ? "cause not recorded" : cause)): the writes made since the flush before it "
             + "may be lost, as after a crash"
     }
@@ -528,9 +550,22 @@ public final class SandboxDisk: Sendable {
     /// Best effort: the filesystem that failed the flush may refuse this too (the failure is
     /// then still in the server's log, and a failed data sync fails every later flush of this
     /// process).
+    /// A refused write, recorded in the same file as a failed flush, for good (see writeFailed).
+    private func recordWriteFailure(_ error: SystemError, at offset: UInt64, count: Int) {
+        guard !writeFailed.exchange(true, ordering: .relaxed) else { return }
+        failureRecorded.store(true, ordering: .relaxed)
+        guard let file = try? SystemFile.open(failureMarker, .createOrOpen(permissions: 0o600)) else { return }
+        let text = SandboxDisk.writeFailurePrefix + "\(count) bytes at byte \(offset): \(error.description)"
+        try? file.truncate(to: 0)
+        try? file.write(Array(text.utf8), at: 0)
+        try? file.sync()
+        file.close()
+        try? FileSystem.syncDirectory(FileSystem.parentDirectory(of: failureMarker))
+    }
+
     private func recordFailure(_ error: SystemError) {
         failureRecorded.store(true, ordering: .relaxed)
-        guard !FileSystem.exists(failureMarker),
+        guard !writeFailed.load(ordering: .relaxed), !FileSystem.exists(failureMarker),
               let file = try? SystemFile.open(failureMarker, .createOrOpen(permissions: 0o600)) else { return }
         try? file.write(Array(error.description.utf8), at: 0)
         try? file.sync()

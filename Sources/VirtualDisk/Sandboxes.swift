@@ -57,7 +57,7 @@ public final class Sandboxes: Sendable {
     public let vault: Vault
     public let directory: String
     /// Name of the file a mounted sandbox serves at its root: opening it freezes writes and
-    /// flushes the overlay; closing it thaws; reading it says "frozen" or "expired".
+    /// flushes the overlay; closing it thaws; reading it says "frozen NAME" or "expired NAME".
     public static let freezeFile = ".lifeboat-freeze"
 
     public init(vault: Vault) {
@@ -287,13 +287,11 @@ public final class Sandboxes: Sendable {
     public func promote(_ name: String, progress: (DerivedProgress) -> Void = { _ in }) throws(SandboxError) -> BackupReport {
         let record = try record(name)
         if let mount = mounted(name) {
-            let freeze = try Sandboxes.freeze(mount)
+            let freeze = try Sandboxes.freeze(mount, name: name)
             defer { Glibc.close(freeze) }
             let (point, disks) = try openDisks(record, cacheBytes: 16 << 20)
             let report = try commit(record, point: point, disks: disks, progress: progress)
-            var answer = [UInt8](repeating: 0, count: 16)
-            let n = answer.withUnsafeMutableBytes { Glibc.read(freeze, $0.baseAddress, $0.count) }
-            guard n > 0, String(decoding: answer[0..<n], as: UTF8.self).hasPrefix("frozen") else {
+            guard Sandboxes.freezeAnswer(freeze).hasPrefix("frozen ") else {
                 // The point is complete in the vault but may mix states: say so, do not hide it.
                 throw .freezeExpired("\(name) (point \(report.point.prefix(12)) was written but may not be consistent; remove it with prune or keep it knowingly)")
             }
@@ -307,7 +305,14 @@ public final class Sandboxes: Sendable {
     /// Freezes a mounted sandbox: pages the kernel still holds (the mount caches writes) go to
     /// the server first; then opening the freeze file stops new writes and flushes the overlay.
     /// The freeze lasts until the returned descriptor is closed.
-    static func freeze(_ mount: SandboxMount) throws(SandboxError) -> Int32 {
+    /// What the freeze file says now: "frozen NAME" while the freeze held, "expired NAME" else.
+    static func freezeAnswer(_ freeze: Int32) -> String {
+        var answer = [UInt8](repeating: 0, count: 256)
+        let n = answer.withUnsafeMutableBytes { pread(freeze, $0.baseAddress, $0.count, 0) }
+        return n > 0 ? String(decoding: answer[0..<n], as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines) : ""
+    }
+
+    static func freeze(_ mount: SandboxMount, name: String) throws(SandboxError) -> Int32 {
         // A failed writeback means the guest's cached writes never reached the overlay: the
         // image read now would not be what the guest wrote.
         let root = Glibc.open(mount.mountpoint, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
@@ -321,6 +326,14 @@ public final class Sandboxes: Sendable {
         let path = mount.mountpoint + "/" + Sandboxes.freezeFile
         let freeze = Glibc.open(path, O_RDONLY | O_CLOEXEC)
         guard freeze >= 0 else { throw .system(SystemError("freeze the mounted sandbox through", path: path)) }
+        // The mountpoint mount.json names may now serve another sandbox (this one's server was
+        // detached and another mounted there): freezing that one would leave this one writing.
+        let answer = freezeAnswer(freeze)
+        guard answer.split(separator: " ").dropFirst().joined(separator: " ") == name else {
+            Glibc.close(freeze)
+            throw .busy(name, why: "\(mount.mountpoint) serves \(answer.isEmpty ? "something else" : "another sandbox (\(answer))") now, "
+                        + "while this sandbox's server (pid \(mount.pid)) still runs detached; stop what uses its disk, then try again")
+        }
         return freeze
     }
 
@@ -334,7 +347,7 @@ public final class Sandboxes: Sendable {
             guard freezeIfMounted else {
                 throw .busy(name, why: "it is mounted at \(mount.mountpoint) (server pid \(mount.pid)): stop the machine and unmount it first")
             }
-            let freeze = try Sandboxes.freeze(mount)
+            let freeze = try Sandboxes.freeze(mount, name: name)
             do {
                 let (point, disks) = try openDisks(record, cacheBytes: cacheBytes)
                 return SandboxImage(record: record, point: point, disks: disks, directory: path(name),
@@ -427,9 +440,7 @@ public final class SandboxImage: Sendable {
     /// "expired": its writes could not wait any longer and went on).
     public func stillHeld() -> Bool {
         guard case .frozen(let fd, _) = hold else { return true }
-        var answer = [UInt8](repeating: 0, count: 16)
-        let n = answer.withUnsafeMutableBytes { Glibc.pread(fd, $0.baseAddress, $0.count, 0) }
-        return n > 0 && String(decoding: answer[0..<n], as: UTF8.self).hasPrefix("frozen")
+        return Sandboxes.freezeAnswer(fd).hasPrefix("frozen ")
     }
 
     /// Changes whenever what the sandbox holds may have changed: each disk's block map as last

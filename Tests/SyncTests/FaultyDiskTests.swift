@@ -159,7 +159,23 @@ private func faultyDisk() -> FaultyDisk? {
         #expect(back == flushed)
         try again.disks[0].flush()
         #expect(try sandboxes.status("s").lastFlushFailed == nil)
+
+        // A write the overlay refuses is recorded, and stays recorded after flushes that succeed
+        // (the guest had been told it succeeded; its data is not in the overlay).
+        let offset = again.disks[0].writtenBytes + (4 << 20)
+        disk.failing.withLock { $0 = [0..<(64 << 20)] }
+        #expect(throws: SandboxError.self) {
+            try lost.withUnsafeBytes { try again.disks[0].write($0, at: offset) }
+        }
+        disk.failing.withLock { $0 = [] }
+        try again.disks[0].flush()
+        let refused = try #require(try sandboxes.status("s").lastFlushFailed)
+        #expect(refused.contains("a write to it failed"), "\(refused)")
         again.close()
+        let reopened = try sandboxes.open("s")
+        try reopened.disks[0].flush()
+        #expect(try sandboxes.status("s").lastFlushFailed?.contains("a write to it failed") == true)
+        reopened.close()
     }
 
     @Test func anIOErrorOnTheTargetGivesAClearErrorAndRollsBack() throws {
