@@ -359,6 +359,7 @@ public final class SandboxServer: Sendable {
         guard let node = resolve(path) else { return -ENOENT }
         guard case .disk(let disk, let vhd) = node else { return -EACCES }
         // A disk's size is the point's: only a no-op resize (O_TRUNC of tools that check) is fine.
+        guard size >= 0 else { return -EINVAL }
         return UInt64(size) == disk.size + (vhd ? UInt64(VHDFooter.size) : 0) ? 0 : -EPERM
     }
 

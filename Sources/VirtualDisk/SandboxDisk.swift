@@ -258,10 +258,20 @@ public final class SandboxDisk: Sendable {
                 try FileSystem.syncDirectory(FileSystem.parentDirectory(of: prefix))
             } else {
                 let stored = try mapFile.readAll(count: BlockMap.headerSize + mapBytes)
-                guard stored.count == BlockMap.headerSize + mapBytes, Array(stored[0..<header.count]) == header else {
+                // A crash between sizing a new map and writing its header leaves zeros, beside a
+                // data file not yet sized: a map with nothing written yet, made again. (Zeros over a
+                // data file of the disk's size are damage: its writes would be dropped.)
+                let fresh = dataSize == 0 && stored.count == BlockMap.headerSize + mapBytes && stored.allSatisfy { $0 == 0 }
+                if fresh {
+                    try mapFile.write(header, at: 0)
+                    try mapFile.sync()
+                    try FileSystem.syncDirectory(FileSystem.parentDirectory(of: prefix))
+                }
+                let reread = fresh ? header + Array(stored[header.count...]) : stored
+                guard reread.count == BlockMap.headerSize + mapBytes, Array(reread[0..<header.count]) == header else {
                     throw SandboxError.damagedOverlay(path: prefix + ".map", why: "its header does not match disk \(name) (\(base.size) bytes)")
                 }
-                stored.withUnsafeBytes { raw in
+                reread.withUnsafeBytes { raw in
                     for i in loaded.words.indices {
                         loaded.words[i] = UInt64(littleEndian: raw.loadUnaligned(fromByteOffset: BlockMap.headerSize + i * 8, as: UInt64.self))
                     }

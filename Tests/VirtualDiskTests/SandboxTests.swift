@@ -81,6 +81,33 @@ import Vault
         #expect(firstDifference(out, original) == nil)
     }
 
+    /// A crash between sizing a new map and writing its header leaves a map of zeros beside an
+    /// empty data file: opened as a new map (it was refused as damaged until a reset). A map of
+    /// zeros beside a data file of the disk's size is still damage.
+    @Test func aMapLeftWithoutItsHeaderIsANewMap() throws {
+        let (dir, vault, point, original) = try fixture()
+        defer { dir.remove() }
+        let sandboxes = Sandboxes(vault: vault)
+        _ = try sandboxes.create("s", from: point)
+        let first = try sandboxes.open("s")
+        first.close()
+        let map = sandboxes.directory + "/s/disks/d.map"
+        let size = try SystemFile.open(map, .readOnly).size()
+        try writeAt(map, 0, [UInt8](repeating: 0, count: Int(size)))
+        #expect(throws: SandboxError.self) { try sandboxes.open("s") }
+        #expect(truncate(sandboxes.directory + "/s/disks/d.data", 0) == 0)
+        let open = try sandboxes.open("s")
+        let disk = try #require(open.disks.first)
+        #expect(firstDifference(try readAll(disk), original) == nil)
+        try ([7, 7, 7] as [UInt8]).withUnsafeBytes { try disk.write($0, at: 5000) }
+        open.close()
+        let again = try sandboxes.open("s")
+        var back = [UInt8](repeating: 0, count: 3)
+        _ = try back.withUnsafeMutableBytes { try again.disks[0].read(into: $0, at: 5000) }
+        #expect(back == [7, 7, 7])
+        again.close()
+    }
+
     @Test func holesFollowTheOverlay() throws {
         let (dir, vault, point, _) = try fixture()
         defer { dir.remove() }
