@@ -338,8 +338,15 @@ public final class SandboxServer: Sendable {
         guard case .disk(let disk, _, _) = file(info), offset >= 0, length >= 0 else { return -EBADF }
         let keepSize: Int32 = 1, punchHole: Int32 = 2, zeroRange: Int32 = 0x10
         if mode == 0 || mode == keepSize {
-            // Allocation: every byte of the disk already exists.
-            return UInt64(offset) + UInt64(length) <= disk.size ? 0 : -ENOSPC
+            // Allocation: every byte of the disk exists; room for it in the overlay is reserved,
+            // as the caller (posix_fallocate) expects later writes there not to meet ENOSPC.
+            guard UInt64(offset) + UInt64(length) <= disk.size else { return -ENOSPC }
+            do {
+                return try disk.reserve(at: UInt64(offset), length: UInt64(length)) ? 0 : -EOPNOTSUPP
+            } catch {
+                if case .system(let cause) = error { return -cause.errno }
+                return -EIO
+            }
         }
         guard mode & (punchHole | zeroRange) != 0 else { return -EOPNOTSUPP }
         // Zeroing past the end without KEEP_SIZE would grow the file in the kernel's view.

@@ -252,6 +252,9 @@ public final class SandboxDisk: Sendable {
             let mapBytes = loaded.words.count * 8
             if try mapFile.size() == 0 {
                 try mapFile.truncate(to: UInt64(BlockMap.headerSize + mapBytes))
+                // Allocated now: a flush must not meet ENOSPC on a map page it has never written
+                // (the guest would get EIO for its fsync). Where the filesystem cannot, sparse.
+                _ = try mapFile.allocate(at: 0, length: UInt64(BlockMap.headerSize + mapBytes))
                 try mapFile.write(header, at: 0)
                 try mapFile.sync()
                 // The new files' names too: a guest's first fsync must not be lost with them.
@@ -383,6 +386,17 @@ public final class SandboxDisk: Sendable {
     }
 
     // MARK: - Writing
+
+    /// Reserves room in the overlay for a range (the guest's fallocate): later writes there do not
+    /// fail for want of space. What the disk reads does not change. False where the filesystem
+    /// cannot reserve.
+    public func reserve(at offset: UInt64, length: UInt64) throws(SandboxError) -> Bool {
+        guard length > 0 else { return true }
+        guard offset <= size, length <= size - offset else { throw .pastEnd(disk: name, offset: offset, size: size) }
+        do throws(SystemError) {
+            return try data.allocate(at: offset, length: length)
+        } catch { throw .system(error) }
+    }
 
     /// Writes `buffer` at `offset` into the overlay.
     public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws(SandboxError) {

@@ -44,6 +44,16 @@ import TestSupport
         #expect(try sha256(file: mnt + "/disks/os.img") == original)
         #expect(shell("qemu-img compare -q -f vpc -F raw \(mnt)/disks/os.vhd \(image)").status == 0)
 
+        // fallocate reserves room in the overlay (later writes there cannot meet ENOSPC) and
+        // changes nothing the disk reads.
+        let data = cli.dir.file("state") + "/sandboxes/t1/disks/os.data"
+        let blocks = { Int(shell("stat -c %b \(data)").stdout.trimmingCharacters(in: .whitespacesAndNewlines)) ?? -1 }
+        let before = blocks()
+        let reserved = shell("fallocate -o 1048576 -l 4194304 \(mnt)/disks/os.img")
+        #expect(reserved.status == 0, "\(reserved.stderr)")
+        #expect(blocks() >= before + 8192, "\(before) -> \(blocks()) blocks of 512 bytes")
+        #expect(try sha256(file: mnt + "/disks/os.img") == original)
+
         // A read-write kernel mount through a loop device: write, delete, unmount.
         let loop = shell("losetup -f --show \(mnt)/disks/os.img").stdout.trimmingCharacters(in: .whitespacesAndNewlines)
         #expect(loop.hasPrefix("/dev/loop"))
