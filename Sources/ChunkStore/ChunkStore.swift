@@ -296,6 +296,8 @@ public final class ChunkWriter: Sendable {
     private struct Outcome {
         var uploaded: [(pack: ChunkID, entries: [PackEntry])] = []
         var indexNames: [String] = []
+        /// Packs uploaded under the name of a pack garbage collection plans to delete.
+        var namedAsDoomed: [ChunkID] = []
         var failure: ChunkStoreError? = nil
     }
     private final class Shared: Sendable {
@@ -328,6 +330,7 @@ public final class ChunkWriter: Sendable {
         self.uploads = uploads
         let shared = self.shared
         let store = chunkStore.store
+        let avoiding = self.avoiding
         workers = (0..<uploaders).map { n in
             Worker(name: "pack-upload-\(n)") {
                 while let pack = uploads.pop() {
@@ -348,6 +351,7 @@ public final class ChunkWriter: Sendable {
                             if o.failure == nil { o.failure = .store(failure) }
                         } else {
                             o.uploaded.append((id, entries))
+                            if avoiding.contains(id) { o.namedAsDoomed.append(id) }
                         }
                     }
                 }
@@ -438,6 +442,21 @@ public final class ChunkWriter: Sendable {
         try writeIndexIfDue(final: true)
         let packs = shared.building.withLock { $0.packCount }
         return (packs, shared.outcome.withLock { $0.indexNames })
+    }
+
+    /// Before a commit: the packs this session wrote under the name of a pack a pending plan
+    /// deletes (the same chunks in the same order make the same pack) must still be there. gc
+    /// spares a pack written again after its plan, unless it listed the packs just before the
+    /// upload; then the pack is gone by now, or goes while the point commits (a window this
+    /// narrows, not closes).
+    public func doomedNamesGone() throws(ChunkStoreError) -> [ChunkID] {
+        var gone: [ChunkID] = []
+        for pack in shared.outcome.withLock({ $0.namedAsDoomed }) {
+            do {
+                if try chunkStore.store.size(PackFormat.objectName(pack)) == nil { gone.append(pack) }
+            } catch { throw .store(error) }
+        }
+        return gone
     }
 
     /// Stops the uploaders after a failure elsewhere; nothing more is written.
