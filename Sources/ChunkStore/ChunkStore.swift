@@ -297,7 +297,6 @@ public final class ChunkWriter: Sendable {
         var uploaded: [(pack: ChunkID, entries: [PackEntry])] = []
         var indexNames: [String] = []
         /// Packs uploaded under the name of a pack garbage collection plans to delete.
-        var namedAsDoomed: [ChunkID] = []
         var failure: ChunkStoreError? = nil
     }
     private final class Shared: Sendable {
@@ -334,7 +333,7 @@ public final class ChunkWriter: Sendable {
         workers = (0..<uploaders).map { n in
             Worker(name: "pack-upload-\(n)") {
                 while let pack = uploads.pop() {
-                    let id = pack.finish()
+                    let id = pack.finish(avoiding: avoiding)
                     let entries = pack.entries
                     var failure: ObjectStoreError? = nil
                     do throws(ObjectStoreError) {
@@ -351,7 +350,6 @@ public final class ChunkWriter: Sendable {
                             if o.failure == nil { o.failure = .store(failure) }
                         } else {
                             o.uploaded.append((id, entries))
-                            if avoiding.contains(id) { o.namedAsDoomed.append(id) }
                         }
                     }
                 }
@@ -442,21 +440,6 @@ public final class ChunkWriter: Sendable {
         try writeIndexIfDue(final: true)
         let packs = shared.building.withLock { $0.packCount }
         return (packs, shared.outcome.withLock { $0.indexNames })
-    }
-
-    /// Before a commit: the packs this session wrote under the name of a pack a pending plan
-    /// deletes (the same chunks in the same order make the same pack) must still be there. gc
-    /// spares a pack written again after its plan, unless it listed the packs just before the
-    /// upload; then the pack is gone by now, or goes while the point commits (a window this
-    /// narrows, not closes).
-    public func doomedNamesGone() throws(ChunkStoreError) -> [ChunkID] {
-        var gone: [ChunkID] = []
-        for pack in shared.outcome.withLock({ $0.namedAsDoomed }) {
-            do {
-                if try chunkStore.store.size(PackFormat.objectName(pack)) == nil { gone.append(pack) }
-            } catch { throw .store(error) }
-        }
-        return gone
     }
 
     /// Stops the uploaders after a failure elsewhere; nothing more is written.

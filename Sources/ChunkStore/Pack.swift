@@ -58,6 +58,7 @@ public struct PackEntry: Sendable, Hashable {
 /// The pack format (docs/FORMAT.md, "Packs"):
 ///
 ///     header   8 bytes  "LBPACK01"
+///     gap      0 to 64 zero bytes (see PackBuilder.finish)
 ///     blobs    stored chunks back to back
 ///     directory  count x 48-byte PackEntry
 ///     trailer 56 bytes: directory offset u64 | count u32 | reserved u32 (0) |
@@ -70,6 +71,8 @@ public enum PackFormat {
     public static let trailerMagic: [UInt8] = Array("LBPKEND1".utf8)
     public static let trailerSize = 56
     public static let headerSize = 8
+    /// The most bytes a writer leaves between the header and the first chunk (see PackBuilder.finish).
+    public static let maximumGap = 64
     /// Packs are flushed when they reach this size.
     public static let targetSize = 16 << 20
 
@@ -162,7 +165,7 @@ public final class PackBuilder: @unchecked Sendable {
 
     /// True when a chunk of `count` stored bytes still fits with the directory and trailer.
     public func fits(_ count: Int) -> Bool {
-        size + count + (entries.count + 1) * PackEntry.encodedSize + PackFormat.trailerSize <= memory.count
+        size + count + (entries.count + 1) * PackEntry.encodedSize + PackFormat.trailerSize + PackFormat.maximumGap <= memory.count
     }
 
     public func add(id: ChunkID, stored: UnsafeRawBufferPointer, rawLength: Int, flags: ChunkFlags) {
@@ -178,13 +181,26 @@ public final class PackBuilder: @unchecked Sendable {
     }
 
     /// Appends directory and trailer; returns the pack's id. `bytes` is then the whole pack.
+    /// A pack whose name would be one of `avoiding` (a pack a pending gc plan deletes: the same
+    /// chunks in the same order make the same directory) is written with a gap after its header,
+    /// which moves every offset and so gives it another name: gc never deletes a pack written
+    /// after its plan.
     @discardableResult
-    public func finish() -> ChunkID {
+    public func finish(avoiding: Set<ChunkID> = []) -> ChunkID {
         if let id { return id }
+        var directory = encodedDirectory()
+        var gap = 0
+        while avoiding.contains(ChunkID.sha256(directory)), gap < PackFormat.maximumGap {
+            let start = PackFormat.headerSize + gap
+            let blobs = UnsafeMutableRawBufferPointer(rebasing: memory[start..<size])
+            UnsafeMutableRawBufferPointer(rebasing: memory[(start + 1)..<(size + 1)]).copyMemory(from: UnsafeRawBufferPointer(blobs))
+            memory[start] = 0
+            size += 1
+            gap += 1
+            for i in entries.indices { entries[i].offset += 1 }
+            directory = encodedDirectory()
+        }
         let directoryOffset = UInt64(size)
-        var directory: [UInt8] = []
-        directory.reserveCapacity(entries.count * PackEntry.encodedSize)
-        for entry in entries { entry.encode(into: &directory) }
         var trailer: [UInt8] = []
         trailer.appendLE(directoryOffset)
         trailer.appendLE(UInt32(entries.count))
@@ -198,6 +214,13 @@ public final class PackBuilder: @unchecked Sendable {
         }
         id = digest
         return digest
+    }
+
+    private func encodedDirectory() -> [UInt8] {
+        var directory: [UInt8] = []
+        directory.reserveCapacity(entries.count * PackEntry.encodedSize)
+        for entry in entries { entry.encode(into: &directory) }
+        return directory
     }
 
     /// The pack's bytes so far (all of it after `finish()`).

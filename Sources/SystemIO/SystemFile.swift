@@ -272,6 +272,8 @@ public enum FileSystem {
                 let parent = parentDirectory(of: path)
                 do throws(SystemError) {
                     try syncDirectory(parent.isEmpty ? "." : parent)
+                } catch where error.errno == EACCES || error.errno == EPERM {
+                    // A parent this user may not open (a 0711 home): its entry is the owner's to keep.
                 } catch {
                     durableDirectories.withLock { _ = $0.remove(path) }
                     throw error
@@ -282,7 +284,12 @@ public enum FileSystem {
         let parent = parentDirectory(of: path)
         if parent != path && !parent.isEmpty { try createDirectories(parent, permissions: permissions) }
         if mkdir(path, permissions) != 0 {
-            if errno == EEXIST { return try createDirectories(path, permissions: permissions) }
+            if errno == EEXIST {
+                // Made by another process since (then it is a directory now), or a file or a
+                // dangling link in the way.
+                guard isDirectory(path) else { throw SystemError("create the directory", path: path, errno: ENOTDIR) }
+                return try createDirectories(path, permissions: permissions)
+            }
             throw SystemError("create the directory", path: path)
         }
         try syncDirectory(parent.isEmpty ? "." : parent)

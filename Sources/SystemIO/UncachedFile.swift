@@ -16,7 +16,14 @@ public final class UncachedFile: Sendable {
         buffered = try SystemFile.open(path, mode)
         var readOnly = false
         if case .readOnly = mode { readOnly = true }
-        let second = try? SystemFile.open(path, readOnly ? .readOnly : .readWrite)
+        var second = try? SystemFile.open(path, readOnly ? .readOnly : .readWrite)
+        // The name is looked up twice: the second descriptor must be the same file (not one
+        // renamed over it, or a device a link was pointed at in between), or it is not used.
+        if let opened = second, let a = try? buffered.status(), let b = try? opened.status(),
+           a.st_dev != b.st_dev || a.st_ino != b.st_ino || a.st_rdev != b.st_rdev {
+            opened.close()
+            second = nil
+        }
         if let second, second.setDirect(true) {
             direct = second
         } else {

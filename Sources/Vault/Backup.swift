@@ -169,10 +169,6 @@ extension Vault {
             // The commit: everything the manifest names is durable by now, and kept by gc while
             // the lock holds.
             try lock.confirm()
-            if let gone = try writer.doomedNamesGone().first {
-                throw VaultError.lockLost(object: lock.name, why: "garbage collection deleted pack \(gone.short), which this backup "
-                                          + "had just written again under the same name")
-            }
             try store.put(RecoveryPoint.objectName(machine: request.machine, id: id), bytes)
             chunks.refresh()
             for (fingerprints, slots) in made { fingerprints.commit(point: id, slots: slots) }

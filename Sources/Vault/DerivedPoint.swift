@@ -71,12 +71,6 @@ extension Vault {
             let bytes = point.encoded()
             let id = ChunkID.sha256(bytes).hex
             try lock.confirm()
-            // A promote stores its chunks in slot order on one lane: the case where a pack comes
-            // out with the name of one a pending plan deletes (Backup says more).
-            if let gone = try writer.doomedNamesGone().first {
-                throw VaultError.lockLost(object: lock.name, why: "garbage collection deleted pack \(gone.short), which this promote "
-                                          + "had just written again under the same name")
-            }
             try store.put(RecoveryPoint.objectName(machine: base.machine, id: id), bytes)
             chunks.refresh()
             let read = UInt64(total) * UInt64(config.chunkSize)

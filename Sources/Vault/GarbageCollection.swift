@@ -220,7 +220,7 @@ extension Vault {
         // is the only copy (its index object was lost): it is listed again, not deleted.
         var unneeded: [ChunkID] = []
         for pack in orphans {
-            guard let entries = try? packDirectory(PackFormat.objectName(pack), size: sizes[pack] ?? 0) else {
+            guard let entries = try readableDirectory(PackFormat.objectName(pack), size: sizes[pack] ?? 0) else {
                 unneeded.append(pack)
                 continue
             }
@@ -290,7 +290,8 @@ extension Vault {
         // make the damage permanent where another copy, or the pack left as it is, keeps it
         // repairable. A chunk with no good copy keeps every pack to retire that holds it.
         if !rewritten.isEmpty {
-            let writer = chunks.writer()
+            // Never a copy under the name of a pack that is to go (its own plan's or another's).
+            let writer = chunks.writer(avoiding: retiring.union(orphans).union(pending))
             var copied = Set<ChunkID>()
             var damaged: [ChunkID: [ChunkID]] = [:]   // chunk -> packs whose copy failed
             let decompressor = ChunkDecompressor()
@@ -439,6 +440,22 @@ extension Vault {
         return false
     }
 
+    /// A pack's own directory; nil when the pack is damaged or gone. A store that fails to answer
+    /// stops gc: taken for "holds nothing", the only copy of a live chunk would be deleted.
+    private func readableDirectory(_ name: String, size: UInt64) throws(VaultError) -> [PackEntry]? {
+        do {
+            return try packDirectory(name, size: size)
+        } catch let error as ChunkStoreError {
+            if case .badPack = error { return nil }
+            throw .chunks(error)
+        } catch let error as ObjectStoreError {
+            if case .notFound = error { return nil }
+            throw .store(error)
+        } catch {
+            throw .wrapping(error)
+        }
+    }
+
     /// Deletes a plan's packs that are still unneeded: index objects first (rewritten without
     /// them), then the packs, then the plan. Running it again after a crash finishes the job.
     private func execute(_ plan: GCPlan, name: String, lock: MachineLock, report: inout GCReport) throws(VaultError) {
@@ -475,7 +492,7 @@ extension Vault {
             // A doomed pack no index object lists says what it holds in its own directory.
             for pack in doomed where entriesOf[pack] == nil && present.contains(pack) {
                 let object = PackFormat.objectName(pack)
-                if let size = try store.size(object), let entries = try? packDirectory(object, size: size) { entriesOf[pack] = entries }
+                if let size = try store.size(object), let entries = try readableDirectory(object, size: size) { entriesOf[pack] = entries }
             }
             // A doomed pack holding a live chunk that no surviving pack holds is spared.
             while true {

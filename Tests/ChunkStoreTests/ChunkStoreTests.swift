@@ -36,6 +36,37 @@ import TestSupport
         }
     }
 
+    /// The same chunks in the same order make the same pack name; a writer told to avoid that
+    /// name (a pack a pending gc plan deletes) leaves a gap after the header instead.
+    @Test func aPackAvoidsTheNameOfADoomedPack() throws {
+        var random = SeededBytes(seed: 3)
+        let chunks = (0..<5).map { _ in random.bytes(3000) }
+        func build(avoiding: Set<ChunkID>) -> (ChunkID, [UInt8], [PackEntry]) {
+            let builder = PackBuilder(maxChunk: 65536)
+            for data in chunks { builder.add(id: ChunkID.sha256(data), stored: data, rawLength: data.count, flags: ChunkFlags(raw: ChunkFlags.stored)) }
+            let id = builder.finish(avoiding: avoiding)
+            return (id, Array(builder.bytes), builder.entries)
+        }
+        let (doomed, doomedBytes, _) = build(avoiding: [])
+        #expect(build(avoiding: []).0 == doomed)
+        let (id, bytes, entries) = build(avoiding: [doomed])
+        #expect(id != doomed)
+        #expect(bytes.count == doomedBytes.count + 1)
+        #expect(entries.first?.offset == UInt32(PackFormat.headerSize + 1))
+        #expect(bytes[PackFormat.headerSize] == 0)
+        let trailer = try PackFormat.parseTrailer(Array(bytes.suffix(PackFormat.trailerSize)), packSize: UInt64(bytes.count), pack: "p")
+        #expect(trailer.directoryDigest == id)
+        let start = Int(trailer.directoryOffset)
+        let parsed = try PackFormat.parseDirectory(Array(bytes[start..<(start + Int(trailer.count) * PackEntry.encodedSize)]), trailer: trailer, pack: "p")
+        for (entry, data) in zip(parsed, chunks) {
+            #expect(Array(bytes[Int(entry.offset)..<Int(entry.offset + entry.storedLength)]) == data)
+        }
+        // Both names avoided: two bytes of gap.
+        let (third, _, shifted) = build(avoiding: [doomed, id])
+        #expect(third != doomed && third != id)
+        #expect(shifted.first?.offset == UInt32(PackFormat.headerSize + 2))
+    }
+
     @Test func indexObjectRoundTripAndChecksum() throws {
         let entry = PackEntry(id: ChunkID.sha256([1]), offset: 8, storedLength: 100, rawLength: 200, flags: ChunkFlags(raw: 1))
         let object = IndexObject(packs: [(ChunkID.sha256([2]), [entry, entry])])
@@ -75,6 +106,66 @@ import TestSupport
                            flags: ChunkFlags(raw: compressed == nil ? ChunkFlags.stored : ChunkFlags.zstd))
         }
         _ = try writer.finish()
+    }
+
+    /// Through the store: a writer avoiding a pack stores the same chunks under another name,
+    /// and they read back from there.
+    @Test func aWriterAvoidingAPackStoresItsChunksUnderAnotherName() throws {
+        let dir = TemporaryDirectory("chunks")
+        defer { dir.remove() }
+        let objects = LocalDirectoryStore(root: dir.file("vault"))
+        let parameters = ChunkParameters(chunkSize: 65536, compression: .zstd(level: 3))
+        var random = SeededBytes(seed: 11)
+        let chunks = (0..<8).map { _ in random.bytes(65536) }
+        let first = try ChunkStore(store: objects, parameters: parameters, cacheDirectory: dir.file("cache"))
+        try writeChunks(first, chunks)
+        let packs = try objects.list(prefix: "packs/").compactMap { PackFormat.id(fromObjectName: $0.name) }
+        #expect(packs.count == 1)
+        let firstIndex = try objects.list(prefix: IndexObject.prefix).map(\.name)
+        // Made again by a writer that must not reuse or recreate that pack (its chunks are
+        // claimed again because their only copy is in it).
+        let writer = first.writer(avoiding: Set(packs))
+        let compressor = ChunkCompressor(level: 3)
+        for data in chunks {
+            let id = ChunkID.sha256(data)
+            #expect(try writer.claim(id))
+            let compressed = data.withUnsafeBytes { compressor.compress($0) }
+            try writer.add(id: id, stored: compressed ?? data, rawLength: data.count,
+                           flags: ChunkFlags(raw: compressed == nil ? ChunkFlags.stored : ChunkFlags.zstd))
+        }
+        _ = try writer.finish()
+        let after = try objects.list(prefix: "packs/").compactMap { PackFormat.id(fromObjectName: $0.name) }
+        #expect(after.count == 2)
+        let fresh = try #require(after.first { $0 != packs[0] })
+        // As gc would leave it: the avoided pack and the index object naming it gone.
+        try objects.delete(PackFormat.objectName(packs[0]))
+        for name in firstIndex { try objects.delete(name) }
+        let reopened = try ChunkStore(store: objects, parameters: parameters, cacheDirectory: dir.file("cache2"))
+        for data in chunks {
+            #expect(try reopened.location(ChunkID.sha256(data))?.pack == fresh)
+            #expect(try reopened.read(ChunkID.sha256(data)) == data)
+        }
+    }
+
+    /// A file or a dangling link where a directory (a vault's cache, a state directory) should
+    /// be is an error naming it (it recursed until the stack overflowed).
+    @Test func aFileWhereADirectoryShouldBeIsAnError() throws {
+        let dir = TemporaryDirectory("dirs")
+        defer { dir.remove() }
+        FileManager.default.createFile(atPath: dir.file("plain"), contents: Data([1]))
+        #expect(symlink(dir.file("nowhere"), dir.file("dangling")) == 0)
+        for path in [dir.file("plain"), dir.file("dangling"), dir.file("plain") + "/below"] {
+            do {
+                try FileSystem.createDirectories(path)
+                Issue.record("\(path) was taken for a directory")
+            } catch {
+                #expect(error.errno == ENOTDIR)
+                #expect(error.description.contains(path) || error.description.contains(dir.file("plain")))
+            }
+        }
+        try FileSystem.createDirectories(dir.file("a/b/c"))
+        try FileSystem.createDirectories(dir.file("a/b/c"))
+        #expect(FileSystem.isDirectory(dir.file("a/b/c")))
     }
 
     @Test func writtenChunksAreFoundAfterReopenAndVerified() throws {
