@@ -68,10 +68,19 @@ final class UndoJournal: Sendable {
     /// the same records share one flush.
     private let durable = Mutex<UInt64>(0)
     private let dataFlush = DataFlush()
+    /// Carried by this journal's checkpoints (their digest field): a checkpoint found in the
+    /// damaged part of a journal is taken for one only if it is this journal's, not bytes that
+    /// look like one inside a payload (a guest disk may hold a journal of its own).
+    private let checkpointTag: ChunkID
 
-    private init(file: SystemFile, end: UInt64) {
+    private init(file: SystemFile, end: UInt64, header: [UInt8]) {
         self.file = file
         self.end = Mutex(end)
+        checkpointTag = Self.checkpointTag(header: header)
+    }
+
+    private static func checkpointTag(header: [UInt8]) -> ChunkID {
+        ChunkID.sha256(Array("lifeboat journal checkpoint".utf8) + Array(header[16..<48]))
     }
 
     var path: String { file.path }
@@ -90,7 +99,7 @@ final class UndoJournal: Sendable {
             try file.write(header, at: 0)
             try file.sync()
             try FileSystem.syncDirectory(FileSystem.parentDirectory(of: path))
-            return UndoJournal(file: file, end: UInt64(headerSize))
+            return UndoJournal(file: file, end: UInt64(headerSize), header: header)
         } catch { throw .journal(error) }
     }
 
@@ -146,16 +155,18 @@ final class UndoJournal: Sendable {
                 records.append(entry)
             }
             // A torn tail is the unflushed end of the journal. Damage before a checkpoint is not:
-            // a checkpoint is appended durably, so every record before it had reached the disk.
-            // Taken for a torn tail, it would be cut off, and a rollback would put back only the
-            // slots before it (a resume would journal the others' new bytes as their old ones).
-            if at < size, let checkpoint = try checkpointAfter(at, in: file, size: size) {
+            // a checkpoint is written only after every record before it was flushed, so they
+            // had reached the disk. Taken for a torn tail, it would be cut off, and a rollback
+            // would put back only the slots before it (a resume would journal the others' new
+            // bytes as their old ones). Checkpoints without this journal's tag (written before
+            // checkpoints flushed first) do not count.
+            if at < size, let checkpoint = try checkpointAfter(at, in: file, size: size, tag: checkpointTag(header: header)) {
                 throw .damagedJournal(path: path, why: "the record at byte \(at) is damaged, and the checkpoint at byte \(checkpoint) "
                                       + "shows it had been written durably: neither --rollback nor --resume can trust it. The target "
                                       + "holds part of the new image; to finish the sync, remove \(FileSystem.parentDirectory(of: path)) "
                                       + "and sync again with --mode full")
             }
-            return (UndoJournal(file: file, end: at), records)
+            return (UndoJournal(file: file, end: at, header: header), records)
         } catch {
             file.close()
             throw error
@@ -164,7 +175,7 @@ final class UndoJournal: Sendable {
 
     /// The position of a sound checkpoint record after `start`, if any (searched byte by byte:
     /// records have no alignment).
-    private static func checkpointAfter(_ start: UInt64, in file: SystemFile, size: UInt64) throws(SyncError) -> UInt64? {
+    private static func checkpointAfter(_ start: UInt64, in file: SystemFile, size: UInt64, tag: ChunkID) throws(SyncError) -> UInt64? {
         let window = 4 << 20
         var base = start + 1
         while base + UInt64(recordHeaderSize) <= size {
@@ -175,7 +186,7 @@ final class UndoJournal: Sendable {
             while i + recordHeaderSize <= bytes.count {
                 if bytes[i] == recordMagic[0] && bytes[i + 1] == recordMagic[1] && bytes[i + 2] == recordMagic[2]
                     && bytes[i + 3] == recordMagic[3] && bytes[i + 4] == Kind.checkpoint.rawValue,
-                   decodeHeader(Array(bytes[i..<(i + recordHeaderSize)]), at: base + UInt64(i)) != nil {
+                   let (_, digest) = decodeHeader(Array(bytes[i..<(i + recordHeaderSize)]), at: base + UInt64(i)), digest == tag {
                     return base + UInt64(i)
                 }
                 i += 1
@@ -257,8 +268,11 @@ final class UndoJournal: Sendable {
         }
     }
 
+    /// Records that every slot below `offset` holds the new image. Everything appended before
+    /// is flushed first, so a checkpoint on disk proves the records before it are (see open).
     func checkpoint(_ offset: UInt64) throws(SyncError) {
-        try append(UndoJournal.encodeHeader(kind: .checkpoint, offset: offset, length: 0, digest: .zero))
+        try flush()
+        try append(UndoJournal.encodeHeader(kind: .checkpoint, offset: offset, length: 0, digest: checkpointTag))
     }
 
     /// Writes the records from `position` on again and flushes them. After a failed flush

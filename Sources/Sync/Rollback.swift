@@ -29,7 +29,16 @@ extension SyncEngine {
             }
             return
         }
-        guard let boot = state.boot else { return }  // written before boots were recorded
+        guard let boot = state.boot else {
+            // Written before boots were recorded: trusted if it began in this boot.
+            if let started = Timestamp.parse(state.started), let booted = Host.bootTime, started >= booted { return }
+            guard sameTargetAcrossBoots else {
+                throw .otherTarget(path: identity.path, why: "it was recorded by an earlier lifeboat before this boot, and nothing "
+                                   + "that survives a reboot named the disk then (device numbers and /dev names can name another "
+                                   + "disk after one); if \(identity.path) is the disk that sync was writing, say so with --same-target")
+            }
+            return
+        }
         if boot == Host.bootID {
             guard state.identity == identity.id else {
                 throw .otherTarget(path: identity.path, why: "it was recorded for \(state.isDevice ? "device" : "file") \(state.identity) "
@@ -84,7 +93,12 @@ extension SyncEngine {
             } else {
                 lock = try TargetLock.acquire(stateDirectory: stateDirectory, name: "state-" + found.key, target: recordedState.target, device: nil)
             }
-            guard let (dir, state, now) = try locate(path) else {
+            let again: (SyncStateDirectory, SyncState, TargetIdentity?)?
+            do throws(SyncError) { again = try locate(path) } catch {
+                lock.release()
+                throw error
+            }
+            guard let (dir, state, now) = again else {
                 lock.release()
                 throw .nothingToRollBack(TargetIdentity.canonicalPath(path))
             }

@@ -304,8 +304,8 @@ public struct SyncEngine: Sendable {
             throw .sourceMismatch(target: identity.path, why: "\(state.source) disk \(state.disk) is not the disk the sync started with")
         }
         let (journal, records) = try UndoJournal.open(dir.journalPath, key: dir.key)
-        try check(records, of: state, journal: dir.journalPath, targetSize: source.size)
         defer { journal.close() }
+        try check(records, of: state, journal: dir.journalPath, targetSize: source.size)
         try journal.truncateToEnd()
         var journaled = Set<UInt64>()
         var checkpoint: UInt64 = 0

@@ -58,12 +58,46 @@ public struct TargetIdentity: Sendable, Equatable {
         }
     }
 
-    /// A file: its filesystem's id (statfs; derived from the filesystem's UUID on ext4 and
-    /// btrfs) and its inode. nil where the filesystem gives no id.
+    /// A file: the stable name of the disk its filesystem is on (else, on ext2/3/4 and btrfs,
+    /// the filesystem's id, which they derive from its UUID; xfs derives it from the device
+    /// number, which a reboot can give to another disk), its inode, and the inode's generation
+    /// (a number the filesystem draws when it allocates the inode, so a file deleted and another
+    /// made under the same inode number is another file). nil where one of them is missing.
     static func stableFileName(_ path: String, status st: stat) -> String? {
-        var fs = statvfs()
-        guard statvfs(path, &fs) == 0, fs.f_fsid != 0 else { return nil }
-        return "file \(String(fs.f_fsid, radix: 16)) \(st.st_ino)"
+        let filesystem: String
+        if let disk = stableDeviceName(major: major(UInt(st.st_dev)), minor: minor(UInt(st.st_dev))) {
+            filesystem = "on " + disk
+        } else {
+            var ids = statvfs()
+            guard let type = filesystemType(major: major(UInt(st.st_dev)), minor: minor(UInt(st.st_dev))),
+                  ["ext2", "ext3", "ext4", "btrfs"].contains(type),
+                  statvfs(path, &ids) == 0, ids.f_fsid != 0 else { return nil }
+            filesystem = "fsid " + String(ids.f_fsid, radix: 16)
+        }
+        guard let generation = inodeGeneration(path) else { return nil }
+        return "file \(filesystem) \(st.st_ino) generation \(generation)"
+    }
+
+    /// The type of the filesystem mounted from a device number (/proc/self/mountinfo).
+    private static func filesystemType(major: UInt, minor: UInt) -> String? {
+        guard let text = try? String(contentsOfFile: "/proc/self/mountinfo", encoding: .utf8) else { return nil }
+        for line in text.split(separator: "\n") {
+            let fields = line.split(separator: " ")
+            guard fields.count > 2, fields[2] == "\(major):\(minor)", let dash = fields.firstIndex(of: "-"),
+                  dash + 1 < fields.count else { continue }
+            return String(fields[dash + 1])
+        }
+        return nil
+    }
+
+    /// FS_IOC_GETVERSION: ext2/3/4, xfs and btrfs answer it; tmpfs does not.
+    private static func inodeGeneration(_ path: String) -> UInt32? {
+        let fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK)
+        guard fd >= 0 else { return nil }
+        defer { close(fd) }
+        var generation: UInt64 = 0
+        guard ioctl(fd, UInt(0x8008_7601), &generation) == 0 else { return nil }
+        return UInt32(truncatingIfNeeded: generation)
     }
 
     /// A block device's name that no other disk has, or nil. Serial numbers are left out: a

@@ -13,20 +13,32 @@ import Vault
 final class TargetLock: Sendable {
     private let file: SystemFile
     private let claim: Int32?
+    private let state: TargetLock?
     let name: String
 
-    private init(file: SystemFile, claim: Int32?, name: String) {
+    private init(file: SystemFile, claim: Int32?, state: TargetLock?, name: String) {
         self.file = file
         self.claim = claim
+        self.state = state
         self.name = name
     }
 
+    /// The target's lock, and the lock of the state directory it files its sync under: two
+    /// devices with one stable name (two loop devices of one backing file) share that directory,
+    /// not the device lock. The same name a rollback takes when the target itself is gone.
     static func acquire(stateDirectory: String, identity: TargetIdentity) throws(SyncError) -> TargetLock {
-        try acquire(stateDirectory: stateDirectory, name: identity.lockKey, target: identity.path,
-                    device: identity.isDevice ? identity.path : nil)
+        let state = try acquire(stateDirectory: stateDirectory, name: "state-" + identity.key, target: identity.path, device: nil)
+        do throws(SyncError) {
+            return try acquire(stateDirectory: stateDirectory, name: identity.lockKey, target: identity.path,
+                               device: identity.isDevice ? identity.path : nil, state: state)
+        } catch {
+            state.release()
+            throw error
+        }
     }
 
-    static func acquire(stateDirectory: String, name: String, target: String, device: String?) throws(SyncError) -> TargetLock {
+    static func acquire(stateDirectory: String, name: String, target: String, device: String?,
+                        state: TargetLock? = nil) throws(SyncError) -> TargetLock {
         let directory = stateDirectory + "/sync/locks"
         let path = directory + "/" + name
         let file: SystemFile
@@ -47,7 +59,12 @@ final class TargetLock: Sendable {
         }
         var claim: Int32? = nil
         if let device {
-            let fd = open(device, O_RDONLY | O_EXCL | O_CLOEXEC)
+            // A partition rescan or an md/LVM probe claims a device for a moment: tried a few times.
+            var fd = open(device, O_RDONLY | O_EXCL | O_CLOEXEC)
+            for _ in 0..<4 where fd < 0 && errno == EBUSY {
+                usleep(50_000)
+                fd = open(device, O_RDONLY | O_EXCL | O_CLOEXEC)
+            }
             guard fd >= 0 else {
                 let error = SystemError("claim the device", path: device)
                 file.close()
@@ -63,7 +80,7 @@ final class TargetLock: Sendable {
         let note = "lifeboat pid \(getpid()) since \(Timestamp.format(Date()))\n"
         try? file.truncate(to: 0)
         try? file.write(Array(note.utf8), at: 0)
-        return TargetLock(file: file, claim: claim, name: name)
+        return TargetLock(file: file, claim: claim, state: state, name: name)
     }
 
     func release() {
@@ -71,5 +88,6 @@ final class TargetLock: Sendable {
         // The note goes first, while the lock is still held: nobody else can have written theirs.
         try? file.truncate(to: 0)
         file.close()
+        state?.release()
     }
 }

@@ -12,6 +12,16 @@ public enum Host {
         return id.isEmpty ? nil : id
     }()
 
+    /// When this boot began (btime in /proc/stat, seconds since 1970).
+    public static let bootTime: Date? = {
+        guard let text = try? String(contentsOfFile: "/proc/stat", encoding: .utf8) else { return nil }
+        for line in text.split(separator: "\n") where line.hasPrefix("btime ") {
+            guard let seconds = TimeInterval(line.dropFirst(6).trimmingCharacters(in: .whitespaces)) else { return nil }
+            return Date(timeIntervalSince1970: seconds)
+        }
+        return nil
+    }()
+
     /// This process's pid namespace (the /proc/self/ns/pid link): a container has its own pids.
     public static let pidNamespace: String? = {
         var buffer = [CChar](repeating: 0, count: 64)

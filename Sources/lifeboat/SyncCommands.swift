@@ -193,12 +193,17 @@ struct SyncStatusCommand: ParsableCommand {
     @Argument(help: "The target file or block device.")
     var target: String
 
+    @Flag(help: ArgumentHelp("This target is the disk the unfinished sync recorded before a reboot was writing (needed only where nothing that survives a reboot names the device).", valueName: "same-target"))
+    var sameTarget = false
+
     @Flag(help: "Print JSON.")
     var json = false
 
     func run() throws {
         try report {
-            let status = try SyncEngine(stateDirectory: Defaults.stateDirectory).status(target)
+            var engine = SyncEngine(stateDirectory: Defaults.stateDirectory)
+            engine.sameTargetAcrossBoots = sameTarget
+            let status = try engine.status(target)
             if json { printJSON(status); return }
             let source = status.source.map { "\($0) disk \(status.disk ?? "?")" } ?? ""
             switch status.condition {

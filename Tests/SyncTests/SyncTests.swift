@@ -3,7 +3,7 @@ import Foundation
 import Glibc
 import ObjectStore
 import Synchronization
-import Sync
+@testable import Sync
 import SystemIO
 import Testing
 import TestSupport
@@ -325,6 +325,52 @@ final class FaultySource: WrappedSource {
         }
         #expect(try sha256(file: target) == before)
         #expect(try f.engine.status(target).condition == .midSync)
+    }
+
+    /// Only a checkpoint of this journal (its tag) makes earlier damage real damage: one of an
+    /// earlier version (no tag), or bytes like one inside a payload (a guest disk holding a
+    /// journal), leave the damaged part a torn tail, as a power loss can leave it.
+    @Test func onlyThisJournalsCheckpointsMakeDamageReal() throws {
+        let dir = TemporaryDirectory("journal")
+        defer { dir.remove() }
+        func write(_ name: String, checkpoint: (UndoJournal) throws -> Void) throws -> String {
+            let path = dir.file(name)
+            let journal = try UndoJournal.create(path, key: "0123456789abcdef0123456789abcdef")
+            var records: [UInt8] = []
+            for n in 0..<3 {
+                var payload = [UInt8](repeating: UInt8(n + 1), count: 4096)
+                if n == 2 {
+                    // A payload holding what looks like a checkpoint (as a guest's own journal would).
+                    let fake = UndoJournal.encodeHeader(kind: .checkpoint, offset: 1 << 20, length: 0, digest: .zero)
+                    payload.replaceSubrange(100..<(100 + fake.count), with: fake)
+                }
+                payload.withUnsafeBytes { raw in
+                    UndoJournal.encodeRecord(into: &records, offset: UInt64(n) * 4096, bytes: raw, zero: false, digest: ChunkID.sha256(raw))
+                }
+            }
+            try journal.append(records)
+            try checkpoint(journal)
+            journal.close()
+            // The first record's payload damaged.
+            let byte = try SystemFile.open(path, .readOnly).readAll(from: 200, count: 1)
+            try writeAt(path, 200, [byte[0] ^ 0x01])
+            return path
+        }
+        let torn = try write("torn") { _ in }
+        let (a, recordsA) = try UndoJournal.open(torn)
+        a.close()
+        #expect(recordsA.isEmpty)
+        let old = try write("old") { journal in
+            try journal.append(UndoJournal.encodeHeader(kind: .checkpoint, offset: 12288, length: 0, digest: .zero))
+        }
+        let (b, recordsB) = try UndoJournal.open(old)
+        b.close()
+        #expect(recordsB.isEmpty)
+        let real = try write("real") { journal in try journal.checkpoint(12288) }
+        #expect { try UndoJournal.open(real) } throws: { error in
+            guard case .damagedJournal = error as? SyncError else { return false }
+            return true
+        }
     }
 
     @Test func aDeltaJournaledPartlyByItsComparisonRollsBackOrResumesExactly() throws {
