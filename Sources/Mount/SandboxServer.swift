@@ -299,7 +299,9 @@ public final class SandboxServer: Sendable {
             length = position < disk.size ? Int(disk.size - position) : 0
         }
         do {
-            try disk.write(UnsafeRawBufferPointer(start: UnsafeRawPointer(buffer), count: length), at: position)
+            // From the writeback cache (the writer was told long ago) or from a writer that waits.
+            let cached = info.map { $0.pointee.writepage != 0 } ?? true
+            try disk.write(UnsafeRawBufferPointer(start: UnsafeRawPointer(buffer), count: length), at: position, cached: cached)
         } catch {
             log("sandbox \(sandbox.record.name): \(error.description)")
             if case .system(let e) = error, e.errno == ENOSPC || e.errno == EDQUOT { return -ENOSPC }
@@ -342,7 +344,10 @@ public final class SandboxServer: Sendable {
             // as the caller (posix_fallocate) expects later writes there not to meet ENOSPC.
             guard UInt64(offset) + UInt64(length) <= disk.size else { return -ENOSPC }
             do {
-                return try disk.reserve(at: UInt64(offset), length: UInt64(length)) ? 0 : -EOPNOTSUPP
+                // Where the overlay's filesystem cannot reserve, success as before: EOPNOTSUPP would
+                // make glibc write a byte into every block, copying the whole range into the overlay.
+                _ = try disk.reserve(at: UInt64(offset), length: UInt64(length))
+                return 0
             } catch {
                 if case .system(let cause) = error { return -cause.errno }
                 return -EIO

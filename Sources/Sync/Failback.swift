@@ -120,6 +120,7 @@ public struct Failback: Sendable {
         do throws(SandboxError) {
             promoted = try sandboxes.promote(name, progress: promoting)
         } catch { throw .sandbox(error) }
+        warnings += promoted.warnings
         let point: RecoveryPoint
         do throws(VaultError) { point = try vault.point(promoted.machine + "@" + promoted.point) } catch { throw .source(error) }
         let source = try PointSource(vault: vault, point: point, disk: disk)

@@ -208,6 +208,8 @@ public final class SandboxDisk: Sendable {
     /// the kernel's writeback cache had told the guest it succeeded, and a later successful
     /// flush does not bring its data back.
     private let writeFailed = Atomic<Bool>(false)
+    /// Serializes the marker's writes; holds a write failure's record not yet written.
+    private let markerLock = Mutex<String?>(nil)
     static let writeFailurePrefix = "a write failed: "
     /// 64 TiB: a 2 GiB block map in memory.
     static let largestDisk: UInt64 = 64 << 40
@@ -270,6 +272,10 @@ public final class SandboxDisk: Sendable {
                     try mapFile.sync()
                     try FileSystem.syncDirectory(FileSystem.parentDirectory(of: prefix))
                 }
+                // Allocated on every open, at no cost once done: maps made sparse (by an earlier
+                // version, or re-made above) get their room too. Best effort: a full disk must
+                // not keep the sandbox from opening.
+                _ = try? mapFile.allocate(at: 0, length: UInt64(BlockMap.headerSize + mapBytes))
                 let reread = fresh ? header + Array(stored[header.count...]) : stored
                 guard reread.count == BlockMap.headerSize + mapBytes, Array(reread[0..<header.count]) == header else {
                     throw SandboxError.damagedOverlay(path: prefix + ".map", why: "its header does not match disk \(name) (\(base.size) bytes)")
@@ -398,8 +404,11 @@ public final class SandboxDisk: Sendable {
         } catch { throw .system(error) }
     }
 
-    /// Writes `buffer` at `offset` into the overlay.
-    public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws(SandboxError) {
+    /// Writes `buffer` at `offset` into the overlay. `cached`: the write comes from the kernel's
+    /// writeback cache, so the writer was told it succeeded long ago; if it fails here its data
+    /// is lost, and that is recorded until reset. A write the writer waits for (O_DIRECT: qemu's
+    /// cache=none) gets the error itself and can retry: nothing is lost.
+    public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, cached: Bool = true) throws(SandboxError) {
         guard !buffer.isEmpty else { return }
         guard offset + UInt64(buffer.count) <= size else { throw .pastEnd(disk: name, offset: offset, size: size) }
         gate.enter()
@@ -421,7 +430,7 @@ public final class SandboxDisk: Sendable {
         } catch let error as SandboxError {
             throw error
         } catch let error as SystemError {
-            recordWriteFailure(error, at: offset, count: buffer.count)
+            if cached { recordWriteFailure(error, at: offset, count: buffer.count) }
             throw .system(error)
         } catch {
             throw .damagedOverlay(path: data.path, why: "\(error)")
@@ -546,9 +555,14 @@ public final class SandboxDisk: Sendable {
                     recordFailure(error)
                     throw error
                 }
-                if !writeFailed.load(ordering: .relaxed) && failureRecorded.exchange(false, ordering: .relaxed) {
-                    try? FileSystem.remove(failureMarker)
-                    try? FileSystem.syncDirectory(FileSystem.parentDirectory(of: failureMarker))
+                markerLock.withLock { pending in
+                    if writeFailed.load(ordering: .relaxed) {
+                        // A write failure whose record could not be written then (a full disk): again.
+                        if let text = pending, writeMarker(text) { pending = nil }
+                    } else if failureRecorded.exchange(false, ordering: .relaxed) {
+                        try? FileSystem.remove(failureMarker)
+                        try? FileSystem.syncDirectory(FileSystem.parentDirectory(of: failureMarker))
+                    }
                 }
             }
         } catch {
@@ -573,28 +587,43 @@ public final class SandboxDisk: Sendable {
 
     /// Best effort: the filesystem that failed the flush may refuse this too (the failure is
     /// then still in the server's log, and a failed data sync fails every later flush of this
-    /// process).
-    /// A refused write, recorded in the same file as a failed flush, for good (see writeFailed).
+    /// process). A refused write is recorded in the same file, for good (see writeFailed), over
+    /// a flush's record; one that could not be recorded is tried again at every flush.
     private func recordWriteFailure(_ error: SystemError, at offset: UInt64, count: Int) {
-        guard !writeFailed.exchange(true, ordering: .relaxed) else { return }
-        failureRecorded.store(true, ordering: .relaxed)
-        guard let file = try? SystemFile.open(failureMarker, .createOrOpen(permissions: 0o600)) else { return }
-        let text = SandboxDisk.writeFailurePrefix + "\(count) bytes at byte \(offset): \(error.description)"
-        try? file.truncate(to: 0)
-        try? file.write(Array(text.utf8), at: 0)
-        try? file.sync()
-        file.close()
-        try? FileSystem.syncDirectory(FileSystem.parentDirectory(of: failureMarker))
+        markerLock.withLock { pending in
+            guard !writeFailed.exchange(true, ordering: .relaxed) else { return }
+            failureRecorded.store(true, ordering: .relaxed)
+            let text = SandboxDisk.writeFailurePrefix + "\(count) bytes at byte \(offset): \(error.description)"
+            pending = writeMarker(text) ? nil : text
+        }
     }
 
     private func recordFailure(_ error: SystemError) {
-        failureRecorded.store(true, ordering: .relaxed)
-        guard !writeFailed.load(ordering: .relaxed), !FileSystem.exists(failureMarker),
-              let file = try? SystemFile.open(failureMarker, .createOrOpen(permissions: 0o600)) else { return }
-        try? file.write(Array(error.description.utf8), at: 0)
-        try? file.sync()
-        file.close()
-        try? FileSystem.syncDirectory(FileSystem.parentDirectory(of: failureMarker))
+        markerLock.withLock { _ in
+            failureRecorded.store(true, ordering: .relaxed)
+            guard !writeFailed.load(ordering: .relaxed), !FileSystem.exists(failureMarker) else { return }
+            writeMarker(error.description)
+        }
+    }
+
+    /// Replaces the marker whole (a temporary file renamed over it): never half of one record
+    /// over another. Called under markerLock.
+    @discardableResult
+    private func writeMarker(_ text: String) -> Bool {
+        let temporary = failureMarker + ".new"
+        do throws(SystemError) {
+            try? FileSystem.remove(temporary)
+            let file = try SystemFile.open(temporary, .createExclusive(permissions: 0o600))
+            defer { file.close() }
+            try file.write(Array(text.utf8), at: 0)
+            try file.sync()
+            try FileSystem.rename(temporary, to: failureMarker)
+            try FileSystem.syncDirectory(FileSystem.parentDirectory(of: failureMarker))
+            return true
+        } catch {
+            try? FileSystem.remove(temporary)
+            return false
+        }
     }
 
     // MARK: - Promote

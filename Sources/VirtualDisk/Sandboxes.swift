@@ -286,20 +286,26 @@ public final class Sandboxes: Sendable {
     /// it takes: its writes wait (at most `WriteGate.maximumWait`), reads go on.
     public func promote(_ name: String, progress: (DerivedProgress) -> Void = { _ in }) throws(SandboxError) -> BackupReport {
         let record = try record(name)
+        var report: BackupReport
         if let mount = mounted(name) {
             let freeze = try Sandboxes.freeze(mount, name: name)
             defer { Glibc.close(freeze) }
             let (point, disks) = try openDisks(record, cacheBytes: 16 << 20)
-            let report = try commit(record, point: point, disks: disks, progress: progress)
+            report = try commit(record, point: point, disks: disks, progress: progress)
             guard Sandboxes.freezeAnswer(freeze).hasPrefix("frozen ") else {
                 // The point is complete in the vault but may mix states: say so, do not hide it.
                 throw .freezeExpired("\(name) (point \(report.point.prefix(12)) was written but may not be consistent; remove it with prune or keep it knowingly)")
             }
-            return report
+        } else {
+            let sandbox = try open(name, cacheBytes: 16 << 20)
+            defer { sandbox.close() }
+            report = try commit(record, point: sandbox.point, disks: sandbox.disks, progress: progress)
         }
-        let sandbox = try open(name, cacheBytes: 16 << 20)
-        defer { sandbox.close() }
-        return try commit(record, point: sandbox.point, disks: sandbox.disks, progress: progress)
+        // A write the overlay lost (or a failed flush) is in the point as it is in the overlay.
+        if let why = Sandboxes.flushFailure(sandboxDirectory: path(name)) {
+            report.warnings.append("sandbox \(name) \(why); the point holds the overlay as it is")
+        }
+        return report
     }
 
     /// Freezes a mounted sandbox: pages the kernel still holds (the mount caches writes) go to
@@ -329,6 +335,11 @@ public final class Sandboxes: Sendable {
         // The mountpoint mount.json names may now serve another sandbox (this one's server was
         // detached and another mounted there): freezing that one would leave this one writing.
         let answer = freezeAnswer(freeze)
+        if answer == "frozen" || answer == "expired" {
+            Glibc.close(freeze)
+            throw .busy(name, why: "its server (pid \(mount.pid)) runs an earlier lifeboat, which does not say which sandbox it serves: "
+                        + "stop what uses its disk, `lifeboat umount \(mount.mountpoint)` and mount it again")
+        }
         guard answer.split(separator: " ").dropFirst().joined(separator: " ") == name else {
             Glibc.close(freeze)
             throw .busy(name, why: "\(mount.mountpoint) serves \(answer.isEmpty ? "something else" : "another sandbox (\(answer))") now, "

@@ -173,6 +173,7 @@ struct SandboxCommand: ParsableCommand {
                     line.update(done: UInt64(p.slotsDone) * chunkSize, total: UInt64(p.slotsTotal) * chunkSize)
                 }
                 line.finish()
+                for warning in result.warnings { Terminal.warning(warning) }
                 if json {
                     printJSON(result)
                 } else {

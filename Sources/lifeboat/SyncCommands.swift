@@ -126,6 +126,9 @@ struct SyncStart: ParsableCommand {
                 if let (name, _) = SandboxSource.parse(source) {
                     let sandbox = try SandboxSource(vault: opened, sandbox: name, disk: disk)
                     defer { sandbox.close() }
+                    if let why = Sandboxes(vault: opened).flushFailure(name) {
+                        Terminal.warning("sandbox \(name) \(why); it is synced as it is")
+                    }
                     if let mountpoint = sandbox.image.mountpoint, !json {
                         Terminal.warning("sandbox \(name) is mounted at \(mountpoint): it is frozen while it is synced (its writes wait, at most \(Int(WriteGate.maximumWait)) s); for a running machine use `lifeboat failback --phase prepare`")
                     }

@@ -163,6 +163,15 @@ private func faultyDisk() -> FaultyDisk? {
         // A write the overlay refuses is recorded, and stays recorded after flushes that succeed
         // (the guest had been told it succeeded; its data is not in the overlay).
         let offset = again.disks[0].writtenBytes + (4 << 20)
+        // A write its writer waits for (O_DIRECT, qemu's cache=none) gets the error itself and
+        // can retry: nothing is lost, nothing is recorded.
+        disk.failing.withLock { $0 = [0..<(64 << 20)] }
+        #expect(throws: SandboxError.self) {
+            try lost.withUnsafeBytes { try again.disks[0].write($0, at: offset, cached: false) }
+        }
+        disk.failing.withLock { $0 = [] }
+        try again.disks[0].flush()
+        #expect(try sandboxes.status("s").lastFlushFailed == nil)
         disk.failing.withLock { $0 = [0..<(64 << 20)] }
         #expect(throws: SandboxError.self) {
             try lost.withUnsafeBytes { try again.disks[0].write($0, at: offset) }
@@ -176,6 +185,9 @@ private func faultyDisk() -> FaultyDisk? {
         try reopened.disks[0].flush()
         #expect(try sandboxes.status("s").lastFlushFailed?.contains("a write to it failed") == true)
         reopened.close()
+        // A point made of it says so.
+        let promoted = try sandboxes.promote("s")
+        #expect(promoted.warnings.contains { $0.contains("a write to it failed") }, "\(promoted.warnings)")
     }
 
     @Test func anIOErrorOnTheTargetGivesAClearErrorAndRollsBack() throws {
