@@ -416,8 +416,17 @@ extension Vault {
         do {
             record = try JSONDecoder().decode(GCBlockers.self, from: Data(try store.get(Vault.blockersName(ofPlan: name))))
         } catch let error as ObjectStoreError {
-            if case .notFound = error { return try !runningBackups().isEmpty }
-            throw .store(error)
+            guard case .notFound = error else { throw .store(error) }
+            // Written by a gc that died before recording (or by an earlier version): recorded
+            // now. A superset of what the plan had to wait for: backups that began since read
+            // the plan; those that finished before now left their manifests for the second mark.
+            // Without it the plan would wait until no backup at all runs, for ever in a busy vault.
+            let running = try runningBackups()
+            do {
+                let record = Array((try? JSONEncoder().encode(GCBlockers(locks: running))) ?? Data())
+                try store.put(Vault.blockersName(ofPlan: name), record)
+            } catch { throw .store(error) }
+            return !running.isEmpty
         } catch {
             return try !runningBackups().isEmpty
         }

@@ -276,6 +276,45 @@ func storedPackBytes(_ vault: String) throws -> UInt64 {
         #expect(try f.open().check(readData: true).ok)
     }
 
+    /// A plan without its record of running backups (a gc died between the two, or an earlier
+    /// version wrote it) gets one from the backups running when it is found: a backup that
+    /// began after that does not hold it back (it waited until no backup at all ran).
+    @Test func aPlanWithoutItsBlockersRecordGetsOne() throws {
+        let f = Fixture()
+        defer { f.dir.remove() }
+        let vault = try f.create()
+        let disk = f.dir.file("d.img")
+        for seed in [18, 19] as [UInt64] {
+            try writeAt(disk, 0, randomBytes(seed: seed, count: 2 << 20))
+            _ = try vault.backup(BackupRequest(machine: "a", disks: [("os", .path(disk))]))
+        }
+        try vault.setPolicy(RetentionPolicy(keepLast: 1), machine: "a")
+        _ = try vault.prune(dryRun: false)
+        let local = LocalDirectoryStore(root: f.vaultPath)
+        func lock(_ token: String) -> [UInt8] {
+            let now = Timestamp.format(Date())
+            return Array(#"{"host":"elsewhere","pid":1,"started":"\#(now)","refreshed":"\#(now)","operation":"backup","token":"\#(token)"}"#.utf8)
+        }
+        try local.put("locks/b", lock("04"))
+        #expect(try vault.collectGarbage().deferred)
+        for record in try local.list(prefix: "gc/blockers-") { try local.delete(record.name) }
+        // Found again while b runs: recorded, and waits for b.
+        let pending = try vault.packsPendingDeletion()
+        let before = try storedPackBytes(f.vaultPath)
+        _ = try vault.collectGarbage()
+        #expect(try local.list(prefix: "gc/blockers-").count == 1)
+        #expect(try vault.packsPendingDeletion() == pending)
+        #expect(try storedPackBytes(f.vaultPath) == before)
+        // b finished; another backup began since: it read the plan, so the plan goes ahead.
+        try local.delete("locks/b")
+        try local.put("locks/c", lock("05"))
+        _ = try vault.collectGarbage()
+        #expect(try vault.packsPendingDeletion().isEmpty)
+        #expect(try storedPackBytes(f.vaultPath) < before)
+        try local.delete("locks/c")
+        #expect(try f.open().check(readData: true).ok)
+    }
+
     /// A pack written again after a plan named it (a backup that stored the same chunks in the
     /// same order makes a pack of the same name) is not the pack the plan judged: spared.
     @Test func aPackWrittenAgainAfterThePlanIsSpared() throws {
