@@ -25,6 +25,9 @@ public struct RetentionPolicy: Codable, Sendable, Equatable {
         self.keepWithin = keepWithin
     }
 
+    /// The rules this version applies, as they are named in a stored policy.
+    static let ruleNames: Set<String> = ["keepLast", "keepHourly", "keepDaily", "keepWeekly", "keepMonthly", "keepYearly", "keepWithin"]
+
     public var isEmpty: Bool {
         [keepLast, keepHourly, keepDaily, keepWeekly, keepMonthly, keepYearly].allSatisfy { ($0 ?? 0) == 0 } && keepWithin == nil
     }
@@ -181,6 +184,14 @@ extension Vault {
         }
         guard let policy = try? JSONDecoder().decode(RetentionPolicy.self, from: Data(bytes)) else {
             throw .damagedObject(newest, "not a retention policy; \(remedy)")
+        }
+        // A rule this version does not know (written by a later one) would be dropped by the
+        // decoder, and the points only it keeps pruned.
+        let keys = ((try? JSONSerialization.jsonObject(with: Data(bytes))) as? [String: Any]).map { Set($0.keys) } ?? []
+        let unknown = keys.subtracting(RetentionPolicy.ruleNames).sorted()
+        guard unknown.isEmpty else {
+            throw .damagedObject(newest, "it has rules this lifeboat does not know (\(unknown.joined(separator: ", "))): "
+                                 + "prune stops; use the lifeboat that set it, or set the policy again")
         }
         do {
             try policy.validate()

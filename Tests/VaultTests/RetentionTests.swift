@@ -192,6 +192,17 @@ let borgAvailable = FileSystem.exists("/usr/lib/python3/dist-packages/borg/helpe
             #expect(throws: VaultError.self) { try vault.prune(machine: "web01", dryRun: false, now: now) }
             #expect(try vault.points(machine: "web01").count == 3)
         }
+        // A sound policy of a later version, with a rule this one does not know: not applied
+        // without it.
+        let later = Array(#"{"keepLast":1,"keepQuarterly":4}"#.utf8)
+        let laterName = "policies/web01/99990101000000-" + ChunkID.sha256(later).hex.prefix(16)
+        try vault.store.put(laterName, later)
+        #expect { try vault.policy(machine: "web01") } throws: { error in
+            "\(error)".contains("keepQuarterly")
+        }
+        #expect(throws: VaultError.self) { try vault.prune(machine: "web01", dryRun: false, now: now) }
+        #expect(try vault.points(machine: "web01").count == 3)
+        try vault.store.delete(laterName)
         // Written again through setPolicy, it is read and applied.
         try vault.setPolicy(RetentionPolicy(keepLast: 2), machine: "web01", now: Date().addingTimeInterval(5))
         #expect(try vault.prune(machine: "web01", dryRun: false, now: now).removed == 1)
