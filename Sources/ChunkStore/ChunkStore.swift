@@ -296,7 +296,6 @@ public final class ChunkWriter: Sendable {
     private struct Outcome {
         var uploaded: [(pack: ChunkID, entries: [PackEntry])] = []
         var indexNames: [String] = []
-        /// Packs uploaded under the name of a pack garbage collection plans to delete.
         var failure: ChunkStoreError? = nil
     }
     private final class Shared: Sendable {
@@ -337,6 +336,10 @@ public final class ChunkWriter: Sendable {
                     let entries = pack.entries
                     var failure: ObjectStoreError? = nil
                     do throws(ObjectStoreError) {
+                        // Only if 64 gaps all made names of doomed packs: never written under one.
+                        guard !avoiding.contains(id) else {
+                            throw .failed(SystemError("write a pack not named like one garbage collection deletes", path: PackFormat.objectName(id), errno: EEXIST))
+                        }
                         try store.put(PackFormat.objectName(id), pack.bytes)
                     } catch {
                         failure = error

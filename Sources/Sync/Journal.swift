@@ -270,9 +270,18 @@ final class UndoJournal: Sendable {
 
     /// Records that every slot below `offset` holds the new image. Everything appended before
     /// is flushed first, so a checkpoint on disk proves the records before it are (see open).
+    /// The flush and the write happen under the append lock: no record can come between them.
     func checkpoint(_ offset: UInt64) throws(SyncError) {
-        try flush()
-        try append(UndoJournal.encodeHeader(kind: .checkpoint, offset: offset, length: 0, digest: checkpointTag))
+        let record = UndoJournal.encodeHeader(kind: .checkpoint, offset: offset, length: 0, digest: checkpointTag)
+        let after = try end.withLock { (end: inout UInt64) throws(SyncError) -> UInt64 in
+            do throws(SystemError) {
+                try dataFlush.sync(file)
+                try file.write(record, at: end)
+            } catch { throw .journal(error) }
+            end += UInt64(record.count)
+            return end
+        }
+        try flush(through: after)
     }
 
     /// Writes the records from `position` on again and flushes them. After a failed flush

@@ -69,32 +69,58 @@ public struct TargetIdentity: Sendable, Equatable {
             filesystem = "on " + disk
         } else {
             var ids = statvfs()
-            guard let type = filesystemType(major: major(UInt(st.st_dev)), minor: minor(UInt(st.st_dev))),
+            guard let type = filesystemType(containing: path),
                   ["ext2", "ext3", "ext4", "btrfs"].contains(type),
                   statvfs(path, &ids) == 0, ids.f_fsid != 0 else { return nil }
             filesystem = "fsid " + String(ids.f_fsid, radix: 16)
         }
-        guard let generation = inodeGeneration(path) else { return nil }
+        guard let generation = inodeGeneration(path, of: st) else { return nil }
         return "file \(filesystem) \(st.st_ino) generation \(generation)"
     }
 
-    /// The type of the filesystem mounted from a device number (/proc/self/mountinfo).
-    private static func filesystemType(major: UInt, minor: UInt) -> String? {
+    /// The type of the filesystem holding `path` (absolute, links resolved): the mount whose
+    /// mount point is the longest prefix of it (/proc/self/mountinfo). By mount point, not by
+    /// device number: stat gives a btrfs subvolume's file a device number of its own.
+    private static func filesystemType(containing path: String) -> String? {
         guard let text = try? String(contentsOfFile: "/proc/self/mountinfo", encoding: .utf8) else { return nil }
+        var best: (length: Int, type: String)? = nil
         for line in text.split(separator: "\n") {
             let fields = line.split(separator: " ")
-            guard fields.count > 2, fields[2] == "\(major):\(minor)", let dash = fields.firstIndex(of: "-"),
-                  dash + 1 < fields.count else { continue }
-            return String(fields[dash + 1])
+            guard fields.count > 4, let dash = fields.firstIndex(of: "-"), dash + 1 < fields.count else { continue }
+            let mountPoint = unescape(fields[4])
+            let covers = mountPoint == "/" || path == mountPoint || path.hasPrefix(mountPoint + "/")
+            // Later lines are later mounts: at the same point, the one on top wins.
+            if covers && mountPoint.count >= (best?.length ?? -1) { best = (mountPoint.count, String(fields[dash + 1])) }
         }
-        return nil
+        return best?.type
+    }
+
+    /// mountinfo writes space, tab, newline and backslash in paths as \ooo.
+    private static func unescape(_ field: Substring) -> String {
+        var bytes: [UInt8] = []
+        let raw = Array(field.utf8)
+        var i = 0
+        while i < raw.count {
+            if raw[i] == UInt8(ascii: "\\"), i + 4 <= raw.count,
+               let value = UInt8(String(decoding: raw[(i + 1)..<(i + 4)], as: UTF8.self), radix: 8) {
+                bytes.append(value)
+                i += 4
+            } else {
+                bytes.append(raw[i])
+                i += 1
+            }
+        }
+        return String(decoding: bytes, as: UTF8.self)
     }
 
     /// FS_IOC_GETVERSION: ext2/3/4, xfs and btrfs answer it; tmpfs does not.
-    private static func inodeGeneration(_ path: String) -> UInt32? {
+    private static func inodeGeneration(_ path: String, of st: stat) -> UInt32? {
         let fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK)
         guard fd >= 0 else { return nil }
         defer { close(fd) }
+        // The file stat described, not one put under its name since.
+        var opened = stat()
+        guard fstat(fd, &opened) == 0, opened.st_dev == st.st_dev, opened.st_ino == st.st_ino else { return nil }
         var generation: UInt64 = 0
         guard ioctl(fd, UInt(0x8008_7601), &generation) == 0 else { return nil }
         return UInt32(truncatingIfNeeded: generation)

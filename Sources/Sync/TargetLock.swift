@@ -5,7 +5,8 @@ import Vault
 
 /// The lock that keeps two syncs (or failback phases) from writing one target at once: flock on
 /// `<state>/sync/locks/<key>`, taken without waiting, where the key names the target's bytes, not
-/// the name it was given (two hard links, or two device nodes of one device, take one lock). A
+/// the name it was given (two hard links, or two device nodes of one device, take one lock), and
+/// on `state-<state key>` for the state directory (two devices may share one). A
 /// block device is also claimed with O_EXCL, which the kernel refuses while it is mounted, in an
 /// LVM volume group or a RAID, or claimed by another program, a partition of it or the disk it is
 /// a partition of included. The lock file says who holds it, for the message of the one refused.

@@ -19,10 +19,12 @@ public final class UncachedFile: Sendable {
         var second = try? SystemFile.open(path, readOnly ? .readOnly : .readWrite)
         // The name is looked up twice: the second descriptor must be the same file (not one
         // renamed over it, or a device a link was pointed at in between), or it is not used.
-        if let opened = second, let a = try? buffered.status(), let b = try? opened.status(),
-           a.st_dev != b.st_dev || a.st_ino != b.st_ino || a.st_rdev != b.st_rdev {
-            opened.close()
-            second = nil
+        if let opened = second {
+            let a = try? buffered.status(), b = try? opened.status()
+            if a == nil || b == nil || a!.st_dev != b!.st_dev || a!.st_ino != b!.st_ino || a!.st_rdev != b!.st_rdev {
+                opened.close()
+                second = nil
+            }
         }
         if let second, second.setDirect(true) {
             direct = second

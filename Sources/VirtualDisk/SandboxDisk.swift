@@ -528,7 +528,7 @@ public final class SandboxDisk: Sendable {
         var done: UInt64 = 0
         while done < length {
             let n = Int(min(UInt64(piece), length - done))
-            try write(UnsafeRawBufferPointer(rebasing: zeros[0..<n]), at: offset + done)
+            try write(UnsafeRawBufferPointer(rebasing: zeros[0..<n]), at: offset + done, cached: false)   // its caller waits for the answer
             done += UInt64(n)
         }
     }
@@ -599,9 +599,14 @@ public final class SandboxDisk: Sendable {
     }
 
     private func recordFailure(_ error: SystemError) {
-        markerLock.withLock { _ in
+        markerLock.withLock { pending in
             failureRecorded.store(true, ordering: .relaxed)
-            guard !writeFailed.load(ordering: .relaxed), !FileSystem.exists(failureMarker) else { return }
+            if writeFailed.load(ordering: .relaxed) {
+                // The lost write's record first, if it could not be written when the write failed.
+                if let text = pending, writeMarker(text) { pending = nil }
+                return
+            }
+            guard !FileSystem.exists(failureMarker) else { return }
             writeMarker(error.description)
         }
     }
