@@ -27,8 +27,20 @@ final class TargetLock: Sendable {
     /// The target's lock, and the lock of the state directory it files its sync under: two
     /// devices with one stable name (two loop devices of one backing file) share that directory,
     /// not the device lock. The same name a rollback takes when the target itself is gone.
+    /// Versions before these locks took `<state>/sync/<legacy key>/lock`: taken too where that
+    /// directory exists, so that a sync an older lifeboat still runs is not joined by this one.
     static func acquire(stateDirectory: String, identity: TargetIdentity) throws(SyncError) -> TargetLock {
-        let state = try acquire(stateDirectory: stateDirectory, name: "state-" + identity.key, target: identity.path, device: nil)
+        let legacyDirectory = stateDirectory + "/sync/" + identity.legacyKey
+        let legacy = FileSystem.isDirectory(legacyDirectory)
+            ? try acquire(path: legacyDirectory + "/lock", target: identity.path, device: nil) : nil
+        let state: TargetLock
+        do throws(SyncError) {
+            state = try acquire(stateDirectory: stateDirectory, name: "state-" + identity.key, target: identity.path, device: nil,
+                                state: legacy)
+        } catch {
+            legacy?.release()
+            throw error
+        }
         do throws(SyncError) {
             return try acquire(stateDirectory: stateDirectory, name: identity.lockKey, target: identity.path,
                                device: identity.isDevice ? identity.path : nil, state: state)
@@ -41,10 +53,15 @@ final class TargetLock: Sendable {
     static func acquire(stateDirectory: String, name: String, target: String, device: String?,
                         state: TargetLock? = nil) throws(SyncError) -> TargetLock {
         let directory = stateDirectory + "/sync/locks"
-        let path = directory + "/" + name
-        let file: SystemFile
         do throws(SystemError) {
             try FileSystem.createDirectories(directory, permissions: 0o700)
+        } catch { throw .journal(error) }
+        return try acquire(path: directory + "/" + name, target: target, device: device, state: state)
+    }
+
+    private static func acquire(path: String, target: String, device: String?, state: TargetLock? = nil) throws(SyncError) -> TargetLock {
+        let file: SystemFile
+        do throws(SystemError) {
             file = try SystemFile.open(path, .createOrOpen(permissions: 0o600))
         } catch { throw .journal(error) }
         let held: Bool
@@ -81,7 +98,7 @@ final class TargetLock: Sendable {
         let note = "lifeboat pid \(getpid()) since \(Timestamp.format(Date()))\n"
         try? file.truncate(to: 0)
         try? file.write(Array(note.utf8), at: 0)
-        return TargetLock(file: file, claim: claim, state: state, name: name)
+        return TargetLock(file: file, claim: claim, state: state, name: String(path.split(separator: "/").last ?? ""))
     }
 
     func release() {

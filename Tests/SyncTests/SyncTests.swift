@@ -327,6 +327,28 @@ final class FaultySource: WrappedSource {
         #expect(try f.engine.status(target).condition == .midSync)
     }
 
+    /// A sync that an older lifeboat runs holds the lock it knew (`sync/<legacy key>/lock`):
+    /// this one does not join it. Taken for the target's own lock otherwise.
+    @Test func aSyncOfAnOlderLifeboatIsNotJoined() throws {
+        let f = try SyncFixture()
+        defer { f.dir.remove() }
+        let target = try f.target("old.img", holding: 0)
+        let identity = try #require(try TargetIdentity.of(target))
+        let legacy = f.engine.stateDirectory + "/sync/" + identity.legacyKey
+        try FileSystem.createDirectories(legacy)
+        let held = try SystemFile.open(legacy + "/lock", .createOrOpen(permissions: 0o600))
+        #expect(try held.lockWithoutWaiting())
+        do throws(SyncError) {
+            _ = try f.engine.sync(try f.source(2), to: target, mode: .delta)
+            Issue.record("a sync joined one an older lifeboat holds")
+        } catch {
+            guard case .busy = error else { Issue.record("\(error)"); return }
+        }
+        held.close()
+        _ = try f.engine.sync(try f.source(2), to: target, mode: .delta)
+        #expect(try sha256(file: target) == f.hashes[2])
+    }
+
     /// Only a checkpoint of this journal (its tag) makes earlier damage real damage: one of an
     /// earlier version (no tag), or bytes like one inside a payload (a guest disk holding a
     /// journal), leave the damaged part a torn tail, as a power loss can leave it.
