@@ -91,7 +91,15 @@ extension SyncEngine {
             if let identity {
                 lock = try TargetLock.acquire(stateDirectory: stateDirectory, identity: identity)
             } else {
-                lock = try TargetLock.acquire(stateDirectory: stateDirectory, name: "state-" + found.key, target: recordedState.target, device: nil)
+                // And the lock earlier versions took in that directory.
+                let legacy = try TargetLock.acquireLegacy(directory: found.path, target: recordedState.target)
+                do throws(SyncError) {
+                    lock = try TargetLock.acquire(stateDirectory: stateDirectory, name: "state-" + found.key, target: recordedState.target,
+                                                  device: nil, state: legacy)
+                } catch {
+                    legacy.release()
+                    throw error
+                }
             }
             let again: (SyncStateDirectory, SyncState, TargetIdentity?)?
             do throws(SyncError) { again = try locate(path) } catch {

@@ -64,66 +64,30 @@ public struct TargetIdentity: Sendable, Equatable {
     /// (a number the filesystem draws when it allocates the inode, so a file deleted and another
     /// made under the same inode number is another file). nil where one of them is missing.
     static func stableFileName(_ path: String, status st: stat) -> String? {
+        // Everything from one descriptor, checked to be the file stat described.
+        let fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK)
+        guard fd >= 0 else { return nil }
+        defer { close(fd) }
+        var opened = stat()
+        guard fstat(fd, &opened) == 0, opened.st_dev == st.st_dev, opened.st_ino == st.st_ino else { return nil }
         let filesystem: String
         if let disk = stableDeviceName(major: major(UInt(st.st_dev)), minor: minor(UInt(st.st_dev))) {
             filesystem = "on " + disk
         } else {
+            // f_type, the first field of struct statfs (a long), by the call itself: not by a
+            // mount table, where a btrfs subvolume's device number is not listed and a mount
+            // hidden under a later one still is.
+            var raw = [Int](repeating: 0, count: 32)
             var ids = statvfs()
-            guard let type = filesystemType(containing: path),
-                  ["ext2", "ext3", "ext4", "btrfs"].contains(type),
-                  statvfs(path, &ids) == 0, ids.f_fsid != 0 else { return nil }
+            guard raw.withUnsafeMutableBytes({ lifeboat_fstatfs(fd, $0.baseAddress!) }) == 0,
+                  raw[0] == 0xEF53 || raw[0] == 0x9123683E,   // ext2/3/4, btrfs
+                  fstatvfs(fd, &ids) == 0, ids.f_fsid != 0 else { return nil }
             filesystem = "fsid " + String(ids.f_fsid, radix: 16)
         }
-        guard let generation = inodeGeneration(path, of: st) else { return nil }
-        return "file \(filesystem) \(st.st_ino) generation \(generation)"
-    }
-
-    /// The type of the filesystem holding `path` (absolute, links resolved): the mount whose
-    /// mount point is the longest prefix of it (/proc/self/mountinfo). By mount point, not by
-    /// device number: stat gives a btrfs subvolume's file a device number of its own.
-    private static func filesystemType(containing path: String) -> String? {
-        guard let text = try? String(contentsOfFile: "/proc/self/mountinfo", encoding: .utf8) else { return nil }
-        var best: (length: Int, type: String)? = nil
-        for line in text.split(separator: "\n") {
-            let fields = line.split(separator: " ")
-            guard fields.count > 4, let dash = fields.firstIndex(of: "-"), dash + 1 < fields.count else { continue }
-            let mountPoint = unescape(fields[4])
-            let covers = mountPoint == "/" || path == mountPoint || path.hasPrefix(mountPoint + "/")
-            // Later lines are later mounts: at the same point, the one on top wins.
-            if covers && mountPoint.count >= (best?.length ?? -1) { best = (mountPoint.count, String(fields[dash + 1])) }
-        }
-        return best?.type
-    }
-
-    /// mountinfo writes space, tab, newline and backslash in paths as \ooo.
-    private static func unescape(_ field: Substring) -> String {
-        var bytes: [UInt8] = []
-        let raw = Array(field.utf8)
-        var i = 0
-        while i < raw.count {
-            if raw[i] == UInt8(ascii: "\\"), i + 4 <= raw.count,
-               let value = UInt8(String(decoding: raw[(i + 1)..<(i + 4)], as: UTF8.self), radix: 8) {
-                bytes.append(value)
-                i += 4
-            } else {
-                bytes.append(raw[i])
-                i += 1
-            }
-        }
-        return String(decoding: bytes, as: UTF8.self)
-    }
-
-    /// FS_IOC_GETVERSION: ext2/3/4, xfs and btrfs answer it; tmpfs does not.
-    private static func inodeGeneration(_ path: String, of st: stat) -> UInt32? {
-        let fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK)
-        guard fd >= 0 else { return nil }
-        defer { close(fd) }
-        // The file stat described, not one put under its name since.
-        var opened = stat()
-        guard fstat(fd, &opened) == 0, opened.st_dev == st.st_dev, opened.st_ino == st.st_ino else { return nil }
+        // FS_IOC_GETVERSION: ext2/3/4, xfs and btrfs answer it; tmpfs does not.
         var generation: UInt64 = 0
         guard ioctl(fd, UInt(0x8008_7601), &generation) == 0 else { return nil }
-        return UInt32(truncatingIfNeeded: generation)
+        return "file \(filesystem) \(st.st_ino) generation \(UInt32(truncatingIfNeeded: generation))"
     }
 
     /// A block device's name that no other disk has, or nil. Serial numbers are left out: a
@@ -301,3 +265,7 @@ final class Target: Sendable {
         return offset
     }
 }
+
+// Glibc's module map leaves out sys/vfs.h (statfs); the buffer is larger than struct statfs.
+@_silgen_name("fstatfs")
+private func lifeboat_fstatfs(_ fd: Int32, _ buffer: UnsafeMutableRawPointer) -> Int32

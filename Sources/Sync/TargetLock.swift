@@ -27,18 +27,17 @@ final class TargetLock: Sendable {
     /// The target's lock, and the lock of the state directory it files its sync under: two
     /// devices with one stable name (two loop devices of one backing file) share that directory,
     /// not the device lock. The same name a rollback takes when the target itself is gone.
-    /// Versions before these locks took `<state>/sync/<legacy key>/lock`: taken too where that
-    /// directory exists, so that a sync an older lifeboat still runs is not joined by this one.
+    /// Versions before these locks took `<state>/sync/<legacy key>/lock`: taken too (its
+    /// directory made if missing), so that this sync and one an older lifeboat runs during an
+    /// upgrade exclude each other, whichever began first.
     static func acquire(stateDirectory: String, identity: TargetIdentity) throws(SyncError) -> TargetLock {
-        let legacyDirectory = stateDirectory + "/sync/" + identity.legacyKey
-        let legacy = FileSystem.isDirectory(legacyDirectory)
-            ? try acquire(path: legacyDirectory + "/lock", target: identity.path, device: nil) : nil
+        let legacy = try acquireLegacy(directory: stateDirectory + "/sync/" + identity.legacyKey, target: identity.path)
         let state: TargetLock
         do throws(SyncError) {
             state = try acquire(stateDirectory: stateDirectory, name: "state-" + identity.key, target: identity.path, device: nil,
                                 state: legacy)
         } catch {
-            legacy?.release()
+            legacy.release()
             throw error
         }
         do throws(SyncError) {
@@ -48,6 +47,14 @@ final class TargetLock: Sendable {
             state.release()
             throw error
         }
+    }
+
+    /// The lock earlier versions took in a state directory.
+    static func acquireLegacy(directory: String, target: String) throws(SyncError) -> TargetLock {
+        do throws(SystemError) {
+            try FileSystem.createDirectories(directory, permissions: 0o700)
+        } catch { throw .journal(error) }
+        return try acquire(path: directory + "/lock", target: target, device: nil)
     }
 
     static func acquire(stateDirectory: String, name: String, target: String, device: String?,
