@@ -35,6 +35,8 @@ public struct SyncState: Codable, Sendable {
     /// absent in states written before them.
     public var stable: String? = nil
     public var boot: String? = nil
+    /// A loop device's backing file then (TargetIdentity.attachment).
+    public var attachment: String? = nil
 }
 
 /// The undo journal (`<state>/sync/<key>/journal`, docs/FORMAT.md "Sync journals"): a header,

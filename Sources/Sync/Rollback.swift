@@ -44,6 +44,10 @@ extension SyncEngine {
                 throw .otherTarget(path: identity.path, why: "it was recorded for \(state.isDevice ? "device" : "file") \(state.identity) "
                                    + "at \(state.target); this is \(identity.id)")
             }
+            if let then = state.attachment, then != identity.attachment {
+                throw .otherTarget(path: identity.path, why: "it was recorded for the loop device attached to file \(then); it is "
+                                   + "attached to \(identity.attachment ?? "nothing") now")
+            }
         } else if !sameTargetAcrossBoots {
             // Found by device number and name, which a reboot can give to another disk.
             throw .otherTarget(path: identity.path, why: "it was recorded before a reboot, and nothing that survives a reboot named "

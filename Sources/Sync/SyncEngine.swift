@@ -179,7 +179,7 @@ public struct SyncEngine: Sendable {
                               phase: .running, undo: undo, created: created, oldSize: created ? 0 : oldSize,
                               newSize: identity.isDevice ? oldSize : source.size, chunkSize: source.chunkSize,
                               journalBytesPlanned: 0, started: Timestamp.format(started), finished: nil,
-                              stable: identity.stable, boot: Host.bootID)
+                              stable: identity.stable, boot: Host.bootID, attachment: identity.attachment)
         let budget = comparisonJournalLimit ?? freeSpace() / 2
         func finished(_ report: SyncReport) -> SyncReport {
             var report = report

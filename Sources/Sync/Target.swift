@@ -18,6 +18,10 @@ public struct TargetIdentity: Sendable, Equatable {
     public let isDevice: Bool
     public let id: String
     public let stable: String?
+    /// A loop device: the file it is attached to now (device:inode of the backing file, and the
+    /// offset). Checked within a boot where there is no stable name: detached and attached to
+    /// another file, the same device number is another disk.
+    public var attachment: String? = nil
 
     /// Names the target's state directory.
     public var key: String {
@@ -51,7 +55,8 @@ public struct TargetIdentity: Sendable, Equatable {
         switch st.st_mode & S_IFMT {
         case S_IFBLK:
             let (major, minor) = (major(UInt(st.st_rdev)), minor(UInt(st.st_rdev)))
-            return TargetIdentity(path: canonical, isDevice: true, id: "\(major):\(minor)", stable: stableDeviceName(major: major, minor: minor))
+            return TargetIdentity(path: canonical, isDevice: true, id: "\(major):\(minor)", stable: stableDeviceName(major: major, minor: minor),
+                                  attachment: loopAttachment(major: major, minor: minor))
         case S_IFREG:
             return TargetIdentity(path: canonical, isDevice: false, id: "\(st.st_dev):\(st.st_ino)", stable: stableFileName(canonical, status: st))
         default: throw .notATarget(path)
@@ -88,6 +93,15 @@ public struct TargetIdentity: Sendable, Equatable {
         var generation: UInt64 = 0
         guard ioctl(fd, UInt(0x8008_7601), &generation) == 0 else { return nil }
         return "file \(filesystem) \(st.st_ino) generation \(UInt32(truncatingIfNeeded: generation))"
+    }
+
+    static func loopAttachment(major: UInt, minor: UInt) -> String? {
+        let sys = "/sys/dev/block/\(major):\(minor)/loop/"
+        guard let file = try? String(contentsOfFile: sys + "backing_file", encoding: .utf8) else { return nil }
+        var st = stat()
+        guard stat(file.trimmingCharacters(in: .whitespacesAndNewlines), &st) == 0 else { return "gone" }
+        let offset = (try? String(contentsOfFile: sys + "offset", encoding: .utf8))?.trimmingCharacters(in: .whitespacesAndNewlines) ?? "0"
+        return "\(st.st_dev):\(st.st_ino) offset \(offset)"
     }
 
     /// A block device's name that no other disk has, or nil. Serial numbers are left out: a

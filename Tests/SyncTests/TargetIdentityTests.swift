@@ -92,6 +92,17 @@ import Vault
         engine.sameTargetAcrossBoots = true
         #expect(try engine.recorded(for: target).1 != nil)
         engine.sameTargetAcrossBoots = false
+        // A loop device without a stable name, attached to another file since: another disk.
+        var attached = state(identity: "65:0", stable: nil, boot: Host.bootID)
+        attached.attachment = "2049:12 offset 0"
+        try records.save(attached)
+        var loop = target
+        loop.attachment = "2049:12 offset 0"
+        #expect(try engine.recorded(for: loop).1 != nil)
+        loop.attachment = "2049:13 offset 0"
+        #expect { try engine.recorded(for: loop) } throws: { error in
+            (error as? SyncError)?.description.contains("attached") == true
+        }
         // A stable name that is not this target's: never taken.
         try records.save(state(identity: "65:0", stable: "wwid naa.5000c500a1b2c3d4", boot: Host.bootID))
         #expect(throws: SyncError.self) { try engine.recorded(for: target) }
