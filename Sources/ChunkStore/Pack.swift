@@ -188,18 +188,17 @@ public final class PackBuilder: @unchecked Sendable {
     @discardableResult
     public func finish(avoiding: Set<ChunkID> = []) -> ChunkID {
         if let id { return id }
-        var directory = encodedDirectory()
         var gap = 0
-        while avoiding.contains(ChunkID.sha256(directory)), gap < PackFormat.maximumGap {
-            let start = PackFormat.headerSize + gap
-            let blobs = UnsafeMutableRawBufferPointer(rebasing: memory[start..<size])
-            UnsafeMutableRawBufferPointer(rebasing: memory[(start + 1)..<(size + 1)]).copyMemory(from: UnsafeRawBufferPointer(blobs))
-            memory[start] = 0
-            size += 1
-            gap += 1
-            for i in entries.indices { entries[i].offset += 1 }
-            directory = encodedDirectory()
+        while !avoiding.isEmpty, gap < PackFormat.maximumGap, avoiding.contains(ChunkID.sha256(encodedDirectory(shiftedBy: gap))) { gap += 1 }
+        if gap > 0 {
+            let start = PackFormat.headerSize
+            let blobs = UnsafeRawBufferPointer(rebasing: memory[start..<size])
+            UnsafeMutableRawBufferPointer(rebasing: memory[(start + gap)..<(size + gap)]).copyMemory(from: blobs)
+            UnsafeMutableRawBufferPointer(rebasing: memory[start..<(start + gap)]).initializeMemory(as: UInt8.self, repeating: 0)
+            size += gap
+            for i in entries.indices { entries[i].offset += UInt32(gap) }
         }
+        let directory = encodedDirectory(shiftedBy: 0)
         let directoryOffset = UInt64(size)
         var trailer: [UInt8] = []
         trailer.appendLE(directoryOffset)
@@ -216,10 +215,14 @@ public final class PackBuilder: @unchecked Sendable {
         return digest
     }
 
-    private func encodedDirectory() -> [UInt8] {
+    /// The directory as it would be with every chunk `shift` bytes further on.
+    private func encodedDirectory(shiftedBy shift: Int) -> [UInt8] {
         var directory: [UInt8] = []
         directory.reserveCapacity(entries.count * PackEntry.encodedSize)
-        for entry in entries { entry.encode(into: &directory) }
+        for var entry in entries {
+            entry.offset += UInt32(shift)
+            entry.encode(into: &directory)
+        }
         return directory
     }
 

@@ -21,6 +21,9 @@ extension SyncEngine {
     }
 
     private func verify(_ state: SyncState, isFor identity: TargetIdentity) throws(SyncError) {
+        guard state.isDevice == identity.isDevice else {
+            throw .otherTarget(path: identity.path, why: "it was recorded for a \(state.isDevice ? "block device" : "file")")
+        }
         if let name = state.stable {
             // The stable name decides; the device's number may have changed with it (a re-attach).
             guard name == identity.stable else {
@@ -29,17 +32,7 @@ extension SyncEngine {
             }
             return
         }
-        guard let boot = state.boot else {
-            // Written before boots were recorded: trusted if it began in this boot.
-            if let started = Timestamp.parse(state.started), let booted = Host.bootTime, started >= booted { return }
-            guard sameTargetAcrossBoots else {
-                throw .otherTarget(path: identity.path, why: "it was recorded by an earlier lifeboat before this boot, and nothing "
-                                   + "that survives a reboot named the disk then (device numbers and /dev names can name another "
-                                   + "disk after one); if \(identity.path) is the disk that sync was writing, say so with --same-target")
-            }
-            return
-        }
-        if boot == Host.bootID {
+        if let boot = state.boot, boot == Host.bootID {
             guard state.identity == identity.id else {
                 throw .otherTarget(path: identity.path, why: "it was recorded for \(state.isDevice ? "device" : "file") \(state.identity) "
                                    + "at \(state.target); this is \(identity.id)")
@@ -48,8 +41,12 @@ extension SyncEngine {
                 throw .otherTarget(path: identity.path, why: "it was recorded for the loop device attached to file \(then); it is "
                                    + "attached to \(identity.attachment ?? "nothing") now")
             }
-        } else if !sameTargetAcrossBoots {
-            // Found by device number and name, which a reboot can give to another disk.
+            return
+        }
+        // Written by an earlier lifeboat that recorded no boots: trusted if it began in this boot.
+        if state.boot == nil, let started = Timestamp.parse(state.started), let booted = Host.bootTime, started >= booted { return }
+        // Found by device number and name, which a reboot can give to another disk.
+        guard sameTargetAcrossBoots else {
             throw .otherTarget(path: identity.path, why: "it was recorded before a reboot, and nothing that survives a reboot named "
                                + "the disk then (device numbers and /dev names can name another disk after one); if \(identity.path) "
                                + "is the disk that sync was writing, say so with --same-target")
@@ -95,15 +92,7 @@ extension SyncEngine {
             if let identity {
                 lock = try TargetLock.acquire(stateDirectory: stateDirectory, identity: identity)
             } else {
-                // And the lock earlier versions took in that directory.
-                let legacy = try TargetLock.acquireLegacy(directory: found.path, target: recordedState.target)
-                do throws(SyncError) {
-                    lock = try TargetLock.acquire(stateDirectory: stateDirectory, name: "state-" + found.key, target: recordedState.target,
-                                                  device: nil, state: legacy)
-                } catch {
-                    legacy.release()
-                    throw error
-                }
+                lock = try TargetLock.acquire(stateDirectory: stateDirectory, gone: found, target: recordedState.target)
             }
             let again: (SyncStateDirectory, SyncState, TargetIdentity?)?
             do throws(SyncError) { again = try locate(path) } catch {
@@ -141,9 +130,6 @@ extension SyncEngine {
             removed = true
         } else {
             guard let identity else { throw .target(SystemError("open", path: state.target, errno: ENOENT)) }
-            guard identity.isDevice == state.isDevice else {
-                throw .otherTarget(path: identity.path, why: "it was recorded for a \(state.isDevice ? "block device" : "file")")
-            }
             let (journal, records) = try UndoJournal.open(dir.journalPath, key: dir.key)
             defer { journal.close() }
             let target = try Target(path: targetPath, isDevice: state.isDevice, undo: true)

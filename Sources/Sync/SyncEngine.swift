@@ -296,9 +296,6 @@ public struct SyncEngine: Sendable {
         defer { lock.release() }
         let (dir, recordedState) = try recorded(for: identity)
         guard let state = recordedState, state.phase == .running else { throw .nothingToResume(identity.path) }
-        guard state.isDevice == identity.isDevice else {
-            throw .otherTarget(path: identity.path, why: "it was recorded for a \(state.isDevice ? "block device" : "file")")
-        }
         let source = try resolve(state.source, state.disk)
         guard source.size == state.newSize || state.isDevice, source.chunkSize == state.chunkSize else {
             throw .sourceMismatch(target: identity.path, why: "\(state.source) disk \(state.disk) is not the disk the sync started with")

@@ -14,59 +14,63 @@ import Vault
 final class TargetLock: Sendable {
     private let file: SystemFile
     private let claim: Int32?
-    private let state: TargetLock?
-    let name: String
+    /// Taken before this one, released after it.
+    private let outer: TargetLock?
 
-    private init(file: SystemFile, claim: Int32?, state: TargetLock?, name: String) {
+    private init(file: SystemFile, claim: Int32?, outer: TargetLock?) {
         self.file = file
         self.claim = claim
-        self.state = state
-        self.name = name
+        self.outer = outer
     }
 
-    /// The target's lock, and the lock of the state directory it files its sync under: two
-    /// devices with one stable name (two loop devices of one backing file) share that directory,
-    /// not the device lock. The same name a rollback takes when the target itself is gone.
-    /// Versions before these locks took `<state>/sync/<legacy key>/lock`: taken too (its
-    /// directory made if missing), so that this sync and one an older lifeboat runs during an
-    /// upgrade exclude each other, whichever began first.
+    /// The target's lock, after the locks of the state directory it files its sync under (two
+    /// devices with one stable name, two loop devices of one backing file, share that directory,
+    /// not the device lock).
     static func acquire(stateDirectory: String, identity: TargetIdentity) throws(SyncError) -> TargetLock {
-        let legacy = try acquireLegacy(directory: stateDirectory + "/sync/" + identity.legacyKey, target: identity.path)
-        let state: TargetLock
-        do throws(SyncError) {
-            state = try acquire(stateDirectory: stateDirectory, name: "state-" + identity.key, target: identity.path, device: nil,
-                                state: legacy)
-        } catch {
-            legacy.release()
-            throw error
-        }
-        do throws(SyncError) {
-            return try acquire(stateDirectory: stateDirectory, name: identity.lockKey, target: identity.path,
-                               device: identity.isDevice ? identity.path : nil, state: state)
-        } catch {
-            state.release()
-            throw error
-        }
+        let locks = try locksDirectory(stateDirectory)
+        let state = try acquireState(stateDirectory: stateDirectory, key: identity.key,
+                                     legacyDirectory: stateDirectory + "/sync/" + identity.legacyKey, target: identity.path)
+        return try acquire(path: locks + "/" + identity.lockKey, target: identity.path,
+                           device: identity.isDevice ? identity.path : nil, outer: state)
     }
 
-    /// The lock earlier versions took in a state directory.
-    static func acquireLegacy(directory: String, target: String) throws(SyncError) -> TargetLock {
+    /// A target that is gone: the locks of the state directory its sync was found in.
+    static func acquire(stateDirectory: String, gone directory: SyncStateDirectory, target: String) throws(SyncError) -> TargetLock {
+        try acquireState(stateDirectory: stateDirectory, key: directory.key, legacyDirectory: directory.path, target: target)
+    }
+
+    /// `locks/state-<key>`, after the lock versions before these took in a state directory
+    /// (`<legacy directory>/lock`, made if missing), so that this sync and one an older lifeboat
+    /// runs during an upgrade exclude each other, whichever began first.
+    private static func acquireState(stateDirectory: String, key: String, legacyDirectory: String,
+                                     target: String) throws(SyncError) -> TargetLock {
+        let locks = try locksDirectory(stateDirectory)
         do throws(SystemError) {
-            try FileSystem.createDirectories(directory, permissions: 0o700)
+            try FileSystem.createDirectories(legacyDirectory, permissions: 0o700)
         } catch { throw .journal(error) }
-        return try acquire(path: directory + "/lock", target: target, device: nil)
+        let legacy = try acquire(path: legacyDirectory + "/lock", target: target, device: nil, outer: nil)
+        return try acquire(path: locks + "/state-" + key, target: target, device: nil, outer: legacy)
     }
 
-    static func acquire(stateDirectory: String, name: String, target: String, device: String?,
-                        state: TargetLock? = nil) throws(SyncError) -> TargetLock {
+    private static func locksDirectory(_ stateDirectory: String) throws(SyncError) -> String {
         let directory = stateDirectory + "/sync/locks"
         do throws(SystemError) {
             try FileSystem.createDirectories(directory, permissions: 0o700)
         } catch { throw .journal(error) }
-        return try acquire(path: directory + "/" + name, target: target, device: device, state: state)
+        return directory
     }
 
-    private static func acquire(path: String, target: String, device: String?, state: TargetLock? = nil) throws(SyncError) -> TargetLock {
+    /// Releases `outer` when it fails.
+    private static func acquire(path: String, target: String, device: String?, outer: TargetLock?) throws(SyncError) -> TargetLock {
+        do throws(SyncError) {
+            return try lock(path: path, target: target, device: device, outer: outer)
+        } catch {
+            outer?.release()
+            throw error
+        }
+    }
+
+    private static func lock(path: String, target: String, device: String?, outer: TargetLock?) throws(SyncError) -> TargetLock {
         let file: SystemFile
         do throws(SystemError) {
             file = try SystemFile.open(path, .createOrOpen(permissions: 0o600))
@@ -105,7 +109,7 @@ final class TargetLock: Sendable {
         let note = "lifeboat pid \(getpid()) since \(Timestamp.format(Date()))\n"
         try? file.truncate(to: 0)
         try? file.write(Array(note.utf8), at: 0)
-        return TargetLock(file: file, claim: claim, state: state, name: String(path.split(separator: "/").last ?? ""))
+        return TargetLock(file: file, claim: claim, outer: outer)
     }
 
     func release() {
@@ -113,6 +117,6 @@ final class TargetLock: Sendable {
         // The note goes first, while the lock is still held: nobody else can have written theirs.
         try? file.truncate(to: 0)
         file.close()
-        state?.release()
+        outer?.release()
     }
 }

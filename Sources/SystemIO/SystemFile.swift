@@ -317,6 +317,7 @@ public enum FileSystem {
             try file.sync()
         } catch {
             file.close()
+            try? remove(temporary)
             throw error
         }
         file.close()

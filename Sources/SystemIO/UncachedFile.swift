@@ -20,8 +20,8 @@ public final class UncachedFile: Sendable {
         // The name is looked up twice: the second descriptor must be the same file (not one
         // renamed over it, or a device a link was pointed at in between), or it is not used.
         if let opened = second {
-            let a = try? buffered.status(), b = try? opened.status()
-            if a == nil || b == nil || a!.st_dev != b!.st_dev || a!.st_ino != b!.st_ino || a!.st_rdev != b!.st_rdev {
+            let same = (try? buffered.status()).flatMap { a in (try? opened.status()).map { b in a.st_dev == b.st_dev && a.st_ino == b.st_ino } }
+            if same != true {
                 opened.close()
                 second = nil
             }

@@ -362,16 +362,8 @@ extension Vault {
         // a chunk of its packs. One that takes its lock after this listing reads the plan.
         do {
             try store.put(name, bytes)
-            let running = try runningBackups()
-            let record = Array((try? JSONEncoder().encode(GCBlockers(locks: running))) ?? Data())
-            try store.put(Vault.blockersName(ofPlan: name), record)
-        } catch let error as ObjectStoreError {
-            throw .store(error)
-        } catch let error as VaultError {
-            throw error
-        } catch {
-            throw .invalidArgument("\(error)")
-        }
+        } catch { throw .store(error) }
+        _ = try recordBlockers(ofPlan: name)
         if try blockedByBackups(planNamed: name) {
             report.deferred = true
         } else {
@@ -384,6 +376,16 @@ extension Vault {
 
     static func blockersName(ofPlan plan: String) -> String {
         gcPrefix + "blockers-" + plan.dropFirst((gcPrefix + "plan-").count)
+    }
+
+    /// Records the backups running now as the plan's blockers; returns them.
+    private func recordBlockers(ofPlan name: String) throws(VaultError) -> [GCBlockers.Lock] {
+        let running = try runningBackups()
+        let record = Array((try? JSONEncoder().encode(GCBlockers(locks: running))) ?? Data())
+        do {
+            try store.put(Vault.blockersName(ofPlan: name), record)
+        } catch { throw .store(error) }
+        return running
     }
 
     /// The backups (machine locks) that run now; a lock whose holder is gone (dead process on
@@ -421,12 +423,7 @@ extension Vault {
             // now. A superset of what the plan had to wait for: backups that began since read
             // the plan; those that finished before now left their manifests for the second mark.
             // Without it the plan would wait until no backup at all runs, for ever in a busy vault.
-            let running = try runningBackups()
-            do {
-                let record = Array((try? JSONEncoder().encode(GCBlockers(locks: running))) ?? Data())
-                try store.put(Vault.blockersName(ofPlan: name), record)
-            } catch { throw .store(error) }
-            return !running.isEmpty
+            return try !recordBlockers(ofPlan: name).isEmpty
         } catch {
             return try !runningBackups().isEmpty
         }

@@ -25,8 +25,13 @@ public struct RetentionPolicy: Codable, Sendable, Equatable {
         self.keepWithin = keepWithin
     }
 
+    /// The decoder's keys, listed so that a stored policy's other keys can be found.
+    enum CodingKeys: String, CodingKey, CaseIterable {
+        case keepLast, keepHourly, keepDaily, keepWeekly, keepMonthly, keepYearly, keepWithin
+    }
+
     /// The rules this version applies, as they are named in a stored policy.
-    static let ruleNames: Set<String> = ["keepLast", "keepHourly", "keepDaily", "keepWeekly", "keepMonthly", "keepYearly", "keepWithin"]
+    static let ruleNames = Set(CodingKeys.allCases.map(\.stringValue))
 
     public var isEmpty: Bool {
         [keepLast, keepHourly, keepDaily, keepWeekly, keepMonthly, keepYearly].allSatisfy { ($0 ?? 0) == 0 } && keepWithin == nil

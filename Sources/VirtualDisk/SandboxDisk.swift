@@ -615,18 +615,11 @@ public final class SandboxDisk: Sendable {
     /// over another. Called under markerLock.
     @discardableResult
     private func writeMarker(_ text: String) -> Bool {
-        let temporary = failureMarker + ".new"
         do throws(SystemError) {
-            try? FileSystem.remove(temporary)
-            let file = try SystemFile.open(temporary, .createExclusive(permissions: 0o600))
-            defer { file.close() }
-            try file.write(Array(text.utf8), at: 0)
-            try file.sync()
-            try FileSystem.rename(temporary, to: failureMarker)
+            try FileSystem.replace(failureMarker, with: Array(text.utf8), permissions: 0o600)
             try FileSystem.syncDirectory(FileSystem.parentDirectory(of: failureMarker))
             return true
         } catch {
-            try? FileSystem.remove(temporary)
             return false
         }
     }

@@ -40,8 +40,7 @@ struct FailbackCommand: ParsableCommand {
     @Option(help: ArgumentHelp("prepare only: delta (the default) or full.", valueName: "mode"))
     var mode: String = "delta"
 
-    @Flag(help: ArgumentHelp("The target is the disk the unfinished sync or failback recorded before a reboot was writing (needed only where nothing that survives a reboot names the device).", valueName: "same-target"))
-    var sameTarget = false
+    @OptionGroup var engineOptions: SyncEngineOptions
 
     @Flag(help: "Print a JSON summary on standard output.")
     var json = false
@@ -56,9 +55,7 @@ struct FailbackCommand: ParsableCommand {
             }
             guard let syncMode = SyncMode(rawValue: mode) else { throw SyncError.invalidArgument("--mode is delta or full, not \"\(mode)\"") }
             installInterruptHandlers()
-            var engine = SyncEngine(stateDirectory: Defaults.stateDirectory)
-            engine.sameTargetAcrossBoots = sameTarget
-            let failback = Failback(vault: try vault.open(), engine: engine)
+            let failback = Failback(vault: try vault.open(), engine: engineOptions.engine())
             let chunkSize = UInt64(Defaults.chunkSize)
             let promoteLine = ProgressLine("promote \(name)", enabled: Terminal.isInteractive && !json)
             let line = ProgressLine("\(phase.rawValue)")

@@ -69,16 +69,14 @@ struct SyncStart: ParsableCommand {
     @Option(help: ArgumentHelp("Undo the unfinished sync of this target: put back its old image.", valueName: "target"))
     var rollback: String?
 
-    @Flag(help: ArgumentHelp("This target is the disk the unfinished sync recorded before a reboot was writing (needed only where nothing that survives a reboot names the device).", valueName: "same-target"))
-    var sameTarget = false
+    @OptionGroup var engineOptions: SyncEngineOptions
 
     @Flag(help: "Print a JSON summary on standard output.")
     var json = false
 
     func run() throws {
         try report {
-            var engine = SyncEngine(stateDirectory: Defaults.stateDirectory)
-            engine.sameTargetAcrossBoots = sameTarget
+            let engine = engineOptions.engine()
             installInterruptHandlers()
             if let rollback {
                 guard source == nil && resume == nil && to == nil else {
@@ -196,17 +194,14 @@ struct SyncStatusCommand: ParsableCommand {
     @Argument(help: "The target file or block device.")
     var target: String
 
-    @Flag(help: ArgumentHelp("This target is the disk the unfinished sync recorded before a reboot was writing (needed only where nothing that survives a reboot names the device).", valueName: "same-target"))
-    var sameTarget = false
+    @OptionGroup var engineOptions: SyncEngineOptions
 
     @Flag(help: "Print JSON.")
     var json = false
 
     func run() throws {
         try report {
-            var engine = SyncEngine(stateDirectory: Defaults.stateDirectory)
-            engine.sameTargetAcrossBoots = sameTarget
-            let status = try engine.status(target)
+            let status = try engineOptions.engine().status(target)
             if json { printJSON(status); return }
             let source = status.source.map { "\($0) disk \(status.disk ?? "?")" } ?? ""
             switch status.condition {
@@ -235,5 +230,17 @@ struct SyncStatusCommand: ParsableCommand {
                 }
             }
         }
+    }
+}
+
+/// What every command that finds a target's sync state takes.
+struct SyncEngineOptions: ParsableArguments {
+    @Flag(help: ArgumentHelp("The target is the disk the unfinished sync recorded before a reboot was writing (needed only where nothing that survives a reboot names the device).", valueName: "same-target"))
+    var sameTarget = false
+
+    func engine() -> SyncEngine {
+        var engine = SyncEngine(stateDirectory: Defaults.stateDirectory)
+        engine.sameTargetAcrossBoots = sameTarget
+        return engine
     }
 }

@@ -8,34 +8,6 @@ import Testing
 import TestSupport
 @testable import Vault
 
-/// Forwards to a local store, refusing puts of names under `failing` (a full disk when the
-/// manifest is written, after every pack is up).
-final class RefusingStore: ObjectStore {
-    let base: LocalDirectoryStore
-    let failing: String
-    init(_ base: LocalDirectoryStore, failing: String) {
-        self.base = base
-        self.failing = failing
-    }
-    var location: String { base.location }
-    func put(_ name: String, _ bytes: UnsafeRawBufferPointer) throws(ObjectStoreError) {
-        if name.hasPrefix(failing) { throw .failed(SystemError("write", path: name, errno: ENOSPC)) }
-        try base.put(name, bytes)
-    }
-    func putIfAbsent(_ name: String, _ bytes: UnsafeRawBufferPointer) throws(ObjectStoreError) -> Bool { try base.putIfAbsent(name, bytes) }
-    func get(_ name: String) throws(ObjectStoreError) -> [UInt8] { try base.get(name) }
-    func read(_ name: String, at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws(ObjectStoreError) {
-        try base.read(name, at: offset, into: buffer)
-    }
-    func readAvailable(_ name: String, at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer, bypassCache: Bool) throws(ObjectStoreError) -> Int {
-        try base.readAvailable(name, at: offset, into: buffer, bypassCache: bypassCache)
-    }
-    func size(_ name: String) throws(ObjectStoreError) -> UInt64? { try base.size(name) }
-    func list(prefix: String) throws(ObjectStoreError) -> [ObjectInfo] { try base.list(prefix: prefix) }
-    func delete(_ name: String) throws(ObjectStoreError) { try base.delete(name) }
-    func deleteIfUnchanged(_ name: String, _ expected: [UInt8]) throws(ObjectStoreError) -> Bool { try base.deleteIfUnchanged(name, expected) }
-}
-
 @Suite struct BackupFaultTests {
     /// A failure after the chunk writer finished (the manifest's put: a full disk) ends the
     /// backup with the error and releases the lock; it hung for ever in a second join of the
@@ -45,7 +17,7 @@ final class RefusingStore: ObjectStore {
         defer { f.dir.remove() }
         _ = try f.create()
         let disk = try f.makeDisk("d.img", size: 4 << 20, seed: 61)
-        let vault = try Vault.open(store: RefusingStore(LocalDirectoryStore(root: f.vaultPath), failing: "points/"), stateDirectory: f.state)
+        let vault = try Vault.open(store: HookedStore(LocalDirectoryStore(root: f.vaultPath), refusingPutsUnder: "points/"), stateDirectory: f.state)
         let outcome = Mutex<Result<String, any Error>?>(nil)
         let done = DispatchSemaphore(value: 0)
         let worker = Thread {

@@ -237,13 +237,21 @@ let borgAvailable = FileSystem.exists("/usr/lib/python3/dist-packages/borg/helpe
 }
 
 /// Forwards to a local store; the first listing of `hook`'s prefix runs its action first (another
-/// process acting at that moment).
+/// process acting at that moment); puts of names under `refusing` fail (a full disk, for example
+/// when the manifest is written after every pack is up).
 final class HookedStore: ObjectStore {
     let base: LocalDirectoryStore
+    let refusing: String?
     let hook = Mutex<(prefix: String, action: @Sendable () throws(ObjectStoreError) -> Void)?>(nil)
-    init(_ base: LocalDirectoryStore) { self.base = base }
+    init(_ base: LocalDirectoryStore, refusingPutsUnder refusing: String? = nil) {
+        self.base = base
+        self.refusing = refusing
+    }
     var location: String { base.location }
-    func put(_ name: String, _ bytes: UnsafeRawBufferPointer) throws(ObjectStoreError) { try base.put(name, bytes) }
+    func put(_ name: String, _ bytes: UnsafeRawBufferPointer) throws(ObjectStoreError) {
+        if let refusing, name.hasPrefix(refusing) { throw .failed(SystemError("write", path: name, errno: ENOSPC)) }
+        try base.put(name, bytes)
+    }
     func putIfAbsent(_ name: String, _ bytes: UnsafeRawBufferPointer) throws(ObjectStoreError) -> Bool { try base.putIfAbsent(name, bytes) }
     func get(_ name: String) throws(ObjectStoreError) -> [UInt8] { try base.get(name) }
     func read(_ name: String, at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws(ObjectStoreError) {
