@@ -286,13 +286,6 @@ public final class ChunkStore: Sendable {
 public final class ChunkWriter: Sendable {
     public let chunkStore: ChunkStore
 
-    private struct Building {
-        /// The pack being filled for each lane (a lane per hashing thread, so that one batch's
-        /// chunks lie together in one pack and a reader of the disk finds them in one run).
-        var current: [Int: PackBuilder] = [:]
-        var storedBytes: UInt64 = 0
-        var packCount = 0
-    }
     private struct Outcome {
         var uploaded: [(pack: ChunkID, entries: [PackEntry])] = []
         var indexNames: [String] = []
@@ -300,10 +293,23 @@ public final class ChunkWriter: Sendable {
     }
     private final class Shared: Sendable {
         let claims = Mutex(Set<ChunkID>())
-        let building = Mutex(Building())
         let outcome = Mutex(Outcome())
+        /// The pack being filled by each lane (a lane per hashing thread, so that one batch's
+        /// chunks lie together in one pack and a reader of the disk finds them in one run).
+        /// Each lane has a lock of its own: a chunk is compressed straight into its lane's pack
+        /// under it, while the other lanes go on.
+        let lanes: [Lane]
+        let storedBytes = Atomic<UInt64>(0)
+        let packCount = Atomic<Int>(0)
+
+        init(lanes: Int) {
+            self.lanes = (0..<lanes).map { _ in Lane() }
+        }
     }
-    private let shared = Shared()
+    private final class Lane: Sendable {
+        let current = Mutex<PackBuilder?>(nil)
+    }
+    private let shared: Shared
     /// Empty pack buffers; its size bounds the memory packs take.
     private let pool: BoundedQueue<PackBuilder>
     private let uploads: BoundedQueue<PackBuilder>
@@ -321,6 +327,7 @@ public final class ChunkWriter: Sendable {
         self.avoiding = avoiding
         // One pack per lane being filled and one per uploader: what the packs' memory is bounded by.
         let buffers = uploaders + max(1, lanes)
+        shared = Shared(lanes: max(1, lanes))
         let pool = BoundedQueue<PackBuilder>(capacity: buffers)
         for _ in 0..<buffers { pool.push(PackBuilder(maxChunk: chunkStore.parameters.chunkSize + 4096)) }
         let uploads = BoundedQueue<PackBuilder>(capacity: buffers)
@@ -345,7 +352,7 @@ public final class ChunkWriter: Sendable {
                         failure = error
                     }
                     // The buffer goes back before the lock is taken: a writer waiting for a
-                    // buffer may hold the building lock, never this one.
+                    // buffer may hold its lane's lock, never this one.
                     pack.reset()
                     pool.push(pack)
                     shared.outcome.withLock { o in
@@ -372,36 +379,42 @@ public final class ChunkWriter: Sendable {
         return shared.claims.withLock { $0.insert(id).inserted }
     }
 
+    /// Adds a claimed chunk to the current pack of `lane` (lanes beyond the writer's share
+    /// one): `fill` writes its stored form, at most `capacity` bytes, straight into the pack and
+    /// returns how many bytes it wrote and how they are stored.
+    public func add(id: ChunkID, rawLength: Int, capacity: Int, lane: Int = 0,
+                    fill: (UnsafeMutableRawBufferPointer) -> (count: Int, flags: ChunkFlags)) throws(ChunkStoreError) {
+        try checkFailure()
+        let pool = self.pool, uploads = self.uploads, shared = self.shared
+        try shared.lanes[lane % shared.lanes.count].current.withLock { (current) throws(ChunkStoreError) in
+            if let pack = current, !pack.fits(capacity) {
+                current = nil
+                shared.packCount.add(1, ordering: .relaxed)
+                uploads.push(pack)
+            }
+            if current == nil {
+                // Waits for an uploader to give a buffer back; uploaders never take a lane's lock.
+                guard let fresh = pool.pop() else { throw .store(.failed(SystemError("write packs to", path: "vault", errno: ECANCELED))) }
+                current = fresh
+            }
+            guard let pack = current else { return }
+            let stored = pack.add(id: id, rawLength: rawLength, capacity: capacity, fill: fill)
+            shared.storedBytes.add(UInt64(stored), ordering: .relaxed)
+            if pack.isFull {
+                current = nil
+                shared.packCount.add(1, ordering: .relaxed)
+                uploads.push(pack)
+            }
+        }
+        try writeIndexIfDue(final: false)
+    }
+
     /// Adds a claimed chunk's stored bytes to the current pack of `lane`.
     public func add(id: ChunkID, stored: UnsafeRawBufferPointer, rawLength: Int, flags: ChunkFlags, lane: Int = 0) throws(ChunkStoreError) {
-        try checkFailure()
-        let pool = self.pool
-        let full = try shared.building.withLock { (b) throws(ChunkStoreError) -> PackBuilder? in
-            var full: PackBuilder? = nil
-            if let current = b.current[lane], !current.fits(stored.count) {
-                full = current
-                b.current[lane] = nil
-            }
-            let builder: PackBuilder
-            if let current = b.current[lane] {
-                builder = current
-            } else {
-                // Waits for an uploader to give a buffer back; uploaders never take this lock.
-                guard let fresh = pool.pop() else { throw .store(.failed(SystemError("write packs to", path: "vault", errno: ECANCELED))) }
-                builder = fresh
-                b.current[lane] = fresh
-            }
-            builder.add(id: id, stored: stored, rawLength: rawLength, flags: flags)
-            b.storedBytes += UInt64(stored.count)
-            if full == nil, builder.isFull {
-                full = builder
-                b.current[lane] = nil
-            }
-            if full != nil { b.packCount += 1 }
-            return full
+        try add(id: id, rawLength: rawLength, capacity: stored.count, lane: lane) { destination in
+            UnsafeMutableRawBufferPointer(rebasing: destination[0..<stored.count]).copyMemory(from: stored)
+            return (stored.count, flags)
         }
-        if let full { uploads.push(full) }
-        try writeIndexIfDue(final: false)
     }
 
     public func add(id: ChunkID, stored: [UInt8], rawLength: Int, flags: ChunkFlags, lane: Int = 0) throws(ChunkStoreError) {
@@ -425,24 +438,21 @@ public final class ChunkWriter: Sendable {
     }
 
     /// Bytes stored (after compression) so far.
-    public var storedBytes: UInt64 { shared.building.withLock { $0.storedBytes } }
+    public var storedBytes: UInt64 { shared.storedBytes.load(ordering: .relaxed) }
 
     /// Flushes the last pack, waits for every upload, writes the last index object.
     /// When this returns, every chunk added is durable and findable through an index object.
     public func finish() throws(ChunkStoreError) -> (packs: Int, indexObjects: [String]) {
-        let last: [PackBuilder] = shared.building.withLock { b in
-            let packs = b.current.keys.sorted().compactMap { b.current[$0] }.filter { !$0.isEmpty }
-            b.current.removeAll()
-            b.packCount += packs.count
-            return packs
+        for lane in shared.lanes {
+            guard let pack = lane.current.withLock({ current in defer { current = nil }; return current }), !pack.isEmpty else { continue }
+            shared.packCount.add(1, ordering: .relaxed)
+            uploads.push(pack)
         }
-        for pack in last { uploads.push(pack) }
         uploads.close()
         for worker in workers { worker.join() }
         try checkFailure()
         try writeIndexIfDue(final: true)
-        let packs = shared.building.withLock { $0.packCount }
-        return (packs, shared.outcome.withLock { $0.indexNames })
+        return (shared.packCount.load(ordering: .relaxed), shared.outcome.withLock { $0.indexNames })
     }
 
     /// Stops the uploaders after a failure elsewhere; nothing more is written.

@@ -168,12 +168,23 @@ public final class PackBuilder: @unchecked Sendable {
         size + count + (entries.count + 1) * PackEntry.encodedSize + PackFormat.trailerSize + PackFormat.maximumGap <= memory.count
     }
 
+    /// Adds a chunk whose stored form `fill` writes in place (at most `capacity` bytes);
+    /// returns the bytes it wrote.
+    @discardableResult
+    public func add(id: ChunkID, rawLength: Int, capacity: Int, fill: (UnsafeMutableRawBufferPointer) -> (count: Int, flags: ChunkFlags)) -> Int {
+        precondition(fits(capacity) && self.id == nil)
+        let (count, flags) = fill(UnsafeMutableRawBufferPointer(rebasing: memory[size..<(size + capacity)]))
+        precondition(count <= capacity)
+        entries.append(PackEntry(id: id, offset: UInt32(size), storedLength: UInt32(count), rawLength: UInt32(rawLength), flags: flags))
+        size += count
+        return count
+    }
+
     public func add(id: ChunkID, stored: UnsafeRawBufferPointer, rawLength: Int, flags: ChunkFlags) {
-        precondition(fits(stored.count) && self.id == nil)
-        entries.append(PackEntry(id: id, offset: UInt32(size), storedLength: UInt32(stored.count),
-                                 rawLength: UInt32(rawLength), flags: flags))
-        UnsafeMutableRawBufferPointer(rebasing: memory[size..<(size + stored.count)]).copyMemory(from: stored)
-        size += stored.count
+        add(id: id, rawLength: rawLength, capacity: stored.count) { destination in
+            UnsafeMutableRawBufferPointer(rebasing: destination[0..<stored.count]).copyMemory(from: stored)
+            return (stored.count, flags)
+        }
     }
 
     public func add(id: ChunkID, stored: [UInt8], rawLength: Int, flags: ChunkFlags) {

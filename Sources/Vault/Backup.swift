@@ -440,17 +440,21 @@ extension VaultError {
     }
 }
 
-/// Compresses (when it pays) and adds a data chunk the caller has claimed; returns the bytes stored.
+/// Compresses (when it pays) and adds a data chunk the caller has claimed, straight into its
+/// pack; returns the bytes stored.
 func storeClaimed(id: ChunkID, bytes: UnsafeRawBufferPointer, writer: ChunkWriter, compressor: ChunkCompressor?,
                   lane: Int) throws(ChunkStoreError) -> Int {
-    if let compressed = compressor?.compress(bytes) {
-        try writer.add(id: id, stored: compressed, rawLength: bytes.count,
-                       flags: ChunkFlags(raw: ChunkFlags.dataChunk | ChunkFlags.zstd), lane: lane)
-        return compressed.count
+    var stored = 0
+    try writer.add(id: id, rawLength: bytes.count, capacity: bytes.count, lane: lane) { destination in
+        if let count = compressor?.compress(bytes, into: destination) {
+            stored = count
+            return (count, ChunkFlags(raw: ChunkFlags.dataChunk | ChunkFlags.zstd))
+        }
+        destination.copyMemory(from: bytes)
+        stored = bytes.count
+        return (bytes.count, ChunkFlags(raw: ChunkFlags.dataChunk | ChunkFlags.stored))
     }
-    try writer.add(id: id, stored: bytes, rawLength: bytes.count,
-                   flags: ChunkFlags(raw: ChunkFlags.dataChunk | ChunkFlags.stored), lane: lane)
-    return bytes.count
+    return stored
 }
 
 // @unchecked: standard input is read by one thread only; files and devices with pread,
@@ -477,7 +481,7 @@ struct IndexSink: IndexNodeSink {
         guard try writer.claim(id) else { return id }
         var flags = ChunkFlags(raw: ChunkFlags.indexChunk | ChunkFlags.stored)
         var stored = node
-        if let compressed = node.withUnsafeBytes({ compressor?.compress($0) }) {
+        if let compressed = node.withUnsafeBytes({ compressor?.compressed($0) }) {
             stored = compressed
             flags.raw = ChunkFlags.indexChunk | ChunkFlags.zstd
         }

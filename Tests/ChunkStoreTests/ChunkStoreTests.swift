@@ -92,6 +92,34 @@ import TestSupport
         }
         #expect([UInt8]().withUnsafeBytes { isAllZero($0) })
     }
+
+    /// Text at every level (level 1 with its smaller table among them) comes back exactly;
+    /// random bytes are not compressed; a destination too small for a saving gives nil, not a
+    /// truncated frame.
+    @Test func chunksCompressAndComeBackAtEveryLevel() throws {
+        var random = SeededBytes(seed: 5)
+        let words = ["lifeboat", "vault", "chunk", "pack", "restore", "point", "disk", "sync"]
+        var text: [UInt8] = []
+        while text.count < 65536 { text += Array((words[Int(random.next() % 8)] + " ").utf8) }
+        text = Array(text.prefix(65536))
+        let noise = random.bytes(65536)
+        for level: Int32 in [-3, 1, 3, 9] {
+            let compressor = ChunkCompressor(level: level)
+            for input in [text, Array(text.prefix(20000)), Array(text.prefix(70000))] {
+                let compressed = try #require(input.withUnsafeBytes { compressor.compressed($0) })
+                #expect(compressed.count < input.count / 2)
+                var output = [UInt8](repeating: 0, count: input.count)
+                let n = compressed.withUnsafeBytes { c in output.withUnsafeMutableBytes { try? zstdDecompress(c, into: $0).get() } }
+                #expect(n == input.count && output == input)
+                // Room for less than the frame: nil.
+                let small = input.withUnsafeBytes { i in
+                    withUnsafeTemporaryAllocation(byteCount: compressed.count - 1, alignment: 1) { compressor.compress(i, into: $0) }
+                }
+                #expect(small == nil)
+            }
+            #expect(noise.withUnsafeBytes { compressor.compressed($0) } == nil)
+        }
+    }
 }
 
 @Suite struct ChunkStoreTests {
@@ -101,7 +129,7 @@ import TestSupport
         for data in chunks {
             let id = ChunkID.sha256(data)
             guard try writer.claim(id) else { continue }
-            let compressed = data.withUnsafeBytes { compressor.compress($0) }
+            let compressed = data.withUnsafeBytes { compressor.compressed($0) }
             try writer.add(id: id, stored: compressed ?? data, rawLength: data.count,
                            flags: ChunkFlags(raw: compressed == nil ? ChunkFlags.stored : ChunkFlags.zstd))
         }
@@ -129,7 +157,7 @@ import TestSupport
         for data in chunks {
             let id = ChunkID.sha256(data)
             #expect(try writer.claim(id))
-            let compressed = data.withUnsafeBytes { compressor.compress($0) }
+            let compressed = data.withUnsafeBytes { compressor.compressed($0) }
             try writer.add(id: id, stored: compressed ?? data, rawLength: data.count,
                            flags: ChunkFlags(raw: compressed == nil ? ChunkFlags.stored : ChunkFlags.zstd))
         }
