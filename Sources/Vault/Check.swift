@@ -179,7 +179,7 @@ extension Vault {
                         let dirStart = Int(trailer.directoryOffset)
                         let entries = try PackFormat.parseDirectory(Array(bytes[dirStart..<(dirStart + Int(trailer.count) * PackEntry.encodedSize)]), trailer: trailer, pack: name)
                         var output = [UInt8]()
-                        try bytes.withUnsafeBytes { raw in
+                        bytes.withUnsafeBytes { raw in
                             for entry in entries {
                                 let location = ChunkLocation(pack: pack, offset: entry.offset, storedLength: entry.storedLength,
                                                              rawLength: entry.rawLength, flags: entry.flags)

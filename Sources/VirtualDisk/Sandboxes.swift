@@ -405,8 +405,9 @@ public final class OpenSandbox: Sendable {
             try? FileSystem.remove(file)
             return
         }
+        // Best effort: the record only tells `sandbox list` where the sandbox is served.
         if let bytes = try? JSONEncoder().encode(SandboxMount(mountpoint: mountpoint, pid: getpid())) {
-            FileManager.default.createFile(atPath: file, contents: bytes)
+            try? FileSystem.replace(file, with: Array(bytes))
         }
     }
 
