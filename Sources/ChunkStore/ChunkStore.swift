@@ -381,40 +381,41 @@ public final class ChunkWriter: Sendable {
 
     /// Adds a claimed chunk to the current pack of `lane` (lanes beyond the writer's share
     /// one): `fill` writes its stored form, at most `capacity` bytes, straight into the pack and
-    /// returns how many bytes it wrote and how they are stored.
+    /// returns how many bytes it wrote and how they are stored. Returns the bytes stored.
+    @discardableResult
     public func add(id: ChunkID, rawLength: Int, capacity: Int, lane: Int = 0,
-                    fill: (UnsafeMutableRawBufferPointer) -> (count: Int, flags: ChunkFlags)) throws(ChunkStoreError) {
+                    fill: (UnsafeMutableRawBufferPointer) -> (count: Int, flags: ChunkFlags)) throws(ChunkStoreError) -> Int {
         try checkFailure()
-        let pool = self.pool, uploads = self.uploads, shared = self.shared
-        try shared.lanes[lane % shared.lanes.count].current.withLock { (current) throws(ChunkStoreError) in
+        let pool = self.pool
+        let stored = try shared.lanes[lane % shared.lanes.count].current.withLock { (current) throws(ChunkStoreError) -> Int in
             if let pack = current, !pack.fits(capacity) {
                 current = nil
-                shared.packCount.add(1, ordering: .relaxed)
-                uploads.push(pack)
+                ship(pack)
             }
-            if current == nil {
-                // Waits for an uploader to give a buffer back; uploaders never take a lane's lock.
-                guard let fresh = pool.pop() else { throw .store(.failed(SystemError("write packs to", path: "vault", errno: ECANCELED))) }
-                current = fresh
-            }
-            guard let pack = current else { return }
+            // Waits for an uploader to give a buffer back; uploaders never take a lane's lock.
+            guard let pack = current ?? pool.pop() else { throw .store(.failed(SystemError("write packs to", path: "vault", errno: ECANCELED))) }
+            current = pack
             let stored = pack.add(id: id, rawLength: rawLength, capacity: capacity, fill: fill)
-            shared.storedBytes.add(UInt64(stored), ordering: .relaxed)
             if pack.isFull {
                 current = nil
-                shared.packCount.add(1, ordering: .relaxed)
-                uploads.push(pack)
+                ship(pack)
             }
+            return stored
         }
+        shared.storedBytes.add(UInt64(stored), ordering: .relaxed)
         try writeIndexIfDue(final: false)
+        return stored
     }
 
     /// Adds a claimed chunk's stored bytes to the current pack of `lane`.
     public func add(id: ChunkID, stored: UnsafeRawBufferPointer, rawLength: Int, flags: ChunkFlags, lane: Int = 0) throws(ChunkStoreError) {
-        try add(id: id, rawLength: rawLength, capacity: stored.count, lane: lane) { destination in
-            UnsafeMutableRawBufferPointer(rebasing: destination[0..<stored.count]).copyMemory(from: stored)
-            return (stored.count, flags)
-        }
+        try add(id: id, rawLength: rawLength, capacity: stored.count, lane: lane, fill: PackBuilder.copying(stored, flags: flags))
+    }
+
+    /// Hands a pack that is done to the uploaders.
+    private func ship(_ pack: PackBuilder) {
+        shared.packCount.add(1, ordering: .relaxed)
+        uploads.push(pack)
     }
 
     public func add(id: ChunkID, stored: [UInt8], rawLength: Int, flags: ChunkFlags, lane: Int = 0) throws(ChunkStoreError) {
@@ -445,8 +446,7 @@ public final class ChunkWriter: Sendable {
     public func finish() throws(ChunkStoreError) -> (packs: Int, indexObjects: [String]) {
         for lane in shared.lanes {
             guard let pack = lane.current.withLock({ current in defer { current = nil }; return current }), !pack.isEmpty else { continue }
-            shared.packCount.add(1, ordering: .relaxed)
-            uploads.push(pack)
+            ship(pack)
         }
         uploads.close()
         for worker in workers { worker.join() }

@@ -181,7 +181,12 @@ public final class PackBuilder: @unchecked Sendable {
     }
 
     public func add(id: ChunkID, stored: UnsafeRawBufferPointer, rawLength: Int, flags: ChunkFlags) {
-        add(id: id, rawLength: rawLength, capacity: stored.count) { destination in
+        add(id: id, rawLength: rawLength, capacity: stored.count, fill: PackBuilder.copying(stored, flags: flags))
+    }
+
+    /// The fill that stores `stored` as it is.
+    public static func copying(_ stored: UnsafeRawBufferPointer, flags: ChunkFlags) -> (UnsafeMutableRawBufferPointer) -> (count: Int, flags: ChunkFlags) {
+        { destination in
             UnsafeMutableRawBufferPointer(rebasing: destination[0..<stored.count]).copyMemory(from: stored)
             return (stored.count, flags)
         }

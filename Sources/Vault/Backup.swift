@@ -444,17 +444,12 @@ extension VaultError {
 /// pack; returns the bytes stored.
 func storeClaimed(id: ChunkID, bytes: UnsafeRawBufferPointer, writer: ChunkWriter, compressor: ChunkCompressor?,
                   lane: Int) throws(ChunkStoreError) -> Int {
-    var stored = 0
     try writer.add(id: id, rawLength: bytes.count, capacity: bytes.count, lane: lane) { destination in
         if let count = compressor?.compress(bytes, into: destination) {
-            stored = count
             return (count, ChunkFlags(raw: ChunkFlags.dataChunk | ChunkFlags.zstd))
         }
-        destination.copyMemory(from: bytes)
-        stored = bytes.count
-        return (bytes.count, ChunkFlags(raw: ChunkFlags.dataChunk | ChunkFlags.stored))
+        return PackBuilder.copying(bytes, flags: ChunkFlags(raw: ChunkFlags.dataChunk | ChunkFlags.stored))(destination)
     }
-    return stored
 }
 
 // @unchecked: standard input is read by one thread only; files and devices with pread,
