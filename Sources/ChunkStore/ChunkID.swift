@@ -1,3 +1,4 @@
+import CSHA256
 import Crypto
 import SystemIO
 
@@ -78,6 +79,39 @@ public struct ChunkID: Hashable, Comparable, Sendable, CustomStringConvertible {
 
     public static func sha256(_ data: [UInt8]) -> ChunkID {
         data.withUnsafeBytes { sha256($0) }
+    }
+
+    /// Whether `sha256(each:)` hashes several inputs at once on this CPU (the SHA extensions).
+    public static let hashesInLanes = lb_sha256_lanes_available() != 0
+
+    /// SHA-256 of each input. Runs of inputs of the same length are hashed four (or two) at a
+    /// time where the CPU has the SHA extensions, about twice as fast as one at a time
+    /// (Sources/CSHA256); the rest one by one.
+    public static func sha256(each inputs: [UnsafeRawBufferPointer]) -> [ChunkID] {
+        var ids = [ChunkID](repeating: .zero, count: inputs.count)
+        var i = 0
+        withUnsafeTemporaryAllocation(of: UInt8.self, capacity: 4 * byteCount) { digests in
+            withUnsafeTemporaryAllocation(of: UnsafePointer<UInt8>?.self, capacity: 4) { pointers in
+                while i < inputs.count {
+                    let length = inputs[i].count
+                    var run = 1
+                    while hashesInLanes && length > 0 && run < 4 && i + run < inputs.count && inputs[i + run].count == length { run += 1 }
+                    let lanes = run == 4 ? 4 : run >= 2 ? 2 : 1
+                    if lanes > 1 {
+                        for l in 0..<lanes { pointers[l] = inputs[i + l].baseAddress?.assumingMemoryBound(to: UInt8.self) }
+                        if lb_sha256_lanes(pointers.baseAddress, lanes, length, digests.baseAddress) != 0 {
+                            let raw = UnsafeRawBufferPointer(digests)
+                            for l in 0..<lanes { ids[i + l] = ChunkID(raw, at: l * byteCount) }
+                            i += lanes
+                            continue
+                        }
+                    }
+                    ids[i] = sha256(inputs[i])
+                    i += 1
+                }
+            }
+        }
+        return ids
     }
 }
 

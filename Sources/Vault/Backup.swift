@@ -384,10 +384,36 @@ extension Vault {
         let recorded = previousLeaf == nil ? nil : fingerprints?.window(batch.firstSlot..<(batch.firstSlot + slots))
         var tags = fingerprints == nil ? [] : [UInt8](repeating: 0, count: slots * tagSize)
         defer { fingerprints?.record(tags, from: batch.firstSlot) }
+        func slotBytes(_ s: Int) -> UnsafeRawBufferPointer {
+            UnsafeRawBufferPointer(rebasing: batch.memory[(s * chunkSize)..<min(s * chunkSize + chunkSize, batch.count)])
+        }
+        // A slot with its id: reused from the previous point or the vault, or stored.
+        func settle(_ s: Int, _ id: ChunkID) throws {
+            ids[s] = id
+            let slot = batch.firstSlot + s
+            if writer.avoiding.isEmpty, let leaf = previousLeaf, slot - leaf.first < leaf.ids.count, leaf.ids[slot - leaf.first] == id {
+                reused += 1
+                return
+            }
+            guard try writer.claim(id) else {
+                reused += 1
+                return
+            }
+            let bytes = slotBytes(s)
+            stored += UInt64(try storeClaimed(id: id, bytes: bytes, writer: writer, compressor: compressor, lane: lane))
+            fresh += 1
+            newBytes += UInt64(bytes.count)
+        }
+        // Slots waiting for SHA-256, hashed four at a time (`ChunkID.sha256(each:)`).
+        var pending: [Int] = []
+        pending.reserveCapacity(4)
+        func hashPending() throws {
+            let hashed = ChunkID.sha256(each: pending.map(slotBytes))
+            for (k, s) in pending.enumerated() { try settle(s, hashed[k]) }
+            pending.removeAll(keepingCapacity: true)
+        }
         for s in 0..<slots {
-            let from = s * chunkSize
-            let to = min(from + chunkSize, batch.count)
-            let bytes = UnsafeRawBufferPointer(rebasing: batch.memory[from..<to])
+            let bytes = slotBytes(s)
             if batch.holes[s] || isAllZero(bytes) {
                 holes += 1
                 continue
@@ -395,29 +421,19 @@ extension Vault {
             data += UInt64(bytes.count)
             let slot = batch.firstSlot + s
             // The previous point's id where the keyed tag says the slot is unchanged; SHA-256 otherwise.
-            var known: ChunkID? = nil
             if let fingerprints, let tag = fingerprints.tag(bytes, slot: slot) {
                 tags.replaceSubrange((s * tagSize)..<((s + 1) * tagSize), with: tag)
                 if let recorded, let leaf = previousLeaf, slot - leaf.first < leaf.ids.count,
                    !leaf.ids[slot - leaf.first].isZero, recorded.matches(slot: slot, tag: tag) {
-                    known = leaf.ids[slot - leaf.first]
                     fingerprints.recognised.add(1, ordering: .relaxed)
+                    try settle(s, leaf.ids[slot - leaf.first])
+                    continue
                 }
             }
-            let id = known ?? ChunkID.sha256(bytes)
-            ids[s] = id
-            if writer.avoiding.isEmpty, let leaf = previousLeaf, slot - leaf.first < leaf.ids.count, leaf.ids[slot - leaf.first] == id {
-                reused += 1
-                continue
-            }
-            guard try writer.claim(id) else {
-                reused += 1
-                continue
-            }
-            stored += UInt64(try storeClaimed(id: id, bytes: bytes, writer: writer, compressor: compressor, lane: lane))
-            fresh += 1
-            newBytes += UInt64(bytes.count)
+            pending.append(s)
+            if pending.count == 4 { try hashPending() }
         }
+        try hashPending()
         counters.holeChunks.add(holes, ordering: .relaxed)
         counters.reusedChunks.add(reused, ordering: .relaxed)
         counters.newChunks.add(fresh, ordering: .relaxed)

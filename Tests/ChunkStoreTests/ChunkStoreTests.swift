@@ -93,6 +93,32 @@ import TestSupport
         #expect([UInt8]().withUnsafeBytes { isAllZero($0) })
     }
 
+    /// Hashing in lanes gives BoringSSL's digests: every padding case (lengths 0 to 200: one or
+    /// two final blocks), runs of 4, 2 and 1 equal lengths, unaligned inputs, 64 KiB chunks; and
+    /// the lanes are in use wherever the CPU has the SHA extensions.
+    @Test func chunkIDsHashedInLanesMatchOneAtATime() throws {
+        let data = randomBytes(seed: 11, count: 4 * 65536 + 64)
+        try data.withUnsafeBytes { raw in
+            func input(_ offset: Int, _ length: Int) -> UnsafeRawBufferPointer { UnsafeRawBufferPointer(rebasing: raw[offset..<(offset + length)]) }
+            for length in 0...200 {
+                let inputs = (0..<7).map { input(1 + $0 * 211, length) } + [input(3, length + 1)]
+                let ids = ChunkID.sha256(each: inputs)
+                #expect(ids == inputs.map { ChunkID.sha256($0) }, "length \(length)")
+            }
+            let chunks = (0..<4).map { input($0 * 65536 + $0, 65536) } + [input(5, 65536), input(7, 30000)]
+            #expect(ChunkID.sha256(each: chunks) == chunks.map { ChunkID.sha256($0) })
+            let abc = Array("abc".utf8)
+            try abc.withUnsafeBytes { abc in
+                let ids = ChunkID.sha256(each: [abc, abc, abc, abc])
+                let expected = try #require(ChunkID(hex: "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"))
+                #expect(ids == [ChunkID](repeating: expected, count: 4))
+            }
+        }
+        #expect(ChunkID.sha256(each: []).isEmpty)
+        let cpu = (try? String(contentsOfFile: "/proc/cpuinfo", encoding: .utf8)) ?? ""
+        if cpu.contains(" sha_ni") { #expect(ChunkID.hashesInLanes) }
+    }
+
     /// Text at every level (level 1 with its smaller table among them) comes back exactly;
     /// random bytes are not compressed; a destination too small for a saving gives nil, not a
     /// truncated frame.
