@@ -160,6 +160,16 @@ public final class ChunkStore: Sendable {
     public static func open(id: ChunkID, location: ChunkLocation, stored: UnsafeRawBufferPointer,
                             into output: UnsafeMutableRawBufferPointer, decompressor: ChunkDecompressor? = nil,
                             matches: ((UnsafeRawBufferPointer) -> Bool)? = nil) throws(ChunkStoreError) {
+        try decode(id: id, location: location, stored: stored, into: output, decompressor: decompressor)
+        if let matches, matches(UnsafeRawBufferPointer(output)) { return }
+        guard ChunkID.sha256(UnsafeRawBufferPointer(output)) == id else {
+            throw .damagedChunk(id, pack: PackFormat.objectName(location.pack), offset: location.offset, reason: "content does not match its id")
+        }
+    }
+
+    /// Decodes stored bytes into `output` (exactly rawLength bytes), not verified.
+    static func decode(id: ChunkID, location: ChunkLocation, stored: UnsafeRawBufferPointer,
+                       into output: UnsafeMutableRawBufferPointer, decompressor: ChunkDecompressor?) throws(ChunkStoreError) {
         let packName = PackFormat.objectName(location.pack)
         switch location.flags.encoding {
         case ChunkFlags.stored:
@@ -179,15 +189,12 @@ public final class ChunkStore: Sendable {
         default:
             throw .damagedChunk(id, pack: packName, offset: location.offset, reason: "unknown encoding \(location.flags.encoding)")
         }
-        if let matches, matches(UnsafeRawBufferPointer(output)) { return }
-        guard ChunkID.sha256(UnsafeRawBufferPointer(output)) == id else {
-            throw .damagedChunk(id, pack: packName, offset: location.offset, reason: "content does not match its id")
-        }
     }
 
     /// Reads many chunks, coalescing neighbours in the same pack into one read, and decodes each
     /// (verified against its id) straight into `destination(i, rawLength)`, which must be exactly
-    /// `rawLength` bytes long. A pack that has gone (garbage collection moved its chunks) makes the
+    /// `rawLength` bytes long, and distinct for each chunk: the chunks no tag vouched for are
+    /// hashed together at the end (`ChunkID.sha256(each:)`), before this returns. A pack that has gone (garbage collection moved its chunks) makes the
     /// location cache reload once, so long-running readers keep working.
     public func readMany(_ ids: [ChunkID], scratch: ReadScratch, bypassCache: Bool = true,
                          matches: ((_ index: Int, _ plaintext: UnsafeRawBufferPointer) -> Bool)? = nil,
@@ -220,6 +227,7 @@ public final class ChunkStore: Sendable {
             a.location.pack != b.location.pack ? a.location.pack < b.location.pack : a.location.offset < b.location.offset
         }
         let align = UInt64(SystemFile.directAlignment)
+        var unverified: [(index: Int, location: ChunkLocation, plaintext: UnsafeRawBufferPointer)] = []
         var start = 0
         while start < located.count {
             // A run of chunks in one pack whose gaps are small enough that reading through them is cheaper.
@@ -253,10 +261,16 @@ public final class ChunkStore: Sendable {
                     throw .damagedChunk(ids[index], pack: PackFormat.objectName(pack), offset: location.offset,
                                         reason: "its length \(location.rawLength) does not fit its place (\(target.count) bytes)")
                 }
-                try ChunkStore.open(id: ids[index], location: location, stored: stored, into: target,
-                                    decompressor: scratch.decompressor, matches: matches.map { m in { m(index, $0) } })
+                try ChunkStore.decode(id: ids[index], location: location, stored: stored, into: target, decompressor: scratch.decompressor)
+                if let matches, matches(index, UnsafeRawBufferPointer(target)) { continue }
+                unverified.append((index, location, UnsafeRawBufferPointer(target)))
             }
             start = end
+        }
+        let hashed = ChunkID.sha256(each: unverified.map(\.plaintext))
+        for (k, chunk) in unverified.enumerated() where hashed[k] != ids[chunk.index] {
+            throw .damagedChunk(ids[chunk.index], pack: PackFormat.objectName(chunk.location.pack), offset: chunk.location.offset,
+                                reason: "content does not match its id")
         }
     }
 
