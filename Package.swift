@@ -20,14 +20,14 @@ let package = Package(
         // libext2fs (Debian libext2fs-dev, LGPL-2): an I/O manager over Lifeboat's disk images and
         // accessors for what the headers only offer as macros.
         .target(name: "CExt2fs", linkerSettings: [.linkedLibrary("ext2fs"), .linkedLibrary("com_err")]),
-        // SHA-256 of four chunks at once with the x86 SHA extensions (BoringSSL hashes one at a time).
-        .target(name: "CSHA256"),
+        // Hash kernels BoringSSL lacks: SHA-256 of four chunks at once (SHA extensions), GMAC with VPCLMULQDQ.
+        .target(name: "CHashing"),
 
         // Typed wrappers over the system calls every layer uses.
         .target(name: "SystemIO"),
         .target(name: "ObjectStore", dependencies: ["SystemIO"]),
-        .target(name: "ChunkStore", dependencies: ["SystemIO", "ObjectStore", "CZstd", "CSHA256", crypto]),
-        .target(name: "Vault", dependencies: ["SystemIO", "ObjectStore", "ChunkStore", crypto]),
+        .target(name: "ChunkStore", dependencies: ["SystemIO", "ObjectStore", "CZstd", "CHashing", crypto]),
+        .target(name: "Vault", dependencies: ["SystemIO", "ObjectStore", "ChunkStore", "CHashing", crypto]),
         .target(name: "VirtualDisk", dependencies: ["SystemIO", "ChunkStore", "Vault"]),
         .target(name: "GuestFiles", dependencies: ["SystemIO", "Vault", "VirtualDisk", "CExt2fs"]),
         .target(name: "Mount", dependencies: ["SystemIO", "Vault", "VirtualDisk", "GuestFiles", "CFuse"]),

@@ -1,4 +1,4 @@
-import CSHA256
+import CHashing
 import Crypto
 import SystemIO
 
@@ -86,7 +86,7 @@ public struct ChunkID: Hashable, Comparable, Sendable, CustomStringConvertible {
 
     /// SHA-256 of each input. Runs of inputs of the same length are hashed four (or two) at a
     /// time where the CPU has the SHA extensions, about twice as fast as one at a time
-    /// (Sources/CSHA256); the rest one by one.
+    /// (Sources/CHashing); the rest one by one.
     public static func sha256(each inputs: [UnsafeRawBufferPointer]) -> [ChunkID] {
         var ids = [ChunkID](repeating: .zero, count: inputs.count)
         var i = 0

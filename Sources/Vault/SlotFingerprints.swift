@@ -1,3 +1,4 @@
+import CHashing
 import ChunkStore
 import Crypto
 import Foundation
@@ -26,6 +27,10 @@ public final class SlotFingerprints: @unchecked Sendable {
 
     let key: SymmetricKey
     private let keyBytes: [UInt8]
+    /// The key expanded for the GMAC kernel (Sources/CHashing), where the CPU has AES-NI and
+    /// VPCLMULQDQ: the same tags as BoringSSL's, about twice as fast. nil: BoringSSL computes them.
+    private let kernelKey: UnsafeMutablePointer<lb_gmac_key>?
+    var usesKernel: Bool { kernelKey != nil }
     let chunkSize: Int
     /// The previous point's tags, if they describe `parent`.
     private let previous: SystemFile?
@@ -115,6 +120,13 @@ public final class SlotFingerprints: @unchecked Sendable {
     private init(key: [UInt8], chunkSize: Int, previous: SystemFile?, previousSlots: Int, next: SystemFile?, path: String) {
         self.keyBytes = key
         self.key = SymmetricKey(data: key)
+        let expanded = UnsafeMutablePointer<lb_gmac_key>.allocate(capacity: 1)
+        if key.count == 16, key.withUnsafeBufferPointer({ lb_gmac_init(expanded, $0.baseAddress) }) != 0 {
+            kernelKey = expanded
+        } else {
+            expanded.deallocate()
+            kernelKey = nil
+        }
         self.chunkSize = chunkSize
         self.previous = previous
         self.previousSlots = previousSlots
@@ -122,10 +134,27 @@ public final class SlotFingerprints: @unchecked Sendable {
         self.path = path
     }
 
-    deinit { abandon() }
+    deinit {
+        abandon()
+        kernelKey?.deallocate()
+    }
 
-    /// The keyed tag of one slot's bytes.
+    /// The keyed tag of one slot's bytes: the AES-128-GCM tag of no plaintext, the bytes as
+    /// associated data, the slot number as the nonce.
     public func tag(_ bytes: UnsafeRawBufferPointer, slot: Int) -> [UInt8]? {
+        guard let kernelKey else { return referenceTag(bytes, slot: slot) }
+        // 12 bytes: the slot number, then zeros.
+        return withUnsafeBytes(of: (UInt64(slot).littleEndian, UInt32(0))) { nonce in
+            [UInt8](unsafeUninitializedCapacity: Self.tagSize) { tag, count in
+                lb_gmac(kernelKey, nonce.baseAddress?.assumingMemoryBound(to: UInt8.self),
+                        bytes.baseAddress?.assumingMemoryBound(to: UInt8.self), bytes.count, tag.baseAddress)
+                count = Self.tagSize
+            }
+        }
+    }
+
+    /// The same tag through BoringSSL (CPUs without the kernel's instructions; the tests' reference).
+    func referenceTag(_ bytes: UnsafeRawBufferPointer, slot: Int) -> [UInt8]? {
         // 12 bytes: the slot number, then zeros.
         let nonce = withUnsafeBytes(of: (UInt64(slot).littleEndian, UInt32(0))) { try? AES.GCM.Nonce(data: $0) }
         guard let nonce, let sealed = try? AES.GCM.seal([UInt8](), using: key, nonce: nonce, authenticating: bytes) else { return nil }

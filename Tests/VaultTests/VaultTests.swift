@@ -215,6 +215,30 @@ struct Fixture {
         #expect(try sha256(file: out) == sha256(file: disk))
     }
 
+    /// The GMAC kernel gives BoringSSL's tags (the records of earlier versions stay valid): every
+    /// length up to 600 bytes (partial blocks, rounds of 256), 64 KiB slots, far slot numbers;
+    /// and it is in use wherever the CPU has AES-NI, AVX2 and VPCLMULQDQ.
+    @Test func slotTagsFromTheKernelMatchBoringSSL() throws {
+        let f = Fixture()
+        defer { f.dir.remove() }
+        let fingerprints = try #require(SlotFingerprints.open(path: f.dir.file("record"), parent: nil, chunkSize: 65536))
+        defer { fingerprints.abandon() }
+        let data = randomBytes(seed: 12, count: 65536 + 700)
+        data.withUnsafeBytes { raw in
+            for length in 0...600 {
+                let bytes = UnsafeRawBufferPointer(rebasing: raw[(length % 7)..<(length % 7 + length)])
+                #expect(fingerprints.tag(bytes, slot: length * 977) == fingerprints.referenceTag(bytes, slot: length * 977), "length \(length)")
+            }
+            for slot in [0, 1, 1 << 20, Int(UInt32.max) + 5] {
+                let bytes = UnsafeRawBufferPointer(rebasing: raw[3..<(3 + 65536)])
+                let tag = fingerprints.tag(bytes, slot: slot)
+                #expect(tag?.count == 16 && tag == fingerprints.referenceTag(bytes, slot: slot))
+            }
+        }
+        let cpu = (try? String(contentsOfFile: "/proc/cpuinfo", encoding: .utf8)) ?? ""
+        if cpu.contains(" vpclmulqdq") && cpu.contains(" aes ") && cpu.contains(" avx2 ") { #expect(fingerprints.usesKernel) }
+    }
+
     @Test func standardInputAndSeveralDisks() throws {
         let f = Fixture()
         defer { f.dir.remove() }
