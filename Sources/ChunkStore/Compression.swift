@@ -95,16 +95,29 @@ public func zstdDecompress(_ input: UnsafeRawBufferPointer, into output: UnsafeM
 /// Trying zstd on a random chunk costs as much as compressing a real one, for nothing.
 @inline(__always)
 func looksIncompressible(_ data: UnsafeRawBufferPointer) -> Bool {
-    withUnsafeTemporaryAllocation(of: UInt16.self, capacity: 256) { counts in
+    // Four tables, one per byte of a 32-bit word: increments of the same count follow each
+    // other less often, so the stores and loads of the count do not wait on each other.
+    withUnsafeTemporaryAllocation(of: UInt16.self, capacity: 1024) { counts in
         counts.initialize(repeating: 0)
         let stride = (data.count - 256) / 15
         for sample in 0..<16 {
             let start = sample * stride
-            for i in start..<(start + 256) { counts[Int(data[i])] &+= 1 }
+            for word in 0..<64 {
+                let w = data.loadUnaligned(fromByteOffset: start + 4 * word, as: UInt32.self)
+                counts[Int(w & 0xff)] &+= 1
+                counts[256 + Int((w >> 8) & 0xff)] &+= 1
+                counts[512 + Int((w >> 16) & 0xff)] &+= 1
+                counts[768 + Int(w >> 24)] &+= 1
+            }
         }
         // Sum of n*log2(n) over the bins; entropy = log2(N) - sum/N with N = 4096.
         var sum = 0.0
-        for n in counts where n > 1 { sum += nLog2n[Int(n)] }
+        nLog2n.withUnsafeBufferPointer { table in
+            for b in 0..<256 {
+                let n = Int(counts[b] &+ counts[256 + b] &+ counts[512 + b] &+ counts[768 + b])
+                sum += table[n]
+            }
+        }
         let entropy = 12.0 - sum / 4096.0
         return entropy > 7.5
     }
