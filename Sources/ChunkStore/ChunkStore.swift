@@ -218,6 +218,7 @@ public final class ChunkStore: Sendable {
                               destination: (_ index: Int, _ rawLength: Int) -> UnsafeMutableRawBufferPointer) throws(ChunkStoreError) {
         var located: [(index: Int, location: ChunkLocation)] = []
         located.reserveCapacity(ids.count)
+        if ids.count > 1 { locations.prefetch(ids) }
         for (i, id) in ids.enumerated() {
             guard let location = try location(id) else { throw .missingChunk(id) }
             try ChunkStore.checkLength(location, of: id)

@@ -77,6 +77,20 @@ public final class LocationTable: Sendable {
         return nil
     }
 
+    /// Asks the kernel to read the records `lookup` will read for `ids`, all at once and in the
+    /// background. A restore or a mount from a cold cache otherwise waits for one page of the
+    /// table at a time per thread (a restore of the bench's day 4: 28,000 lookups, 1.9 s).
+    public func prefetch(_ ids: [ChunkID]) {
+        let size = UInt64(LocationTable.recordSize)
+        for run in runs {
+            for id in ids {
+                let bucket = Int(id.w0 >> UInt64(64 - run.bits))
+                let lo = UInt64(run.fanout[bucket]), hi = UInt64(run.fanout[bucket + 1])
+                if hi > lo { run.table.adviseWillNeed(at: lo * size, length: (hi - lo) * size) }
+            }
+        }
+    }
+
     private func lookup(_ id: ChunkID, in run: Run) throws(ChunkStoreError) -> ChunkLocation? {
         let bucket = Int(id.w0 >> UInt64(64 - run.bits))
         var lo = Int(run.fanout[bucket])
