@@ -100,7 +100,7 @@ public final class Ext4FileSystem: GuestFileSystem, @unchecked Sendable {
         sourceStruct = raw
         var name = [CChar](repeating: 0, count: 17)
         lb_volume_label(opened, &name)
-        let text = String(cString: name)
+        let text = String(nulTerminated: name)
         label = text.isEmpty ? nil : text
         let features = opened.pointee.super.pointee
         if features.s_feature_incompat & 0x40 != 0 || features.s_feature_ro_compat & 0x8 != 0 {  // extents, huge_file

@@ -44,3 +44,11 @@ public struct SystemError: LifeboatError {
         }
     }
 }
+
+extension String {
+    /// The text of a C buffer up to its first NUL (all of it if there is none), as UTF-8.
+    public init(nulTerminated buffer: [CChar]) {
+        let bytes = buffer.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }
+        self.init(decoding: bytes, as: UTF8.self)
+    }
+}

@@ -362,7 +362,7 @@ public enum FileSystem {
         if path.hasPrefix("/") { return path }
         var buffer = [CChar](repeating: 0, count: Int(PATH_MAX))
         guard getcwd(&buffer, buffer.count) != nil else { return path }
-        let cwd = String(cString: buffer)
+        let cwd = String(nulTerminated: buffer)
         return cwd == "/" ? "/" + path : cwd + "/" + path
     }
 }

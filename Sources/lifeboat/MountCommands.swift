@@ -90,7 +90,7 @@ func daemonize(_ arguments: [String], mountpoint: String, what: String) throws {
     // The real path, so that the server shows up as `lifeboat mount` in ps.
     var pathBuffer = [CChar](repeating: 0, count: Int(PATH_MAX))
     let length = readlink("/proc/self/exe", &pathBuffer, pathBuffer.count - 1)
-    let executable = length > 0 ? String(cString: pathBuffer) : "/proc/self/exe"
+    let executable = length > 0 ? String(nulTerminated: pathBuffer) : "/proc/self/exe"
     let arguments = [executable] + arguments + ["--foreground", "--ready-fd", "3"]
     var actions = posix_spawn_file_actions_t()
     posix_spawn_file_actions_init(&actions)

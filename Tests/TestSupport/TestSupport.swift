@@ -12,7 +12,7 @@ public struct TemporaryDirectory: Sendable {
         var bytes = Array(template.utf8CString)
         let made = bytes.withUnsafeMutableBufferPointer { mkdtemp($0.baseAddress!) }
         precondition(made != nil, "mkdtemp failed")
-        path = String(cString: bytes)
+        path = String(nulTerminated: bytes)
     }
 
     public func file(_ name: String) -> String { path + "/" + name }
