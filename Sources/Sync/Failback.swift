@@ -67,7 +67,8 @@ public struct Failback: Sendable {
     public func run(_ phase: Phase, sandbox name: String, disk requested: String?, to path: String, mode: SyncMode = .delta,
                     promoting: (DerivedProgress) -> Void = { _ in },
                     plan: (SyncPlan) -> Void = { _ in },
-                    progress: @escaping @Sendable (SyncProgress) -> Void = { _ in }) throws(SyncError) -> FailbackReport {
+                    progress: @escaping @Sendable (SyncProgress) -> Void = { _ in },
+                    afterSync: () -> Void = {}) throws(SyncError) -> FailbackReport {
         let started = Date()
         let sandboxes = Sandboxes(vault: vault)
         let status: SandboxStatus
@@ -127,14 +128,23 @@ public struct Failback: Sendable {
 
         let report = try engine.sync(source, to: path, mode: phase == .complete ? .delta : mode, verify: phase == .complete,
                                      plan: plan, progress: progress)
+        afterSync()   // the tests' way into the window between the sync and the record
 
         // Recorded under the target's lock, beside its sync state.
         guard let identity = try TargetIdentity.of(path) else { throw .target(SystemError("open", path: path, errno: ENOENT)) }
         let lock = try TargetLock.acquire(stateDirectory: engine.stateDirectory, identity: identity)
         defer { lock.release() }
-        let (dir, _) = try engine.recorded(for: identity)
+        // The sync released the lock when it finished: another may have run onto the target since.
+        // The record says what the target holds, so it is written only if that is still this point.
+        let (dir, state) = try engine.recorded(for: identity)
+        guard let state, state.phase == .complete, state.source == source.resumeSpec, state.disk == disk else {
+            throw .failback("target \(identity.path) changed after this failback's sync finished (it now holds "
+                            + (state.map { "\($0.sourceLabel) disk \($0.disk), \($0.phase.rawValue)" } ?? "no recorded sync")
+                            + "): another sync ran onto it; the failback record is left as it was, and \(point.label) is kept in the vault")
+        }
+        let current = try dir.loadFailback()
         let now = Timestamp.format(Date())
-        var record = (recorded?.sandbox == name && recorded?.disk == disk ? recorded : nil)
+        var record = (current?.sandbox == name && current?.disk == disk ? current : nil)
             ?? FailbackRecord(sandbox: name, machine: point.machine, disk: disk, target: identity.path, phase: .prepared)
         record.target = identity.path
         switch phase {

@@ -8,6 +8,7 @@ import SystemIO
 import Testing
 import TestSupport
 import Vault
+import VirtualDisk
 
 /// A vault with three points of one disk (12 MiB + 5000 bytes: random data, holes, a short last
 /// slot) and the images they were made from.
@@ -644,5 +645,31 @@ final class FaultySource: WrappedSource {
         #expect(try f.engine.status(target).condition == .midSync)
         _ = try f.engine.rollback(target)
         #expect(try sha256(file: target) == oldHash)
+    }
+
+    /// The sync of a failback releases the target's lock when it finishes; a sync run onto the
+    /// target before the failback is recorded must not leave a record that names this sandbox.
+    @Test func aSyncBetweenAFailbacksSyncAndItsRecordIsNotTakenForTheFailback() throws {
+        let f = try SyncFixture()
+        defer { f.dir.remove() }
+        _ = try Sandboxes(vault: f.vault).create("a", from: try f.vault.point("m@latest"))
+        let target = f.dir.file("target.img")
+        let failback = Failback(vault: f.vault, engine: f.engine)
+        do {
+            _ = try failback.run(.prepare, sandbox: "a", disk: nil, to: target, afterSync: {
+                #expect(throws: Never.self) { _ = try f.engine.sync(f.source(0), to: target, mode: .delta) }
+            })
+            Issue.record("the failback was recorded over another sync")
+        } catch {
+            guard case .failback(let why) = error else { Issue.record("\(error)"); return }
+            #expect(why.contains("changed after this failback's sync finished"), "\(why)")
+            #expect(why.contains("2026-03-01"), "\(why)")
+        }
+        #expect(try failback.record(for: target) == nil)
+        #expect(try sha256(file: target) == f.hashes[0])
+        // The failback itself, run again, is recorded.
+        _ = try failback.run(.prepare, sandbox: "a", disk: nil, to: target)
+        #expect(try failback.record(for: target)?.phase == .prepared)
+        #expect(try sha256(file: target) == f.hashes[2])
     }
 }

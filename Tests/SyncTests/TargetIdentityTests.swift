@@ -21,7 +21,7 @@ import Vault
         let dir = TemporaryDirectory("identity")
         defer { dir.remove() }
         let path = dir.file("disk.img")
-        FileManager.default.createFile(atPath: path, contents: Data(repeating: 1, count: 4096))
+        #expect(FileManager.default.createFile(atPath: path, contents: Data(repeating: 1, count: 4096)))
         // Only where the filesystem has an id that survives a reboot (ext4, btrfs) or a named disk.
         let type = shell("stat -f -c %T '\(dir.path)'").stdout
         guard let first = try TargetIdentity.of(path)?.stable else {
@@ -34,7 +34,7 @@ import Vault
         try handle.close()
         #expect(try TargetIdentity.of(path)?.stable == first)
         try FileManager.default.removeItem(atPath: path)
-        FileManager.default.createFile(atPath: path, contents: Data(repeating: 1, count: 4096))
+        #expect(FileManager.default.createFile(atPath: path, contents: Data(repeating: 1, count: 4096)))
         let again = try #require(try TargetIdentity.of(path))
         #expect(again.stable != first)
     }
@@ -54,7 +54,7 @@ import Vault
         defer { _ = shell("umount '\(mnt)'") }
         #expect(shell("btrfs -q subvolume create '\(mnt)/vol'").status == 0)
         let path = mnt + "/vol/disk.img"
-        FileManager.default.createFile(atPath: path, contents: Data(repeating: 1, count: 4096))
+        #expect(FileManager.default.createFile(atPath: path, contents: Data(repeating: 1, count: 4096)))
         let stable = try #require(try TargetIdentity.of(path)?.stable)
         #expect(stable.hasPrefix("file fsid ") && stable.contains("generation"), "\(stable)")
     }
