@@ -106,23 +106,96 @@ public final class ChunkStore: Sendable {
         answered.store(wanted, ordering: .releasing)
     }
 
+    /// Rebuilds the location cache from the index objects, once per store: reads found it at
+    /// odds with the vault (`cacheIsSuspect`). Once, so that index objects that disagree with
+    /// their packs cost one rebuild, not one per read.
+    private let rebuilt = Atomic<Bool>(false)
+    private func rebuildCacheOnce() throws(ChunkStoreError) -> Bool {
+        guard !rebuilt.exchange(true, ordering: .acquiringAndReleasing) else { return false }
+        let ticket = tickets.add(1, ordering: .acquiringAndReleasing).newValue
+        install(try LocationTable.open(store: store, directory: cacheDirectory, rebuild: true), ticket: ticket)
+        return true
+    }
+
+    /// Whether a read's failure may be the location cache's (a local file) rather than the
+    /// vault's: the cache is unreadable, or it places a chunk found damaged where its pack's own
+    /// directory does not.
+    private func cacheIsSuspect(_ error: ChunkStoreError) -> Bool {
+        switch error {
+        case .cache:
+            return true
+        case .damagedChunk(let id, _, _, _):
+            guard let location = try? location(id) else { return true }
+            // A pack whose directory cannot be read is damaged itself: the error stands.
+            guard let entries = try? packDirectory(PackFormat.objectName(location.pack)) else { return false }
+            guard let entry = entries.first(where: { $0.id == id }) else { return true }
+            return entry.offset != location.offset || entry.storedLength != location.storedLength
+                || entry.rawLength != location.rawLength || entry.flags != location.flags
+        default:
+            return false
+        }
+    }
+
+    /// Runs a read, recovering from what is not the vault's damage: a location cache out of date
+    /// (a chunk written, or a pack moved by garbage collection, since it was loaded: reloaded, and
+    /// twice more, as a reload during a garbage collection may still see a doomed copy), or one
+    /// that is wrong (rebuilt from the index objects).
+    private func recovering<T>(_ read: () throws(ChunkStoreError) -> T) throws(ChunkStoreError) -> T {
+        var reloads = 0
+        while true {
+            do {
+                return try read()
+            } catch {
+                if reloads < 2, ChunkStore.isStaleLocation(error) {
+                    reloads += 1
+                    try reload()
+                } else if cacheIsSuspect(error), try rebuildCacheOnce() {
+                    continue
+                } else {
+                    throw error
+                }
+            }
+        }
+    }
+
+    /// A pack's own directory, checked against its trailer: what the pack holds, whatever any
+    /// index or cache says.
+    public func packDirectory(_ name: String, size knownSize: UInt64? = nil) throws(ChunkStoreError) -> [PackEntry] {
+        var size = knownSize ?? 0
+        if knownSize == nil {
+            let found: UInt64?
+            do { found = try store.size(name) } catch { throw .store(error) }
+            guard let found else { throw .store(.notFound(name: name, store: store.location)) }
+            size = found
+        }
+        guard size >= UInt64(PackFormat.headerSize + PackFormat.trailerSize) else {
+            throw .badPack(name, "only \(size) bytes long")
+        }
+        let trailerBytes: [UInt8]
+        do {
+            trailerBytes = try store.read(name, at: size - UInt64(PackFormat.trailerSize), count: PackFormat.trailerSize)
+        } catch { throw .store(error) }
+        let trailer = try PackFormat.parseTrailer(trailerBytes, packSize: size, pack: name)
+        let directory: [UInt8]
+        do {
+            directory = try store.read(name, at: trailer.directoryOffset, count: Int(trailer.count) * PackEntry.encodedSize)
+        } catch { throw .store(error) }
+        return try PackFormat.parseDirectory(directory, trailer: trailer, pack: name)
+    }
+
     public func location(_ id: ChunkID) throws(ChunkStoreError) -> ChunkLocation? {
-        try locations.lookup(id)
+        do {
+            return try locations.lookup(id)
+        } catch {
+            // The cache could not answer (a damaged record): rebuilt once, then asked again.
+            guard case .cache = error, try rebuildCacheOnce() else { throw error }
+            return try locations.lookup(id)
+        }
     }
 
     /// Reads one chunk and checks it against its id.
     public func read(_ id: ChunkID) throws(ChunkStoreError) -> [UInt8] {
-        // A chunk written, or a pack moved by garbage collection, since the cache was loaded.
-        var attempt = 0
-        while true {
-            do {
-                return try readOnce(id)
-            } catch {
-                guard attempt < 2, ChunkStore.isStaleLocation(error) else { throw error }
-                attempt += 1
-                try reload()
-            }
-        }
+        try recovering { () throws(ChunkStoreError) in try readOnce(id) }
     }
 
     /// No stored chunk is larger than the largest chunk size (8 MiB) plus zstd's worst case: a
@@ -194,22 +267,14 @@ public final class ChunkStore: Sendable {
     /// Reads many chunks, coalescing neighbours in the same pack into one read, and decodes each
     /// (verified against its id) straight into `destination(i, rawLength)`, which must be exactly
     /// `rawLength` bytes long, and distinct for each chunk: the chunks no tag vouched for are
-    /// hashed together at the end (`ChunkID.sha256(each:)`), before this returns. A pack that has gone (garbage collection moved its chunks) makes the
-    /// location cache reload once, so long-running readers keep working.
+    /// hashed together at the end (`ChunkID.sha256(each:)`), before this returns. A location
+    /// cache out of date or wrong is reloaded or rebuilt (`recovering`), so long-running readers
+    /// keep working and a damaged cache is not taken for a damaged vault.
     public func readMany(_ ids: [ChunkID], scratch: ReadScratch, bypassCache: Bool = true,
                          matches: ((_ index: Int, _ plaintext: UnsafeRawBufferPointer) -> Bool)? = nil,
                          destination: (_ index: Int, _ rawLength: Int) -> UnsafeMutableRawBufferPointer) throws(ChunkStoreError) {
-        // A chunk written, or a pack moved, since the cache was loaded: reload it and retry
-        // (twice more: a reload during a garbage collection may still see a doomed copy).
-        var attempt = 0
-        while true {
-            do {
-                return try readManyOnce(ids, scratch: scratch, bypassCache: bypassCache, matches: matches, destination: destination)
-            } catch {
-                guard attempt < 2, ChunkStore.isStaleLocation(error) else { throw error }
-                attempt += 1
-                try reload()
-            }
+        try recovering { () throws(ChunkStoreError) in
+            try readManyOnce(ids, scratch: scratch, bypassCache: bypassCache, matches: matches, destination: destination)
         }
     }
 

@@ -138,7 +138,7 @@ public final class LocationTable: Sendable {
         let packNumber = Int(raw.loadLE(UInt32.self, at: o + 32))
         // The cache is a local file that may be damaged: an error, not a trap.
         guard packNumber < packs.count else {
-            throw .cache(SystemError("use (a record names pack \(packNumber) of \(packs.count); delete the cache directory to rebuild it)",
+            throw .cache(SystemError("use (a record names pack \(packNumber) of \(packs.count))",
                                      path: run.table.path, errno: EIO))
         }
         let rawAndFlags = raw.loadLE(UInt32.self, at: o + 44)
@@ -172,7 +172,9 @@ public final class LocationTable: Sendable {
     }
 
     /// Opens the cache in `directory`, bringing it up to date with the index objects in `store`.
-    public static func open(store: any ObjectStore, directory: String,
+    /// `rebuild`: from the index objects alone, whatever the cache holds (its records were found
+    /// to disagree with a pack's own directory).
+    public static func open(store: any ObjectStore, directory: String, rebuild: Bool = false,
                             accept: (String) -> Bool = { _ in true }) throws(ChunkStoreError) -> LocationTable {
         do {
             try FileSystem.createDirectories(directory)
@@ -193,7 +195,7 @@ public final class LocationTable: Sendable {
         let names = Set(listing.map(\.name).filter(accept))
 
         let committed = readState(directory)
-        var state = committed
+        var state = rebuild ? nil : committed
         if let current = state, !Set(current.indexes).isSubset(of: names) {
             state = nil  // an index object it holds is gone: start again
         }

@@ -88,7 +88,7 @@ extension Vault {
         for (pack, size) in packSizes.sorted(by: { $0.key < $1.key }) {
             let name = PackFormat.objectName(pack)
             do {
-                let entries = try packDirectory(name, size: size)
+                let entries = try chunks.packDirectory(name, size: size)
                 if let expected = indexedPacks[pack] {
                     if expected != entriesDigest(entries) {
                         report.errors.append(CheckProblem(object: name, message: "its directory differs from the index object that lists it"))
@@ -97,11 +97,8 @@ extension Vault {
                 } else {
                     report.warnings.append(CheckProblem(object: name, message: "no index object lists this pack (left by an interrupted backup; garbage collection removes it, or lists it again if points need its chunks)"))
                 }
-            } catch let error as ChunkStoreError {
-                report.errors.append(CheckProblem(object: name, message: error.description))
-                badPacks.insert(pack)
             } catch {
-                report.errors.append(CheckProblem(object: name, message: "\(error)"))
+                report.errors.append(CheckProblem(object: name, message: error.description))
                 badPacks.insert(pack)
             }
         }
@@ -139,16 +136,6 @@ extension Vault {
         return report
     }
 
-    /// A pack's own directory, checked against its trailer.
-    func packDirectory(_ name: String, size: UInt64) throws -> [PackEntry] {
-        guard size >= UInt64(PackFormat.headerSize + PackFormat.trailerSize) else {
-            throw ChunkStoreError.badPack(name, "only \(size) bytes long")
-        }
-        let trailerBytes = try store.read(name, at: size - UInt64(PackFormat.trailerSize), count: PackFormat.trailerSize)
-        let trailer = try PackFormat.parseTrailer(trailerBytes, packSize: size, pack: name)
-        let directory = try store.read(name, at: trailer.directoryOffset, count: Int(trailer.count) * PackEntry.encodedSize)
-        return try PackFormat.parseDirectory(directory, trailer: trailer, pack: name)
-    }
 
     /// Reads whole packs in parallel; returns the ids of chunks that failed, and problems found.
     private func verifyPacks(_ packs: [ChunkID], sizes: [ChunkID: UInt64], total: UInt64,

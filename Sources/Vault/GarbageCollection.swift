@@ -450,15 +450,13 @@ extension Vault {
     /// stops gc: taken for "holds nothing", the only copy of a live chunk would be deleted.
     private func readableDirectory(_ name: String, size: UInt64) throws(VaultError) -> [PackEntry]? {
         do {
-            return try packDirectory(name, size: size)
-        } catch let error as ChunkStoreError {
-            if case .badPack = error { return nil }
-            throw .chunks(error)
-        } catch let error as ObjectStoreError {
-            if case .notFound = error { return nil }
-            throw .store(error)
+            return try chunks.packDirectory(name, size: size)
         } catch {
-            throw .wrapping(error)
+            switch error {
+            case .badPack, .store(.notFound): return nil
+            case .store(let failure): throw .store(failure)
+            default: throw .chunks(error)
+            }
         }
     }
 

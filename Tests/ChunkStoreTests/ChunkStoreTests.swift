@@ -206,7 +206,7 @@ import TestSupport
     @Test func aFileWhereADirectoryShouldBeIsAnError() throws {
         let dir = TemporaryDirectory("dirs")
         defer { dir.remove() }
-        FileManager.default.createFile(atPath: dir.file("plain"), contents: Data([1]))
+        #expect(FileManager.default.createFile(atPath: dir.file("plain"), contents: Data([1])))
         #expect(symlink(dir.file("nowhere"), dir.file("dangling")) == 0)
         for path in [dir.file("plain"), dir.file("dangling"), dir.file("plain") + "/below"] {
             do {
@@ -423,5 +423,73 @@ import TestSupport
         let reopened = try ChunkStore(store: objects, parameters: parameters, cacheDirectory: cache)
         for data in a + b { #expect(try reopened.location(ChunkID.sha256(data)) != nil) }
         #expect(FileManager.default.contents(atPath: cache + "/" + fanout) == saved)
+    }
+
+    /// The location cache is a local file: records damaged there (a wrong offset, a pack number
+    /// out of range) are found against the packs' own directories and the cache is rebuilt, so a
+    /// read succeeds; damage in a pack is still reported as the vault's.
+    @Test func aDamagedLocationCacheIsRebuiltNotTakenForADamagedVault() throws {
+        let dir = TemporaryDirectory("chunks")
+        defer { dir.remove() }
+        let objects = LocalDirectoryStore(root: dir.file("vault"))
+        let parameters = ChunkParameters(chunkSize: 4096, compression: .none)
+        var random = SeededBytes(seed: 21)
+        let data = (0..<600).map { _ in random.bytes(4096) }
+        let ids = data.map { ChunkID.sha256($0) }
+        try writeChunks(try ChunkStore(store: objects, parameters: parameters, cacheDirectory: dir.file("writer")), data)
+        let cache = dir.file("cache")
+        _ = try ChunkStore(store: objects, parameters: parameters, cacheDirectory: cache)
+        /// Rewrites a field of every record of the cache's table.
+        func damage(field: Int, _ change: (UInt32) -> UInt32) throws {
+            let runs = try runFiles(cache)
+            #expect(runs.count == 1)
+            let table = cache + "/" + (try #require(runs.last)).0
+            var bytes = try #require(FileManager.default.contents(atPath: table).map(Array.init))
+            for r in stride(from: 0, to: bytes.count, by: LocationTable.recordSize) {
+                let o = r + field
+                let value = UInt32(bytes[o]) | UInt32(bytes[o + 1]) << 8 | UInt32(bytes[o + 2]) << 16 | UInt32(bytes[o + 3]) << 24
+                let changed = change(value)
+                for k in 0..<4 { bytes[o + k] = UInt8(truncatingIfNeeded: changed >> (8 * k)) }
+            }
+            try FileSystem.replace(table, with: bytes)
+        }
+
+        // Offsets moved by 16 bytes: every chunk read from the wrong place.
+        try damage(field: 36) { $0 + 16 }
+        let moved = try ChunkStore(store: objects, parameters: parameters, cacheDirectory: cache)
+        /// Where a chunk's pack's own directory places it.
+        func recordedOffset(_ store: ChunkStore, _ id: ChunkID) throws -> UInt32? {
+            let location = try #require(try store.location(id))
+            return try store.packDirectory(PackFormat.objectName(location.pack)).first { $0.id == id }?.offset
+        }
+        #expect(try moved.location(ids[0])?.offset == (try recordedOffset(moved, ids[0])).map { $0 + 16 })
+        for (i, id) in ids.enumerated().prefix(50) { #expect(try moved.read(id) == data[i]) }
+        for id in ids { #expect(try moved.location(id)?.offset == (try recordedOffset(moved, id))) }
+
+        // Pack numbers out of range: an error from the cache, not the vault.
+        try damage(field: 32) { $0 + 1000 }
+        let renumbered = try ChunkStore(store: objects, parameters: parameters, cacheDirectory: cache)
+        var seen = 0
+        try renumbered.readMany(ids) { i, bytes in
+            #expect(Array(bytes) == data[i])
+            seen += 1
+        }
+        #expect(seen == ids.count)
+
+        // A byte flipped in a pack: the cache agrees with the pack's directory, the damage is reported.
+        let location = try #require(try renumbered.location(ids[7]))
+        let packPath = dir.file("vault") + "/" + PackFormat.objectName(location.pack)
+        var pack = try #require(FileManager.default.contents(atPath: packPath).map(Array.init))
+        pack[Int(location.offset) + 100] ^= 0x01
+        try FileSystem.replace(packPath, with: pack)
+        let reader = try ChunkStore(store: objects, parameters: parameters, cacheDirectory: cache)
+        #expect(throws: ChunkStoreError.self) { _ = try reader.read(ids[7]) }
+        do {
+            _ = try reader.read(ids[7])
+        } catch {
+            guard case .damagedChunk(let id, _, let offset, _) = error else { Issue.record("\(error)"); return }
+            #expect(id == ids[7] && offset == location.offset)
+        }
+        #expect(try reader.read(ids[8]) == data[8])
     }
 }
