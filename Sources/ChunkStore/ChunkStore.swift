@@ -118,11 +118,11 @@ public final class ChunkStore: Sendable {
     }
 
     /// Whether a read's failure may be the location cache's (a local file) rather than the
-    /// vault's: the cache is unreadable, or it places a chunk found damaged where its pack's own
-    /// directory does not.
+    /// vault's: the cache is unreadable, has no record of a chunk even after a reload (a damaged
+    /// id), or places a chunk found damaged where its pack's own directory does not.
     private func cacheIsSuspect(_ error: ChunkStoreError) -> Bool {
         switch error {
-        case .cache:
+        case .cache, .missingChunk:
             return true
         case .damagedChunk(let id, _, _, _):
             guard let location = try? location(id) else { return true }

@@ -476,6 +476,13 @@ import TestSupport
         }
         #expect(seen == ids.count)
 
+        // Ids damaged: the chunks are not found by the cache, but are in the vault.
+        try damage(field: 0) { $0 ^ 0xffff }
+        let renamed = try ChunkStore(store: objects, parameters: parameters, cacheDirectory: cache)
+        #expect(try renamed.location(ids[3]) == nil)
+        for (i, id) in ids.enumerated().prefix(20) { #expect(try renamed.read(id) == data[i]) }
+        #expect(try renamed.location(ids[3]) != nil)
+
         // A byte flipped in a pack: the cache agrees with the pack's directory, the damage is reported.
         let location = try #require(try renumbered.location(ids[7]))
         let packPath = dir.file("vault") + "/" + PackFormat.objectName(location.pack)
