@@ -39,6 +39,7 @@ let package = Package(
 
         // Helpers shared by the test targets: temporary directories, generated data, processes.
         .target(name: "TestSupport", dependencies: ["SystemIO", crypto], path: "Tests/TestSupport"),
+        .testTarget(name: "SystemIOTests", dependencies: ["SystemIO"]),
         .testTarget(name: "ObjectStoreTests", dependencies: ["ObjectStore", "TestSupport"]),
         .testTarget(name: "ChunkStoreTests", dependencies: ["ChunkStore", "ObjectStore", "TestSupport"]),
         .testTarget(name: "VaultTests", dependencies: ["Vault", "ChunkStore", "ObjectStore", "TestSupport"], exclude: ["borg_prune_oracle.py"]),

@@ -1,10 +1,19 @@
 import Foundation
+import Glibc
 
 /// A blocking FIFO with a capacity, for pipelines of threads: producers wait when it is full,
 /// consumers wait when it is empty, `close()` ends it (consumers drain, then get nil).
-// @unchecked: every stored var is read and written only while holding `condition`.
+///
+/// Producers and consumers wait on separate conditions, so a pop wakes only waiting producers and
+/// a push only waiting consumers (one condition woke both sides at every change: a backup's
+/// readers waiting to hand over a batch woke at every batch a worker took). A day-4 incremental:
+/// median 0.97 s against 1.12 s (9 interleaved pairs). Waking one thread (signal) instead of all
+/// of a side measured slower (1.11-1.46 s against 0.88-1.05 s, 5 pairs), so a side is broadcast.
+// @unchecked: every stored var is read and written only while holding `mutex`.
 public final class BoundedQueue<Element: Sendable>: @unchecked Sendable {
-    private let condition = NSCondition()
+    private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
+    private let notEmpty = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
+    private let notFull = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
     private var items: [Element?] = []
     private var head = 0
     private var closed = false
@@ -12,36 +21,50 @@ public final class BoundedQueue<Element: Sendable>: @unchecked Sendable {
 
     public init(capacity: Int) {
         self.capacity = max(1, capacity)
+        pthread_mutex_init(mutex, nil)
+        pthread_cond_init(notEmpty, nil)
+        pthread_cond_init(notFull, nil)
     }
+
+    deinit {
+        pthread_cond_destroy(notFull)
+        pthread_cond_destroy(notEmpty)
+        pthread_mutex_destroy(mutex)
+        notFull.deallocate()
+        notEmpty.deallocate()
+        mutex.deallocate()
+    }
+
+    private var count: Int { items.count - head }
 
     /// Returns false when the queue was closed (the item is dropped).
     @discardableResult
     public func push(_ item: Element) -> Bool {
-        condition.lock()
-        defer { condition.unlock() }
-        while !closed && items.count - head >= capacity { condition.wait() }
+        pthread_mutex_lock(mutex)
+        defer { pthread_mutex_unlock(mutex) }
+        while !closed && count >= capacity { pthread_cond_wait(notFull, mutex) }
         if closed { return false }
         items.append(item)
-        condition.broadcast()
+        pthread_cond_broadcast(notEmpty)
         return true
     }
 
     /// Like `push`, but never waits: false when the queue is full or closed (the item is dropped).
     @discardableResult
     public func offer(_ item: Element) -> Bool {
-        condition.lock()
-        defer { condition.unlock() }
-        if closed || items.count - head >= capacity { return false }
+        pthread_mutex_lock(mutex)
+        defer { pthread_mutex_unlock(mutex) }
+        if closed || count >= capacity { return false }
         items.append(item)
-        condition.broadcast()
+        pthread_cond_broadcast(notEmpty)
         return true
     }
 
     public func pop() -> Element? {
-        condition.lock()
-        defer { condition.unlock() }
-        while head == items.count && !closed { condition.wait() }
-        if head == items.count { return nil }
+        pthread_mutex_lock(mutex)
+        defer { pthread_mutex_unlock(mutex) }
+        while count == 0 && !closed { pthread_cond_wait(notEmpty, mutex) }
+        if count == 0 { return nil }
         let item = items[head]
         items[head] = nil  // release it now, not at the next compaction
         head += 1
@@ -49,15 +72,16 @@ public final class BoundedQueue<Element: Sendable>: @unchecked Sendable {
             items.removeFirst(head)
             head = 0
         }
-        condition.broadcast()
+        pthread_cond_broadcast(notFull)
         return item!
     }
 
     public func close() {
-        condition.lock()
+        pthread_mutex_lock(mutex)
         closed = true
-        condition.broadcast()
-        condition.unlock()
+        pthread_cond_broadcast(notEmpty)
+        pthread_cond_broadcast(notFull)
+        pthread_mutex_unlock(mutex)
     }
 }
 
