@@ -106,15 +106,24 @@ public final class ChunkStore: Sendable {
         answered.store(wanted, ordering: .releasing)
     }
 
-    /// Rebuilds the location cache from the index objects, once per store: reads found it at
-    /// odds with the vault (`cacheIsSuspect`). Once, so that index objects that disagree with
-    /// their packs cost one rebuild, not one per read.
-    private let rebuilt = Atomic<Bool>(false)
-    private func rebuildCacheOnce() throws(ChunkStoreError) -> Bool {
-        guard !rebuilt.exchange(true, ordering: .acquiringAndReleasing) else { return false }
-        let ticket = tickets.add(1, ordering: .acquiringAndReleasing).newValue
-        install(try LocationTable.open(store: store, directory: cacheDirectory, rebuild: true), ticket: ticket)
-        return true
+    /// Rebuilds of the location cache so far (0 or 1). Under its lock, so that threads whose reads
+    /// fail at once wait for the one rebuild and then try again on the rebuilt table.
+    private let rebuilds = Mutex<Int>(0)
+    private var rebuildCount: Int { rebuilds.withLock { $0 } }
+
+    /// Rebuilds the location cache from the index objects, at most once per store (index objects
+    /// that disagree with their packs cost one rebuild, not one per read). Returns whether a read
+    /// begun when `seen` rebuilds had been done should be tried again: the cache was rebuilt since,
+    /// by this call or another thread's.
+    private func rebuildCache(after seen: Int) throws(ChunkStoreError) -> Bool {
+        try rebuilds.withLock { (count: inout Int) throws(ChunkStoreError) -> Bool in
+            if count > seen { return true }
+            if count > 0 { return false }
+            let ticket = tickets.add(1, ordering: .acquiringAndReleasing).newValue
+            install(try LocationTable.open(store: store, directory: cacheDirectory, rebuild: true), ticket: ticket)
+            count = 1
+            return true
+        }
     }
 
     /// Whether a read's failure may be the location cache's (a local file) rather than the
@@ -142,15 +151,17 @@ public final class ChunkStore: Sendable {
     /// that is wrong (rebuilt from the index objects).
     private func recovering<T>(_ read: () throws(ChunkStoreError) -> T) throws(ChunkStoreError) -> T {
         var reloads = 0
+        var retried = false
         while true {
+            let seen = rebuildCount
             do {
                 return try read()
             } catch {
                 if reloads < 2, ChunkStore.isStaleLocation(error) {
                     reloads += 1
                     try reload()
-                } else if cacheIsSuspect(error), try rebuildCacheOnce() {
-                    continue
+                } else if !retried, rebuildCount > seen || cacheIsSuspect(error), try rebuildCache(after: seen) {
+                    retried = true
                 } else {
                     throw error
                 }
@@ -184,11 +195,12 @@ public final class ChunkStore: Sendable {
     }
 
     public func location(_ id: ChunkID) throws(ChunkStoreError) -> ChunkLocation? {
+        let seen = rebuildCount
         do {
             return try locations.lookup(id)
         } catch {
             // The cache could not answer (a damaged record): rebuilt once, then asked again.
-            guard case .cache = error, try rebuildCacheOnce() else { throw error }
+            guard case .cache = error, try rebuildCache(after: seen) else { throw error }
             return try locations.lookup(id)
         }
     }

@@ -1,6 +1,7 @@
 @testable import ChunkStore
 import Foundation
 import ObjectStore
+import Synchronization
 import SystemIO
 import Testing
 import TestSupport
@@ -482,6 +483,21 @@ import TestSupport
         #expect(try renamed.location(ids[3]) == nil)
         for (i, id) in ids.enumerated().prefix(20) { #expect(try renamed.read(id) == data[i]) }
         #expect(try renamed.location(ids[3]) != nil)
+
+        // Threads that meet the damage at once: one rebuilds, the others wait for it and read again.
+        try damage(field: 36) { $0 + 16 }
+        let shared = try ChunkStore(store: objects, parameters: parameters, cacheDirectory: cache)
+        let failures = Mutex<[String]>([])
+        DispatchQueue.concurrentPerform(iterations: 8) { t in
+            do {
+                try shared.readMany(Array(ids[(t * 75)..<(t * 75 + 75)])) { i, bytes in
+                    if Array(bytes) != data[t * 75 + i] { failures.withLock { $0.append("chunk \(t * 75 + i) differs") } }
+                }
+            } catch {
+                failures.withLock { $0.append("\(error)") }
+            }
+        }
+        #expect(failures.withLock { $0 }.isEmpty, "\(failures.withLock { $0 })")
 
         // A byte flipped in a pack: the cache agrees with the pack's directory, the damage is reported.
         let location = try #require(try renumbered.location(ids[7]))
