@@ -109,6 +109,9 @@ public final class ChunkStore: Sendable {
     /// Rebuilds of the location cache so far (0 or 1). Under its lock, so that threads whose reads
     /// fail at once wait for the one rebuild and then try again on the rebuilt table.
     private let rebuilds = Mutex<Int>(0)
+    /// The caches this process rebuilt because they disagreed with their vault: the command line
+    /// tells the operator, whose vault was not at fault.
+    public static let rebuiltCaches = Mutex<[String]>([])
     private var rebuildCount: Int { rebuilds.withLock { $0 } }
 
     /// Rebuilds the location cache from the index objects, at most once per store (index objects
@@ -122,6 +125,7 @@ public final class ChunkStore: Sendable {
             let ticket = tickets.add(1, ordering: .acquiringAndReleasing).newValue
             install(try LocationTable.open(store: store, directory: cacheDirectory, rebuild: true), ticket: ticket)
             count = 1
+            ChunkStore.rebuiltCaches.withLock { $0.append(cacheDirectory) }
             return true
         }
     }

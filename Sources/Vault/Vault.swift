@@ -1,12 +1,15 @@
 import ChunkStore
 import Foundation
 import ObjectStore
+import Synchronization
 import SystemIO
 
 /// A vault: recovery points of any number of machines, deduplicated together in one object store.
 public final class Vault: Sendable {
     public let store: any ObjectStore
     public let config: VaultConfig
+    /// The local chunk location caches this process found at odds with their vault and rebuilt.
+    public static var rebuiltCaches: [String] { ChunkStore.rebuiltCaches.withLock { $0 } }
     public let chunks: ChunkStore
     public let stateDirectory: String
 

@@ -43,6 +43,11 @@ struct VaultOptions: ParsableArguments {
 
 /// Runs a command body, turning Lifeboat's errors into one sentence and a documented exit code.
 func report<T>(_ body: () throws -> T) throws -> T {
+    defer {
+        for cache in Vault.rebuiltCaches {
+            Terminal.warning("this host's chunk location cache (\(cache)) did not match the vault and was rebuilt from it; the vault was not at fault")
+        }
+    }
     do {
         return try body()
     } catch let error as LifeboatError {
