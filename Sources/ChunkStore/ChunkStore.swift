@@ -176,13 +176,11 @@ public final class ChunkStore: Sendable {
     /// A pack's own directory, checked against its trailer: what the pack holds, whatever any
     /// index or cache says.
     public func packDirectory(_ name: String, size knownSize: UInt64? = nil) throws(ChunkStoreError) -> [PackEntry] {
-        var size = knownSize ?? 0
-        if knownSize == nil {
-            let found: UInt64?
+        var found = knownSize
+        if found == nil {
             do { found = try store.size(name) } catch { throw .store(error) }
-            guard let found else { throw .store(.notFound(name: name, store: store.location)) }
-            size = found
         }
+        guard let size = found else { throw .store(.notFound(name: name, store: store.location)) }
         guard size >= UInt64(PackFormat.headerSize + PackFormat.trailerSize) else {
             throw .badPack(name, "only \(size) bytes long")
         }

@@ -80,14 +80,24 @@ public final class LocationTable: Sendable {
     /// Asks the kernel to read the records `lookup` will read for `ids`, all at once and in the
     /// background. A restore or a mount from a cold cache otherwise waits for one page of the
     /// table at a time per thread (a restore of the bench's day 4: 28,000 lookups, 1.9 s).
+    /// Buckets within a page of each other are asked for together: one call, not one per id.
     public func prefetch(_ ids: [ChunkID]) {
         let size = UInt64(LocationTable.recordSize)
         for run in runs {
-            for id in ids {
+            let buckets = ids.map { id -> (lo: UInt64, hi: UInt64) in
                 let bucket = Int(id.w0 >> UInt64(64 - run.bits))
-                let lo = UInt64(run.fanout[bucket]), hi = UInt64(run.fanout[bucket + 1])
-                if hi > lo { run.table.adviseWillNeed(at: lo * size, length: (hi - lo) * size) }
+                return (UInt64(run.fanout[bucket]) * size, UInt64(run.fanout[bucket + 1]) * size)
+            }.filter { $0.hi > $0.lo }.sorted { $0.lo < $1.lo }
+            guard var span = buckets.first else { continue }
+            for next in buckets.dropFirst() {
+                if next.lo <= span.hi + 4096 {
+                    span.hi = max(span.hi, next.hi)
+                } else {
+                    run.table.adviseWillNeed(at: span.lo, length: span.hi - span.lo)
+                    span = next
+                }
             }
+            run.table.adviseWillNeed(at: span.lo, length: span.hi - span.lo)
         }
     }
 
